@@ -1,0 +1,20 @@
+# `make demo` and `make test` set up .venv on first use (scripts/setup_venv.sh), then run.
+VENV := .venv
+SETUP_DONE := $(VENV)/.setup-done
+
+.PHONY: demo test lint setup
+
+demo: $(SETUP_DONE)
+	$(VENV)/bin/fmrl train --config configs/demo.yaml
+
+test: $(SETUP_DONE)
+	$(VENV)/bin/python -m pytest
+
+lint: $(SETUP_DONE)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+setup: $(SETUP_DONE)
+
+$(SETUP_DONE): scripts/setup_venv.sh requirements/cpu.txt pyproject.toml
+	bash scripts/setup_venv.sh
+	touch $@

@@ -1,0 +1,205 @@
+"""fMRLRec: a Matryoshka-nested LRU sequential recommender over frozen multimodal item features.
+
+Reference: Lai et al., "Train Once, Deploy Anywhere: Matryoshka Representation Learning for Multimodal
+Recommendation", EMNLP Findings 2024 (arXiv 2409.16627), built on LRURec (Yue et al., WSDM 2024).
+
+Shape vocabulary: B batch, L length, D width (largest nested size), K nested sizes, N items. Item ids run
+1..N; id 0 is padding. Every size-m prefix of the model is itself a complete model (``nested_submodel``).
+
+Example::
+
+    from models.fmrl import FMRLConfig, FMRLRec
+    cfg = FMRLConfig(nested_sizes=[8, 16, 32], num_blocks=2)
+    model = FMRLRec(cfg, num_items=100, text_features=torch.randn(101, 24))
+    hidden, items = model(torch.randint(1, 101, (4, 10)))      # (4, 10, 32), (101, 32)
+    scores = nested_scores(hidden[:, -1], items[1:], [8, 32])  # {8: (4, 100), 32: (4, 100)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.fmrl.config import FMRLConfig
+from models.fmrl.layers import LRUBlock, NestedLinear
+from models.ops import nested_param_count
+
+
+class ItemTower(nn.Module):
+    """Item representations E = projector([text ; image ; id]) for all N+1 ids, (N+1, D).
+
+    The text and image tables are frozen feature tables (either may be absent); the optional ID table is
+    learnable. Row 0 of every table is zero (padding), so E[0] is the projector bias.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int,
+        text_features: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        use_id_embedding: bool,
+    ) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.text = self._frozen_table("text", text_features, num_items)
+        self.image = self._frozen_table("image", image_features, num_items)
+        self.id_embedding = None
+        if use_id_embedding:
+            self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.id_embedding.weight[0].zero_()
+        in_dim = sum(t.embedding_dim for t in self.tables())
+        if in_dim == 0:
+            raise ValueError("the item tower needs at least one of: text features, image features, an ID table")
+        self.projector = nn.Linear(in_dim, dim)
+
+    @staticmethod
+    def _frozen_table(name: str, features: torch.Tensor | None, num_items: int) -> nn.Embedding | None:
+        if features is None:
+            return None
+        if features.dim() != 2 or features.shape[0] != num_items + 1:
+            raise ValueError(
+                f"{name} features must be (num_items + 1, width) = ({num_items + 1}, *) with row 0 for padding, "
+                f"got {tuple(features.shape)}"
+            )
+        return nn.Embedding.from_pretrained(features.float(), freeze=True, padding_idx=0)
+
+    def tables(self) -> list[nn.Embedding]:
+        return [t for t in (self.text, self.image, self.id_embedding) if t is not None]
+
+    def forward(self) -> torch.Tensor:
+        # projector([t1 ; t2 ; ...]) as a sum of per-table products: no (N+1, F) concatenated copy
+        weight, bias = self.projector.weight, self.projector.bias
+        items, start = None, 0
+        for table in self.tables():
+            width = table.embedding_dim
+            part = F.linear(table.weight, weight[:, start : start + width])  # (N+1, D)
+            items = part if items is None else items + part
+            start += width
+        return items + bias
+
+
+class LRUTrunk(nn.Module):
+    """Stack of nested LRU blocks. x: (B, L, D), mask: (B, L) -> (B, L, D)."""
+
+    def __init__(self, cfg: FMRLConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            LRUBlock(cfg.nested_sizes, cfg.r_min, cfg.r_max, cfg.dropout, cfg.attn_dropout)
+            for _ in range(cfg.num_blocks)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+class FMRLRec(nn.Module):
+    """Item tower -> nested LRU trunk; input and output item representations are tied.
+
+    ``forward(tokens)`` returns the hidden states (B, L, D) and the item table (N+1, D). The score of item
+    j at nested size m is ``hidden[..., :m] @ items[j, :m]``; the loss (``models.fmrl.loss``) and the
+    scoring helper (``nested_scores``) live beside the model.
+    """
+
+    def __init__(
+        self,
+        cfg: FMRLConfig,
+        num_items: int,
+        text_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_tower = ItemTower(
+            num_items,
+            cfg.dim,
+            text_features if cfg.use_text_features else None,
+            image_features if cfg.use_image_features else None,
+            cfg.use_id_embedding,
+        )
+        self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.trunk = LRUTrunk(cfg)
+
+    def forward(self, tokens: torch.Tensor, items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: (B, L) item ids, 0 = padding. ``items`` (N+1, D) may be passed in when it is reused
+        across batches (evaluation); training recomputes it so gradients reach the tower."""
+        if items is None:
+            items = self.item_tower()  # (N+1, D)
+        x = self.embedding_dropout(items[tokens])  # (B, L, D)
+        hidden = self.trunk(x, tokens > 0)  # (B, L, D)
+        return hidden, items
+
+    def nested_submodel(self, size: int) -> FMRLRec:
+        """A standalone model of width ``size`` (one of the nested sizes) built from sliced weights."""
+        sizes = self.cfg.nested_sizes
+        if size not in sizes:
+            raise ValueError(f"size {size} is not one of the nested sizes {sizes}")
+        sub_cfg = dataclasses.replace(self.cfg, nested_sizes=sizes[: sizes.index(size) + 1])
+        tower = self.item_tower
+        sub = FMRLRec(
+            sub_cfg,
+            self.num_items,
+            tower.text.weight if tower.text is not None else None,
+            tower.image.weight if tower.image is not None else None,
+        )
+        sub.load_state_dict(slice_state_dict(self.state_dict(), size))
+        return sub
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Parameter count; masked-out entries of nested weights are not counted (they are always zero)."""
+        total = 0
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if trainable_only and not p.requires_grad:
+                    continue
+                if isinstance(module, NestedLinear) and name == "weight":
+                    total += nested_param_count(module.sizes, bias=False)
+                else:
+                    total += p.numel()
+        return total
+
+
+def slice_state_dict(state: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """Slice a full model's state dict to nested width ``size``.
+
+    Item feature tables keep their widths; the projector keeps its inputs and the ID table its rows; every
+    other dimension of width D (all trunk weights are D or D x D) is cut to its first ``size`` entries.
+    """
+    sliced = {}
+    for key, value in state.items():
+        if key.startswith(("item_tower.text.", "item_tower.image.")):
+            sliced[key] = value
+        elif key.startswith("item_tower.projector."):
+            sliced[key] = value[:size]
+        elif key == "item_tower.id_embedding.weight":
+            sliced[key] = value[:, :size]
+        else:
+            sliced[key] = value[tuple(slice(0, size) for _ in range(value.dim()))]
+        sliced[key] = sliced[key].clone()
+    return sliced
+
+
+def nested_scores(query: torch.Tensor, items: torch.Tensor, sizes: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Scores at each requested nested size, ``query[:, :m] @ items[:, :m].T``, each (B, N).
+
+    Computed as running sums of per-block partial products, so all sizes together cost one (B, N, D)
+    product. ``sizes`` must be increasing.
+    """
+    scores: dict[int, torch.Tensor] = {}
+    running = None
+    start = 0
+    for m in sizes:
+        partial = query[:, start:m] @ items[:, start:m].T  # (B, N)
+        running = partial if running is None else running + partial
+        scores[m] = running
+        start = m
+    return scores

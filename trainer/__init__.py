@@ -1,0 +1,1 @@
+"""Training loop, configuration, metrics and CLI for fmrl-trainer."""

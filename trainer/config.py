@@ -1,0 +1,454 @@
+"""Typed, validated run configuration: YAML files plus dotted command-line overrides.
+
+A config is a tree of keyword-only dataclasses (``Config`` with one section per concern). YAML is read
+with ``yaml.safe_load``, overrides such as ``train.lr=3e-4`` are applied on top of it, and one generic
+builder turns the resulting plain mapping into the dataclasses, checking every key and type against the
+fields' type hints. Value checks live in each section's ``__post_init__``. Every error is a
+``ConfigError`` that names the full dotted key, so a typo on the command line is reported as precisely as
+one in a file.
+
+Supported field types: int, float, bool, str, list[...] of those, and nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import itertools
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from models.fmrl.config import FMRLConfig
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "RunConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+]
+
+DATA_SOURCES = ("synthetic",)
+"""Accepted values of ``data.source``; real datasets arrive with the data-pipeline converters."""
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """An invalid config file, override, key, type or value; the message names the dotted key."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# Written as `value >= minimum` passing (not `value < minimum` failing) so that NaN is rejected too.
+def _at_least(key: str, value: float, minimum: float) -> None:
+    _require(value >= minimum, f"{key} must be >= {minimum}, got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0, f"{key} must be > 0, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """The embedded synthetic catalog (generated in-process for now)."""
+
+    source: str = "synthetic"
+    """Where the interactions come from; only "synthetic" is accepted for now."""
+    num_items: int = 2000
+    """Number of items in the catalog."""
+    num_users: int = 4000
+    """Number of users, i.e. of interaction sequences."""
+    num_clusters: int = 40
+    """Number of latent item clusters that user sequences drift between."""
+    text_dim: int = 64
+    """Width of the frozen text-feature vectors; 0 means the items have no text features."""
+    image_dim: int = 48
+    """Width of the frozen image-feature vectors; 0 means the items have no image features."""
+    min_seq_len: int = 5
+    """Shortest user sequence; leave-one-out needs at least one train, one val and one test item."""
+    max_seq_len: int = 30
+    """Longest user sequence."""
+    seed: int = 0
+    """Seed of the generator, so a catalog is reproducible independently of the training seed."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.source in DATA_SOURCES,
+            f"data.source must be one of {', '.join(map(repr, DATA_SOURCES))}, got {self.source!r}",
+        )
+        _at_least("data.num_items", self.num_items, 10)
+        _at_least("data.num_users", self.num_users, 10)
+        _at_least("data.num_clusters", self.num_clusters, 2)
+        _require(
+            self.num_clusters <= self.num_items,
+            f"data.num_clusters must be <= data.num_items ({self.num_items}), got {self.num_clusters}",
+        )
+        _at_least("data.text_dim", self.text_dim, 0)
+        _at_least("data.image_dim", self.image_dim, 0)
+        _at_least("data.min_seq_len", self.min_seq_len, 3)
+        _require(
+            self.max_seq_len >= self.min_seq_len,
+            f"data.max_seq_len must be >= data.min_seq_len ({self.min_seq_len}), got {self.max_seq_len}",
+        )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, schedule and early stopping."""
+
+    epochs: int = 20
+    """Maximum number of passes over the training sequences."""
+    batch_size: int = 64
+    """Sequences per optimisation step."""
+    max_len: int = 50
+    """Model input window: only the last max_len items of a sequence are fed to the model."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW (reached at the end of warmup)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 100
+    """Steps of linear learning-rate warmup from 0."""
+    grad_clip: float = 5.0
+    """Maximum global L2 norm of the gradients."""
+    patience: int = 10
+    """Epochs without improvement of validation NDCG@10 (at the largest nested size) before stopping."""
+    seed: int = 42
+    """Seed of parameter initialisation, shuffling and dropout."""
+    num_threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+    max_steps: int = 0
+    """Stop after this many optimisation steps in total; 0 means no limit (smoke tests use it)."""
+
+    def __post_init__(self) -> None:
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.max_len", self.max_len, 2)
+        _positive("train.lr", self.lr)
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _positive("train.grad_clip", self.grad_clip)
+        _at_least("train.patience", self.patience, 1)
+        _at_least("train.num_threads", self.num_threads, 0)
+        _at_least("train.max_steps", self.max_steps, 0)
+
+
+def _default_ks() -> list[int]:
+    return [5, 10, 20]
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Ranking evaluation (Recall@k and NDCG@k over the full catalog)."""
+
+    ks: list[int] = field(default_factory=_default_ks)
+    """Cut-offs k of the reported metrics; must contain 10 because early stopping monitors NDCG@10."""
+    exclude_history: bool = False
+    """Mask the user's history items out of the ranking; fMRLRec does not, LRURec does."""
+    batch_size: int = 256
+    """Users per evaluation batch."""
+
+    def __post_init__(self) -> None:
+        ks = self.ks
+        _require(len(ks) > 0, "eval.ks must not be empty")
+        _require(all(k > 0 for k in ks), f"eval.ks must contain only positive values, got {ks}")
+        _require(
+            all(b > a for a, b in itertools.pairwise(ks)), f"eval.ks must be strictly increasing, got {ks}"
+        )
+        _require(10 in ks, f"eval.ks must contain 10 (early stopping monitors NDCG@10), got {ks}")
+        _at_least("eval.batch_size", self.batch_size, 1)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where outputs go and how progress is reported."""
+
+    out_dir: str = "runs"
+    """Parent folder of run folders: a local path or a URL (kept a str since it may become remote)."""
+    name: str = ""
+    """Run folder name inside out_dir; "" derives a timestamped name."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run folder."""
+    progress_bar: bool = True
+    """Show a progress bar on the terminal."""
+    log_every: int = 10
+    """Log training metrics every this many optimisation steps."""
+
+    def __post_init__(self) -> None:
+        _require(self.out_dir != "", "run.out_dir must not be empty")
+        _at_least("run.log_every", self.log_every, 1)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole run configuration: one section per concern."""
+
+    model: FMRLConfig = field(default_factory=FMRLConfig)
+    """Model hyperparameters (defined and validated in models.fmrl.config)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The dataset."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and early stopping."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Ranking evaluation."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Outputs and logging."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic dict <-> dataclass machinery
+
+
+_SCALAR_NAMES = {bool: "a bool", int: "an int", float: "a float", str: "a str"}
+
+# PyYAML implements YAML 1.1, which reads "1e-3" (no dot, unsigned exponent) as a string; float fields
+# therefore also take strings that are plain decimal literals, so `train.lr=3e-4` works as users expect.
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _describe(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if get_origin(tp) is list:
+        (item,) = get_args(tp)
+        return f"a list of {_describe(item).split(' ', 1)[1]}"
+    return _SCALAR_NAMES.get(tp, repr(tp))
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{key} must be {_describe(tp)}, got {_show(value)}")
+
+
+def _unknown_key(prefix: str, name: object, valid: Sequence[str]) -> ConfigError:
+    valid = sorted(valid)
+    if prefix:
+        message = f"unknown key '{_join(prefix, str(name))}' (valid keys in '{prefix}': {', '.join(valid)})"
+    else:
+        message = f"unknown section '{name}' (valid sections: {', '.join(valid)})"
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    if close:
+        message += f"; did you mean '{close[0]}'?"
+    return ConfigError(message)
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the type hint ``tp`` and return it in canonical form (int -> float etc.)."""
+    if dataclasses.is_dataclass(tp):
+        # A section whose keys are all commented out reads as null; treat it as "all defaults".
+        return _build(tp, {} if value is None else value, key)
+    if get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        (item_tp,) = get_args(tp)
+        return [_convert(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        # bool is a subclass of int, but `epochs: true` is a mistake, not 1.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{key}: unsupported config field type {tp!r}")
+    raise _type_error(key, tp, value)
+
+
+def _build(cls: type[_T], data: Any, prefix: str) -> _T:
+    """Build dataclass ``cls`` from a mapping, strictly; ``prefix`` is its dotted key ("" for the root)."""
+    if not isinstance(data, Mapping):
+        what = f"'{prefix}'" if prefix else "the config"
+        raise ConfigError(f"{what} must be a mapping of keys to values, got {_show(data)}")
+    fields = _init_fields(cls)
+    for name in data:
+        if name not in fields:
+            raise _unknown_key(prefix, name, list(fields))
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{key}'")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        # Sections defined elsewhere (the model's) raise plain ValueErrors whose message starts with the
+        # field name; prefixing the section turns that into the full dotted key.
+        raise ConfigError(_join(prefix, str(exc))) from exc
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {name: _to_plain(getattr(value, name)) for name in _init_fields(type(value))}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _field_type(parts: Sequence[str], override: str) -> Any:
+    """Resolve the type hint that a dotted key points at, or raise the same unknown-key error as a file."""
+    tp: Any = Config
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"invalid override '{override}': '{prefix}' is {_describe(tp)}, not a section")
+        fields = _init_fields(tp)
+        if part not in fields:
+            raise _unknown_key(prefix, part, list(fields))
+        tp = get_type_hints(tp)[part]
+    return tp
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or not all(parts):
+        raise ConfigError(
+            f"invalid override '{override}': expected KEY=VALUE with a dotted KEY, e.g. 'train.lr=3e-4'"
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid override '{override}': the value is not valid YAML ({problem})") from exc
+    if _field_type(parts, override) is str and not isinstance(value, str):
+        # `run.name=2024` or `run.name=no` mean the text, not the YAML int or bool.
+        value = raw.strip()
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif isinstance(child, Mapping):
+            child = dict(child)
+        else:
+            raise ConfigError(
+                f"'{'.'.join(parts[: depth + 1])}' must be a mapping of keys to values, got {_show(child)}"
+            )
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a validated ``Config`` from plain nested mappings; missing keys take their defaults."""
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dicts and lists of ``cfg``; ``config_from_dict(config_to_dict(cfg)) == cfg``."""
+    return _to_plain(cfg)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from exc
+    if data is None:  # an empty file means all defaults
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a config from a YAML file (``None``: all defaults) and apply dotted ``KEY=VALUE`` overrides.
+
+    Override values are parsed as YAML (``train.lr=3e-4``, ``model.nested_sizes=[8,16,32]``,
+    ``eval.exclude_history=true``) and applied in order on top of the file. A whole section can be
+    replaced with a mapping value (``train={epochs: 3}``).
+    """
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'KEY=VALUE' strings, not a single str")
+    data = {} if path is None else _read_yaml(path)
+    for override in overrides:
+        _apply_override(data, override)
+    return config_from_dict(data)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections with flow-style lists (``ks: [5, 10, 20]``), which read best in a config."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    """Write ``cfg`` as YAML to ``path`` atomically: readers see the old file or the complete new one."""
+    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    path = os.fspath(path)
+    directory, base = os.path.split(os.path.abspath(path))
+    # Same folder, so os.replace is a rename within one file system; mode 0o666 lets the umask apply,
+    # which mkstemp's 0o600 would not.
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,62 @@
+"""Full-ranking leave-one-out metrics: NDCG@K, Recall@K and MRR@K, per nested size.
+
+Every item is a candidate (no sampled negatives). With a single held-out target, Recall@K equals the hit
+rate, NDCG@K = 1 / log2(rank + 2) when the 0-based rank is below K, and MRR@K = 1 / (rank + 1) likewise.
+The rank counts the items scored strictly higher than the target.
+
+Whether the user's history items are excluded from the ranking is a switch: fMRLRec does not exclude
+them (its default here), LRURec does. The target itself is never excluded, even if it is in the history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+METRIC_NAMES = ("NDCG", "Recall", "MRR")
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each target among all items.
+
+    Args:
+        scores: (B, N) scores of items 1..N (column j is item j + 1).
+        targets: (B,) target item ids in 1..N.
+        history: optional (B, L) item ids to exclude (0 = padding, ignored).
+    """
+    column = (targets - 1).unsqueeze(1)  # (B, 1)
+    target_score = scores.gather(1, column)  # (B, 1)
+    if history is not None:
+        scores = scores.clone()
+        seen = (history - 1).clamp(min=0)
+        excluded = torch.full_like(seen, float("-inf"), dtype=scores.dtype)
+        scores.scatter_(1, seen, excluded.where(history > 0, scores.gather(1, seen)))
+        scores.scatter_(1, column, target_score)  # the target is never excluded
+    return (scores > target_score).sum(dim=1)  # (B,)
+
+
+class RankingMetrics:
+    """Accumulates per-size metric sums over evaluation batches."""
+
+    def __init__(self, ks: Sequence[int]) -> None:
+        self.ks = list(ks)
+        self._sums: dict[int, dict[str, float]] = {}
+        self._counts: dict[int, int] = {}
+
+    def update(self, size: int, ranks: torch.Tensor) -> None:
+        sums = self._sums.setdefault(size, {f"{m}@{k}": 0.0 for m in METRIC_NAMES for k in self.ks})
+        ranks = ranks.double()
+        for k in self.ks:
+            hit = ranks < k
+            sums[f"NDCG@{k}"] += torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).sum().item()
+            sums[f"Recall@{k}"] += hit.sum().item()
+            sums[f"MRR@{k}"] += torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item()
+        self._counts[size] = self._counts.get(size, 0) + ranks.numel()
+
+    def compute(self) -> dict[int, dict[str, float]]:
+        """{size: {"NDCG@10": value, ...}} averaged over all users seen."""
+        return {
+            size: {name: total / self._counts[size] for name, total in sums.items()}
+            for size, sums in sorted(self._sums.items())
+        }
