@@ -24,7 +24,9 @@ class LoopNestedLinear(nn.Module):
         super().__init__()
         starts = [0, *sizes[:-1]]
         self.sizes = sizes
-        self.blocks = nn.ModuleList(nn.Linear(m, m - s, bias=bias, dtype=dtype) for s, m in zip(starts, sizes))
+        self.blocks = nn.ModuleList(
+            nn.Linear(m, m - s, bias=bias, dtype=dtype) for s, m in zip(starts, sizes)
+        )
 
     def forward(self, x):
         return torch.cat([block(x[..., :m]) for block, m in zip(self.blocks, self.sizes)], dim=-1)
@@ -61,13 +63,13 @@ class ComplexLRULayer(nn.Module):
         h = self.in_proj(x.to(torch.cfloat)) * gamma  # (B, L, D) complex
         batch, length, dim = h.shape
         for i in range(int(math.log2(length))):
-            l = 2 ** (i + 1)
-            h = h.reshape(batch * length // l, l, dim)
-            m = mask.reshape(batch * length // l, l)
-            h1, h2 = h[:, : l // 2], h[:, l // 2 :]
+            span = 2 ** (i + 1)
+            h = h.reshape(batch * length // span, span, dim)
+            m = mask.reshape(batch * length // span, span)
+            h1, h2 = h[:, : span // 2], h[:, span // 2 :]
             if i > 0:
                 lamb = torch.cat([lamb, lamb * lamb[-1]], dim=0)
-            h2 = h2 + lamb * h1[:, -1:] * m[:, l // 2 - 1 : l // 2].unsqueeze(-1)
+            h2 = h2 + lamb * h1[:, -1:] * m[:, span // 2 - 1 : span // 2].unsqueeze(-1)
             h = torch.cat([h1, h2], dim=1)
         h = h.reshape(batch, length, dim)
         return self.dropout(self.out_proj(h).real)
@@ -78,7 +80,11 @@ class OfficialStyleBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = LoopLayerNorm(sizes), LoopLayerNorm(sizes)
         self.lru = ComplexLRULayer(sizes, r_min, r_max, attn_dropout)
-        self.gate, self.up, self.down = LoopNestedLinear(sizes), LoopNestedLinear(sizes), LoopNestedLinear(sizes)
+        self.gate, self.up, self.down = (
+            LoopNestedLinear(sizes),
+            LoopNestedLinear(sizes),
+            LoopNestedLinear(sizes),
+        )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask):

@@ -30,11 +30,27 @@ BEGIN, END = "<!-- bench/trunk.py:begin -->", "<!-- bench/trunk.py:end -->"
 
 CONFIGS = {
     # the paper's Beauty-size configuration (fMRLRec, EMNLP Findings 2024)
-    "beauty": dict(num_items=12101, text_dim=1024, image_dim=1024, sizes=[8, 16, 32, 64, 128, 256, 512, 1024],
-                   num_blocks=2, batch=32, length=50, dropout=0.6),
+    "beauty": dict(
+        num_items=12101,
+        text_dim=1024,
+        image_dim=1024,
+        sizes=[8, 16, 32, 64, 128, 256, 512, 1024],
+        num_blocks=2,
+        batch=32,
+        length=50,
+        dropout=0.6,
+    ),
     # configs/demo.yaml
-    "demo": dict(num_items=2000, text_dim=64, image_dim=48, sizes=[8, 16, 32, 64, 128],
-                 num_blocks=2, batch=64, length=30, dropout=0.1),
+    "demo": dict(
+        num_items=2000,
+        text_dim=64,
+        image_dim=48,
+        sizes=[8, 16, 32, 64, 128],
+        num_blocks=2,
+        batch=64,
+        length=30,
+        dropout=0.1,
+    ),
 }
 STEPS = {"fmrl": 5, "official-style": 3}
 
@@ -62,8 +78,12 @@ def worker(config_name: str, impl: str, steps: int) -> dict:
     if impl == "fmrl":
         from models.fmrl import FMRLConfig, FMRLRec, matryoshka_loss
 
-        cfg = FMRLConfig(nested_sizes=c["sizes"], num_blocks=c["num_blocks"], dropout=c["dropout"],
-                         attn_dropout=c["dropout"])
+        cfg = FMRLConfig(
+            nested_sizes=c["sizes"],
+            num_blocks=c["num_blocks"],
+            dropout=c["dropout"],
+            attn_dropout=c["dropout"],
+        )
         model = FMRLRec(cfg, n, text, image)
 
         def loss_fn():
@@ -100,8 +120,15 @@ def worker(config_name: str, impl: str, steps: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return dict(config=config_name, impl=impl, step_s=median, min_s=min(times), steps=steps,
-                sequences_per_s=c["batch"] / median, peak_rss_mib=peak_rss_mib())
+    return dict(
+        config=config_name,
+        impl=impl,
+        step_s=median,
+        min_s=min(times),
+        steps=steps,
+        sequences_per_s=c["batch"] / median,
+        peak_rss_mib=peak_rss_mib(),
+    )
 
 
 def parameter_saving(sizes: list[int], input_dim: int, num_blocks: int) -> dict:
@@ -116,8 +143,12 @@ def parameter_saving(sizes: list[int], input_dim: int, num_blocks: int) -> dict:
     nested = build(sizes)
     dense_equivalent = sum(p.numel() for p in nested.parameters() if p.requires_grad)
     independent = sum(build([m]).num_parameters() for m in sizes)
-    return dict(sizes=sizes, nested=nested.num_parameters(), nested_dense_storage=dense_equivalent,
-                independent_sum=independent)
+    return dict(
+        sizes=sizes,
+        nested=nested.num_parameters(),
+        nested_dense_storage=dense_equivalent,
+        independent_sum=independent,
+    )
 
 
 def machine() -> str:
@@ -127,7 +158,9 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Linux, Python {platform.python_version()}, torch {torch.__version__}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Linux, Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def render(results: list[dict], savings: list[dict], command: str) -> str:
@@ -146,16 +179,20 @@ def render(results: list[dict], savings: list[dict], command: str) -> str:
         "|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['config']} | {r['impl']} | {r['step_s']:.2f} | {r['sequences_per_s']:.1f} "
-                     f"| {r['peak_rss_mib']:.0f} |")
+        lines.append(
+            f"| {r['config']} | {r['impl']} | {r['step_s']:.2f} | {r['sequences_per_s']:.1f} "
+            f"| {r['peak_rss_mib']:.0f} |"
+        )
     by_key = {(r["config"], r["impl"]): r for r in results}
     for config in CONFIGS:
         ours, theirs = by_key.get((config, "fmrl")), by_key.get((config, "official-style"))
         if ours and theirs:
             lines.append("")
-            lines.append(f"{config}: {theirs['step_s'] / ours['step_s']:.1f}x faster, "
-                         f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x the peak memory of the "
-                         f"official-style implementation.")
+            lines.append(
+                f"{config}: {theirs['step_s'] / ours['step_s']:.1f}x faster, "
+                f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x the peak memory of the "
+                f"official-style implementation."
+            )
     lines += [
         "",
         "### Parameters: one nested model vs independent models at every size",
@@ -192,7 +229,9 @@ def write_section(path: str, section: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--impls", default="fmrl,official-style")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks.md"))
@@ -206,14 +245,24 @@ def main() -> None:
     results = []
     for config in args.configs.split(","):
         for impl in args.impls.split(","):
-            out = subprocess.run([sys.executable, __file__, "--worker", config, impl], check=True,
-                                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", config, impl],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{config:7s} {impl:15s} step {result['step_s']:.2f} s  {result['sequences_per_s']:.1f} seq/s  "
-                  f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"{config:7s} {impl:15s} step {result['step_s']:.2f} s  {result['sequences_per_s']:.1f} seq/s  "
+                f"peak RSS {result['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
             results.append(result)
-    savings = [parameter_saving([2**i for i in range(3, 11)], 2048, 2),
-               parameter_saving([2**i for i in range(7, 12)], 2048, 2)]
+    savings = [
+        parameter_saving([2**i for i in range(3, 11)], 2048, 2),
+        parameter_saving([2**i for i in range(7, 12)], 2048, 2),
+    ]
     for s in savings:
         print(s)
     section = render(results, savings, "python bench/trunk.py")

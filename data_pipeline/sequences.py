@@ -103,4 +103,6 @@ def eval_batches(
     """Users in order; histories truncated to their last ``max_len`` items."""
     for start in range(0, len(histories), batch_size):
         end = start + batch_size
-        yield EvalBatch(tokens=left_pad(histories[start:end], max_len), targets=torch.from_numpy(targets[start:end]))
+        yield EvalBatch(
+            tokens=left_pad(histories[start:end], max_len), targets=torch.from_numpy(targets[start:end])
+        )

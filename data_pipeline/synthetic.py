@@ -78,8 +78,9 @@ def make_synthetic_catalog(
     for ids in members:
         weights = 1.0 / np.arange(1, len(ids) + 1) ** 1.1  # Zipf over a random order of the members
         popularity.append(rng.permutation(weights) / weights.sum())
-    successors = np.stack([rng.choice(np.delete(np.arange(num_clusters), c), 2, replace=False)
-                           for c in range(num_clusters)])
+    successors = np.stack(
+        [rng.choice(np.delete(np.arange(num_clusters), c), 2, replace=False) for c in range(num_clusters)]
+    )
 
     # users: Markov walk over clusters, popularity-weighted item within the cluster
     sequences = []

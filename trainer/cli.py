@@ -1,6 +1,6 @@
 """The ``fmrl`` command.
 
-    fmrl train --config configs/demo.yaml [KEY=VALUE ...]
+fmrl train --config configs/demo.yaml [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train fMRL-LRU and report test metrics per nested size")
     train.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4"
+    )
     return parser
 
 

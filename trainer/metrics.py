@@ -17,7 +17,9 @@ import torch
 METRIC_NAMES = ("NDCG", "Recall", "MRR")
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+def target_ranks(
+    scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None
+) -> torch.Tensor:
     """0-based rank of each target among all items.
 
     Args:
@@ -28,11 +30,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     column = (targets - 1).unsqueeze(1)  # (B, 1)
     target_score = scores.gather(1, column)  # (B, 1)
     if history is not None:
-        scores = scores.clone()
-        seen = (history - 1).clamp(min=0)
-        excluded = torch.full_like(seen, float("-inf"), dtype=scores.dtype)
-        scores.scatter_(1, seen, excluded.where(history > 0, scores.gather(1, seen)))
-        scores.scatter_(1, column, target_score)  # the target is never excluded
+        # column 0 of `seen` is the padding id; every write is True, so repeated ids are harmless
+        seen = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
+        seen.scatter_(1, history, True)
+        excluded = seen[:, 1:]  # (B, N), item j + 1 in column j
+        excluded.scatter_(1, column, False)  # the target is never excluded
+        scores = scores.masked_fill(excluded, float("-inf"))
     return (scores > target_score).sum(dim=1)  # (B,)
 
 

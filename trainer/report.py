@@ -43,7 +43,9 @@ def save_size_plot(
     import matplotlib.pyplot as plt
 
     sizes = sorted(results)
-    fig, axes = plt.subplots(1, len(METRIC_NAMES), figsize=(5 * len(METRIC_NAMES), 4), constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, len(METRIC_NAMES), figsize=(5 * len(METRIC_NAMES), 4), constrained_layout=True
+    )
     for ax, metric in zip(axes, METRIC_NAMES):
         for k in ks:
             name = f"{metric}@{k}"

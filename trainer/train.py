@@ -22,7 +22,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data_pipeline.sequences import LeaveOneOutSplit, TrainBatch, eval_batches, num_train_batches, train_batches
+from data_pipeline.sequences import (
+    LeaveOneOutSplit,
+    TrainBatch,
+    eval_batches,
+    num_train_batches,
+    train_batches,
+)
 from data_pipeline.synthetic import SyntheticCatalog, make_synthetic_catalog
 from models.fmrl import FMRLRec, matryoshka_loss
 from sharding.world import World, set_cpu_threads
@@ -89,7 +95,9 @@ def train_step(
 ) -> tuple[float, torch.Tensor]:
     """One optimizer step. Returns the loss and the (K,) per-size losses."""
     hidden, items = model(batch.tokens)  # (B, L, D), (N+1, D)
-    loss, per_size = matryoshka_loss(hidden, items, batch.labels, model.cfg.nested_sizes, model.cfg.loss_chunk_mb)
+    loss, per_size = matryoshka_loss(
+        hidden, items, batch.labels, model.cfg.nested_sizes, model.cfg.loss_chunk_mb
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -121,7 +129,9 @@ def train(cfg: Config) -> RunResult:
     """Train, early-stop on validation NDCG@10 at the largest size, test the best model, write the report."""
     world = World.from_env()
     if world.world_size > 1:
-        raise RuntimeError("this trainer runs as one process; launch it with plain `fmrl train`, not torchrun")
+        raise RuntimeError(
+            "this trainer runs as one process; launch it with plain `fmrl train`, not torchrun"
+        )
     seed_everything(cfg.train.seed)
     threads = set_cpu_threads(cfg.train.num_threads, world)
     run_dir = make_run_dir(cfg.run.out_dir, cfg.run.name)
@@ -134,7 +144,10 @@ def train(cfg: Config) -> RunResult:
     sizes, ks, largest = cfg.model.nested_sizes, cfg.eval.ks, cfg.model.nested_sizes[-1]
     log.info(
         "%d items, %d users, model %s: %.2fM trainable parameters",
-        catalog.num_items, len(catalog.sequences), sizes, model.num_parameters() / 1e6,
+        catalog.num_items,
+        len(catalog.sequences),
+        sizes,
+        model.num_parameters() / 1e6,
     )
 
     batches_per_epoch = num_train_batches(split.train, cfg.train.batch_size)
@@ -150,10 +163,14 @@ def train(cfg: Config) -> RunResult:
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def validation_batches():
-        return eval_batches(split.valid_histories(), split.valid_targets, cfg.eval.batch_size, cfg.train.max_len)
+        return eval_batches(
+            split.valid_histories(), split.valid_targets, cfg.eval.batch_size, cfg.train.max_len
+        )
 
     def test_batches():
-        return eval_batches(split.test_histories(), split.test_targets, cfg.eval.batch_size, cfg.train.max_len)
+        return eval_batches(
+            split.test_histories(), split.test_targets, cfg.eval.batch_size, cfg.train.max_len
+        )
 
     result = RunResult(run_dir=run_dir, best_epoch=0, steps=0)
     shuffle_rng = np.random.default_rng(cfg.train.seed)
@@ -162,7 +179,10 @@ def train(cfg: Config) -> RunResult:
     for epoch in range(1, cfg.train.epochs + 1):
         bar = tqdm(
             train_batches(split.train, cfg.train.batch_size, cfg.train.max_len, shuffle_rng),
-            total=batches_per_epoch, desc=f"epoch {epoch}", disable=not cfg.run.progress_bar, leave=False,
+            total=batches_per_epoch,
+            desc=f"epoch {epoch}",
+            disable=not cfg.run.progress_bar,
+            leave=False,
         )
         window_start, window_sequences = time.perf_counter(), 0
         for batch in bar:
@@ -190,7 +210,11 @@ def train(cfg: Config) -> RunResult:
         improved = score > best_score
         log.info(
             "epoch %d: loss %.4f, valid %s at size %d = %.4f%s",
-            epoch, np.mean(result.train_losses[-batches_per_epoch:]), EARLY_STOPPING_METRIC, largest, score,
+            epoch,
+            np.mean(result.train_losses[-batches_per_epoch:]),
+            EARLY_STOPPING_METRIC,
+            largest,
+            score,
             " (best)" if improved else "",
         )
         if improved:
@@ -237,7 +261,9 @@ def report(cfg: Config, result: RunResult) -> None:
         os.path.join(result.run_dir, "metrics.json"),
     )
     plot = os.path.join(result.run_dir, "metrics_by_size.png")
-    save_size_plot(result.test_metrics, ks, plot, "fMRL-LRU test metrics by nested size", result.popularity_metrics)
+    save_size_plot(
+        result.test_metrics, ks, plot, "fMRL-LRU test metrics by nested size", result.popularity_metrics
+    )
     model_ndcg = result.test_metrics[largest][EARLY_STOPPING_METRIC]
     popular_ndcg = result.popularity_metrics[EARLY_STOPPING_METRIC]
     print(f"\nTest metrics of the best model (epoch {result.best_epoch}), full ranking over all items:\n")

@@ -36,6 +36,8 @@ class FMRLConfig:
     """Feed the frozen image-feature table into the item tower (if the data has one)."""
     use_id_embedding: bool = False
     """Add a learnable item-ID table (the paper's full model has none; its ablation uses one alone)."""
+    id_embedding_dim: int = 0
+    """Width of the learnable ID table, an input of the projector like the feature tables; 0 means D."""
     loss_chunk_mb: int = 64
     """Memory budget of one chunk of the fused Matryoshka cross-entropy, in MiB of fp32 scores."""
 
@@ -54,7 +56,11 @@ class FMRLConfig:
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         if not 0.0 <= self.r_min < self.r_max <= 1.0:
-            raise ValueError(f"r_min and r_max must satisfy 0 <= r_min < r_max <= 1, got {self.r_min}, {self.r_max}")
+            raise ValueError(
+                f"r_min and r_max must satisfy 0 <= r_min < r_max <= 1, got {self.r_min}, {self.r_max}"
+            )
+        if self.id_embedding_dim < 0:
+            raise ValueError(f"id_embedding_dim must be >= 0 (0 means D), got {self.id_embedding_dim}")
         if self.loss_chunk_mb < 1:
             raise ValueError(f"loss_chunk_mb must be >= 1, got {self.loss_chunk_mb}")
 

@@ -42,21 +42,24 @@ class ItemTower(nn.Module):
         dim: int,
         text_features: torch.Tensor | None,
         image_features: torch.Tensor | None,
-        use_id_embedding: bool,
+        id_embedding_dim: int,
     ) -> None:
+        """``id_embedding_dim`` 0 means no ID table."""
         super().__init__()
         self.num_items = num_items
         self.text = self._frozen_table("text", text_features, num_items)
         self.image = self._frozen_table("image", image_features, num_items)
         self.id_embedding = None
-        if use_id_embedding:
-            self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        if id_embedding_dim:
+            self.id_embedding = nn.Embedding(num_items + 1, id_embedding_dim, padding_idx=0)
             nn.init.normal_(self.id_embedding.weight, std=0.02)
             with torch.no_grad():
                 self.id_embedding.weight[0].zero_()
         in_dim = sum(t.embedding_dim for t in self.tables())
         if in_dim == 0:
-            raise ValueError("the item tower needs at least one of: text features, image features, an ID table")
+            raise ValueError(
+                "the item tower needs at least one of: text features, image features, an ID table"
+            )
         self.projector = nn.Linear(in_dim, dim)
 
     @staticmethod
@@ -124,12 +127,14 @@ class FMRLRec(nn.Module):
             cfg.dim,
             text_features if cfg.use_text_features else None,
             image_features if cfg.use_image_features else None,
-            cfg.use_id_embedding,
+            (cfg.id_embedding_dim or cfg.dim) if cfg.use_id_embedding else 0,
         )
         self.embedding_dropout = nn.Dropout(cfg.dropout)
         self.trunk = LRUTrunk(cfg)
 
-    def forward(self, tokens: torch.Tensor, items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: torch.Tensor, items: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: (B, L) item ids, 0 = padding. ``items`` (N+1, D) may be passed in when it is reused
         across batches (evaluation); training recomputes it so gradients reach the tower."""
         if items is None:
@@ -143,8 +148,12 @@ class FMRLRec(nn.Module):
         sizes = self.cfg.nested_sizes
         if size not in sizes:
             raise ValueError(f"size {size} is not one of the nested sizes {sizes}")
-        sub_cfg = dataclasses.replace(self.cfg, nested_sizes=sizes[: sizes.index(size) + 1])
         tower = self.item_tower
+        # the ID table is an input of the projector, not a nested width: it keeps its full width
+        id_dim = tower.id_embedding.embedding_dim if tower.id_embedding is not None else 0
+        sub_cfg = dataclasses.replace(
+            self.cfg, nested_sizes=sizes[: sizes.index(size) + 1], id_embedding_dim=id_dim
+        )
         sub = FMRLRec(
             sub_cfg,
             self.num_items,
@@ -171,17 +180,16 @@ class FMRLRec(nn.Module):
 def slice_state_dict(state: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     """Slice a full model's state dict to nested width ``size``.
 
-    Item feature tables keep their widths; the projector keeps its inputs and the ID table its rows; every
-    other dimension of width D (all trunk weights are D or D x D) is cut to its first ``size`` entries.
+    The item tables (frozen features and the ID table) are projector inputs and keep their widths; the
+    projector keeps its inputs and loses output rows; every other dimension of width D (all trunk weights
+    are D or D x D) is cut to its first ``size`` entries.
     """
     sliced = {}
     for key, value in state.items():
-        if key.startswith(("item_tower.text.", "item_tower.image.")):
+        if key.startswith(("item_tower.text.", "item_tower.image.", "item_tower.id_embedding.")):
             sliced[key] = value
         elif key.startswith("item_tower.projector."):
             sliced[key] = value[:size]
-        elif key == "item_tower.id_embedding.weight":
-            sliced[key] = value[:, :size]
         else:
             sliced[key] = value[tuple(slice(0, size) for _ in range(value.dim()))]
         sliced[key] = sliced[key].clone()

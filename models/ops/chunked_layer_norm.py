@@ -65,6 +65,8 @@ def chunked_layer_norm_reference(
     """Reference: one F.layer_norm per block, concatenated."""
     outputs, start = [], 0
     for end in sizes:
-        outputs.append(F.layer_norm(x[..., start:end], (end - start,), weight[start:end], bias[start:end], eps))
+        outputs.append(
+            F.layer_norm(x[..., start:end], (end - start,), weight[start:end], bias[start:end], eps)
+        )
         start = end
     return torch.cat(outputs, dim=-1)

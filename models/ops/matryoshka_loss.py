@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-
 _MIN_EXPONENT = -60.0
 
 
@@ -43,7 +42,9 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         starts = (0, *sizes[:-1])
         per_size = torch.zeros(num_sizes, dtype=torch.float64, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
-        grad_item_blocks = [items.new_zeros(num_items, b - a) for a, b in zip(starts, sizes)] if with_grad else None
+        grad_item_blocks = (
+            [items.new_zeros(num_items, b - a) for a, b in zip(starts, sizes)] if with_grad else None
+        )
 
         buffer = hidden.new_empty(num_sizes, min(chunk_rows, num_rows), num_items)
         running_buffer = hidden.new_empty(min(chunk_rows, num_rows), num_items)
@@ -112,7 +113,9 @@ def matryoshka_cross_entropy(
         chunk_rows: rows per chunk (see ``chunk_rows_for_budget``).
     """
     if hidden.shape[1] != sizes[-1] or items.shape[1] != sizes[-1]:
-        raise ValueError(f"width mismatch: hidden {tuple(hidden.shape)}, items {tuple(items.shape)}, sizes {sizes}")
+        raise ValueError(
+            f"width mismatch: hidden {tuple(hidden.shape)}, items {tuple(items.shape)}, sizes {sizes}"
+        )
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or items.requires_grad)
     loss, per_size = _MatryoshkaCrossEntropy.apply(
         hidden, items, targets, tuple(sizes), max(1, chunk_rows), with_grad

@@ -75,7 +75,13 @@ def test_cli_run_writes_every_artefact(tmp_path, capsys):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/loss_size_8", "train/lr", "valid_size_32/NDCG@10", "test_size_8/Recall@10"} <= tags
+    assert {
+        "train/loss",
+        "train/loss_size_8",
+        "train/lr",
+        "valid_size_32/NDCG@10",
+        "test_size_8/Recall@10",
+    } <= tags
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
@@ -98,7 +104,9 @@ def test_early_stopping_and_best_model_is_the_one_tested(tmp_path):
     # the saved weights are the tested model: reload them into a fresh model and re-evaluate the test set
     catalog = load_catalog(cfg.data)
     model = FMRLRec(cfg.model, catalog.num_items, catalog.text_features, catalog.image_features)
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(result.run_dir, "model.safetensors")), strict=False)
+    missing, unexpected = model.load_state_dict(
+        load_file(os.path.join(result.run_dir, "model.safetensors")), strict=False
+    )
     assert not unexpected and all(k.startswith(("item_tower.text.", "item_tower.image.")) for k in missing)
     split = LeaveOneOutSplit.from_sequences(catalog.sequences)
     batches = eval_batches(split.test_histories(), split.test_targets, 64, cfg.train.max_len)
@@ -128,10 +136,21 @@ def test_model_learns_and_beats_most_popular(tmp_path):
     cfg = load_config(
         None,
         [
-            "data.num_items=500", "data.num_users=1500", "data.num_clusters=20", "data.text_dim=32",
-            "data.image_dim=24", "model.nested_sizes=[8,16,32,64]", "train.epochs=4", "train.batch_size=64",
-            "train.lr=3e-3", "train.warmup_steps=10", "train.num_threads=2", "run.progress_bar=false",
-            "run.tensorboard=false", f"run.out_dir={tmp_path}", "run.name=learn",
+            "data.num_items=500",
+            "data.num_users=1500",
+            "data.num_clusters=20",
+            "data.text_dim=32",
+            "data.image_dim=24",
+            "model.nested_sizes=[8,16,32,64]",
+            "train.epochs=4",
+            "train.batch_size=64",
+            "train.lr=3e-3",
+            "train.warmup_steps=10",
+            "train.num_threads=2",
+            "run.progress_bar=false",
+            "run.tensorboard=false",
+            f"run.out_dir={tmp_path}",
+            "run.name=learn",
         ],
     )
     result = train(cfg)

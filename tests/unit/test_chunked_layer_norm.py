@@ -20,9 +20,21 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+def _averager64(sizes):
+    """block_averager's matrices in exact float64. (block_averager builds them in float32, so casting its
+    1/3, 1/7, ... entries to float64 would carry float32 rounding into a float64 comparison.)"""
+    _, broadcast = block_averager(sizes)
+    broadcast = broadcast.double()  # (K, D) 0/1: exact in any dtype
+    widths = torch.tensor([b - a for a, b in _blocks(sizes)], dtype=torch.float64)
+    return (broadcast / widths[:, None]).T.contiguous(), broadcast
+
+
 def _fast(x, weight, bias, sizes, eps=1e-5):
-    average, broadcast = block_averager(sizes)
-    return chunked_layer_norm(x, weight, bias, average.to(x.dtype), broadcast.to(x.dtype), eps)
+    if x.dtype == torch.float64:
+        average, broadcast = _averager64(sizes)
+    else:
+        average, broadcast = block_averager(sizes)
+    return chunked_layer_norm(x, weight, bias, average, broadcast, eps)
 
 
 def _blocks(sizes):
@@ -43,9 +55,11 @@ def test_fast_matches_reference_values_and_grads(sizes, shape) -> None:
     y_fast = _fast(x, weight, bias, sizes)
     y_ref = chunked_layer_norm_reference(x, weight, bias, sizes)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
-    for name, a, b in zip(("x", "weight", "bias"),
-                          torch.autograd.grad(y_fast, inputs, grad_out),
-                          torch.autograd.grad(y_ref, inputs, grad_out)):
+    for name, a, b in zip(
+        ("x", "weight", "bias"),
+        torch.autograd.grad(y_fast, inputs, grad_out),
+        torch.autograd.grad(y_ref, inputs, grad_out),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
 
 
@@ -65,21 +79,37 @@ def test_reference_normalises_each_block_on_its_own() -> None:
 
 
 @pytest.mark.parametrize("sizes", SIZE_LISTS, ids=str)
+def test_block_averager_matches_definition(sizes) -> None:
+    average, broadcast = block_averager(sizes)
+    dim, k = sizes[-1], len(sizes)
+    assert average.shape == (dim, k) and broadcast.shape == (k, dim)
+    for i, (a, b) in enumerate(_blocks(sizes)):
+        expected = torch.zeros(dim)
+        expected[a:b] = 1.0
+        assert torch.equal(broadcast[i], expected)
+        torch.testing.assert_close(average[:, i], expected / (b - a), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("sizes", SIZE_LISTS, ids=str)
 def test_each_block_has_zero_mean_unit_variance(sizes) -> None:
     torch.manual_seed(1)
     dim = sizes[-1]
-    norm = ChunkedLayerNorm(sizes).double()
-    assert torch.equal(norm.weight, torch.ones(dim, dtype=torch.float64))
-    assert torch.equal(norm.bias, torch.zeros(dim, dtype=torch.float64))
-    x = torch.randn(4, 7, dim, dtype=torch.float64) * 5 + 2
-    y = norm(x)
+    eps = 1e-5
+    norm = ChunkedLayerNorm(sizes, eps=eps)
+    assert torch.equal(norm.weight, torch.ones(dim)) and torch.equal(norm.bias, torch.zeros(dim))
+    x = torch.randn(4, 7, dim) * 5 + 2
+    y = norm(x).double()
     for a, b in _blocks(sizes):
         block = y[..., a:b]
-        torch.testing.assert_close(block.mean(-1), torch.zeros(block.shape[:-1], dtype=torch.float64),
-                                   atol=1e-10, rtol=0)
-        var = block.var(-1, unbiased=False)
-        # eps = 1e-5 in the denominator makes the variance var_x / (var_x + eps), just under 1
-        torch.testing.assert_close(var, torch.ones_like(var), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            block.mean(-1), torch.zeros(block.shape[:-1], dtype=torch.float64), atol=1e-5, rtol=0
+        )
+        # eps in the denominator: the variance is var_x / (var_x + eps), ~1 except for tiny blocks
+        var_x = x[..., a:b].double().var(-1, unbiased=False)
+        expected = var_x / (var_x + eps)
+        if b - a > 2:
+            assert torch.all(expected > 0.999)
+        torch.testing.assert_close(block.var(-1, unbiased=False), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("sizes", SIZE_LISTS[:2] + SIZE_LISTS[3:], ids=str)
@@ -106,5 +136,6 @@ def test_module_float32_matches_reference() -> None:
         norm.weight.normal_()
         norm.bias.normal_()
     x = torch.randn(5, 9, 64)
-    torch.testing.assert_close(norm(x), chunked_layer_norm_reference(x, norm.weight, norm.bias, sizes),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        norm(x), chunked_layer_norm_reference(x, norm.weight, norm.bias, sizes), rtol=1e-5, atol=1e-5
+    )

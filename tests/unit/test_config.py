@@ -75,7 +75,7 @@ def test_demo_config_values() -> None:
     assert (cfg.model.num_blocks, cfg.model.dropout, cfg.model.attn_dropout) == (2, 0.1, 0.1)
     assert cfg.data == DataConfig()
     t = cfg.train
-    assert (t.epochs, t.batch_size, t.lr) == (20, 64, 2e-3)
+    assert (t.epochs, t.batch_size, t.lr) == (15, 64, 2e-3)
     assert (t.warmup_steps, t.patience, t.num_threads) == (50, 5, 2)
     assert isinstance(t.lr, float)
     assert cfg.eval == EvalConfig()

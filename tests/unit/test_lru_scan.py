@@ -41,7 +41,7 @@ def _mask(pattern: str, length: int) -> torch.Tensor:
 def _params(seed: int, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     # |lambda| = exp(-nu) in (0.37, 0.99): slow decay, so long-range terms matter in the comparison
-    nu = (torch.rand(DIM, generator=g, dtype=dtype) * 0.99 + 0.01)
+    nu = torch.rand(DIM, generator=g, dtype=dtype) * 0.99 + 0.01
     theta = torch.rand(DIM, generator=g, dtype=dtype) * 2 * math.pi
     return nu, theta
 
@@ -52,8 +52,10 @@ def _sequential_by_hand(u_re, u_im, nu, theta, mask):
     out = torch.zeros(batch, length, dim, dtype=torch.complex128)
     for b in range(batch):
         for d in range(dim):
-            lam = complex(math.exp(-nu[d].item()) * math.cos(theta[d].item()),
-                          math.exp(-nu[d].item()) * math.sin(theta[d].item()))
+            lam = complex(
+                math.exp(-nu[d].item()) * math.cos(theta[d].item()),
+                math.exp(-nu[d].item()) * math.sin(theta[d].item()),
+            )
             h = 0j
             for t in range(length):
                 carry = h if t > 0 and bool(mask[b, t - 1]) else 0j
