@@ -107,8 +107,8 @@ def worker(config_name: str, impl: str, steps: int) -> dict:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-9, weight_decay=0.01)
 
     def step():
-        loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()

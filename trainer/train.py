@@ -94,11 +94,11 @@ def train_step(
     grad_clip: float,
 ) -> tuple[float, torch.Tensor]:
     """One optimizer step. Returns the loss and the (K,) per-size losses."""
+    optimizer.zero_grad(set_to_none=True)  # before the forward pass: old gradients would add to its peak
     hidden, items = model(batch.tokens)  # (B, L, D), (N+1, D)
     loss, per_size = matryoshka_loss(
         hidden, items, batch.labels, model.cfg.nested_sizes, model.cfg.loss_chunk_mb
     )
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

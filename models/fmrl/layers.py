@@ -11,10 +11,19 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.ops import block_averager, chunked_layer_norm, gemm_groups, lru_scan, nested_linear, nested_mask
+from models.ops import (
+    block_averager,
+    chunked_layer_norm,
+    gated_silu,
+    gemm_groups,
+    join_nested_weight,
+    lru_scan,
+    nested_linear,
+    nested_mask,
+    split_nested_weight,
+)
 
 
 def _init_nested_uniform_(tensor: torch.Tensor, sizes: Sequence[int]) -> None:
@@ -34,28 +43,68 @@ def _init_nested_uniform_(tensor: torch.Tensor, sizes: Sequence[int]) -> None:
 class NestedLinear(nn.Module):
     """Square nested linear map over ``sizes``: output block i reads the input prefix [:m_i].
 
-    Stored as a dense (D, D) weight whose upper-triangle entries stay exactly zero: the forward pass never
-    reads them (or multiplies them by the mask), so they never receive a gradient. x: (..., D) -> (..., D).
+    The block lower-triangular weight is stored as one parameter per GEMM group (``weight_parts``), so its
+    zero upper triangle costs no memory, gradient or optimizer state. ``state_dict`` presents it as one
+    dense (D, D) ``weight`` (zeros above the blocks) and ``load_state_dict`` accepts that layout, so
+    checkpoints and sliced sub-models do not depend on the grouping. x: (..., D) -> (..., D).
     """
 
     def __init__(self, sizes: Sequence[int], bias: bool = True) -> None:
         super().__init__()
         self.sizes = list(sizes)
         dim = self.sizes[-1]
-        self.weight = nn.Parameter(torch.empty(dim, dim))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.groups = gemm_groups(self.sizes)
-        # only the shared leading group is masked: keep just its corner of the mask
-        self.register_buffer("mask", nested_mask(self.sizes, self.groups[0].in_end), persistent=False)
+        self.weight_parts = nn.ParameterList(
+            nn.Parameter(torch.empty(g.row_end - g.row_start, g.in_end)) for g in self.groups
+        )
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+        first = self.groups[0]
+        self.register_buffer("mask", nested_mask(self.sizes, first.in_end)[: first.row_end], persistent=False)
+        self.register_state_dict_post_hook(_dense_weight_in_state_dict)
+        self.register_load_state_dict_pre_hook(_split_dense_weight_on_load)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        _init_nested_uniform_(self.weight, self.sizes)
+        dense = torch.empty(self.sizes[-1], self.sizes[-1])
+        _init_nested_uniform_(dense, self.sizes)
+        with torch.no_grad():
+            for part, piece in zip(self.weight_parts, split_nested_weight(dense, self.groups)):
+                part.copy_(piece)
         if self.bias is not None:
             _init_nested_uniform_(self.bias, self.sizes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nested_linear(x, self.weight, self.bias, self.mask, self.groups)
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (D, D) block lower-triangular weight (differentiable)."""
+        return join_nested_weight(list(self.weight_parts), self.groups)
+
+    def forward(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., D). ``row_scale`` (D,) multiplies the outputs, folded into the weight and bias rows so
+        that no extra (..., D) tensor is computed or kept for backward."""
+        parts, bias = list(self.weight_parts), self.bias
+        if row_scale is not None:
+            parts = [w * row_scale[g.row_start : g.row_end, None] for w, g in zip(parts, self.groups)]
+            bias = None if bias is None else bias * row_scale
+        return nested_linear(x, parts, bias, self.mask, self.groups)
+
+
+def _dense_weight_in_state_dict(
+    module: NestedLinear, state_dict: dict, prefix: str, local_metadata: dict
+) -> None:
+    for i in range(len(module.groups)):
+        state_dict.pop(f"{prefix}weight_parts.{i}")
+    state_dict[f"{prefix}weight"] = module.weight.detach()
+
+
+def _split_dense_weight_on_load(module: NestedLinear, state_dict: dict, prefix: str, *args) -> None:
+    dense = state_dict.pop(f"{prefix}weight", None)
+    if dense is None:
+        return  # a missing key is reported by load_state_dict itself
+    dim = module.sizes[-1]
+    if tuple(dense.shape) != (dim, dim):
+        raise ValueError(f"{prefix}weight: expected shape ({dim}, {dim}), got {tuple(dense.shape)}")
+    for i, piece in enumerate(split_nested_weight(dense, module.groups)):
+        state_dict[f"{prefix}weight_parts.{i}"] = piece
 
 
 class ChunkedLayerNorm(nn.Module):
@@ -119,8 +168,8 @@ class LRULayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         gamma = torch.exp(self.gamma_log)  # (D,)
-        u_re = self.in_re(x) * gamma  # (B, L, D)
-        u_im = self.in_im(x) * gamma
+        u_re = self.in_re(x, row_scale=gamma)  # gamma * (B_re x + b_re), (B, L, D)
+        u_im = self.in_im(x, row_scale=gamma)
         h_re, h_im = lru_scan(u_re, u_im, torch.exp(self.nu_log), torch.exp(self.theta_log), mask)
         y = self.out_re(h_re) - self.out_im(h_im)  # Re(C h) = C_re h_re - C_im h_im, (B, L, D)
         return self.dropout(y)
@@ -137,7 +186,7 @@ class GatedFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.silu(self.gate(x)) * self.dropout(self.up(x))  # (B, L, D)
+        hidden = gated_silu(self.gate(x), self.dropout(self.up(x)))  # (B, L, D)
         return self.dropout(self.down(hidden))
 
 

@@ -35,7 +35,6 @@ def matryoshka_loss(
     """
     valid = labels > 0  # (B, L)
     scored = hidden[valid]  # (P, D)
-    targets = labels[valid] - 1  # (P,) indices into items[1:]
-    candidates = items[1:]  # (N, D)
-    chunk_rows = chunk_rows_for_budget(candidates.shape[0], len(sizes), chunk_mb * 2**20)
-    return matryoshka_cross_entropy(scored, candidates, targets, sizes, chunk_rows)
+    targets = labels[valid] - 1  # (P,) indices into the candidates items[1:]
+    chunk_rows = chunk_rows_for_budget(items.shape[0] - 1, len(sizes), chunk_mb * 2**20)
+    return matryoshka_cross_entropy(scored, items, targets, sizes, chunk_rows, first_item=1)

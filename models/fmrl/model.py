@@ -21,12 +21,10 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.fmrl.config import FMRLConfig
 from models.fmrl.layers import LRUBlock, NestedLinear
-from models.ops import nested_param_count
 
 
 class ItemTower(nn.Module):
@@ -77,15 +75,16 @@ class ItemTower(nn.Module):
         return [t for t in (self.text, self.image, self.id_embedding) if t is not None]
 
     def forward(self) -> torch.Tensor:
-        # projector([t1 ; t2 ; ...]) as a sum of per-table products: no (N+1, F) concatenated copy
+        # projector([t1 ; t2 ; ...]) as per-table products accumulated in place: no (N+1, F) concatenated
+        # copy and no second (N+1, D) temporary
         weight, bias = self.projector.weight, self.projector.bias
         items, start = None, 0
         for table in self.tables():
             width = table.embedding_dim
-            part = F.linear(table.weight, weight[:, start : start + width])  # (N+1, D)
-            items = part if items is None else items + part
+            w = weight[:, start : start + width]
+            items = torch.addmm(bias, table.weight, w.T) if items is None else items.addmm_(table.weight, w.T)
             start += width
-        return items + bias
+        return items  # (N+1, D)
 
 
 class LRUTrunk(nn.Module):
@@ -165,15 +164,10 @@ class FMRLRec(nn.Module):
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         """Parameter count; masked-out entries of nested weights are not counted (they are always zero)."""
-        total = 0
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                if trainable_only and not p.requires_grad:
-                    continue
-                if isinstance(module, NestedLinear) and name == "weight":
-                    total += nested_param_count(module.sizes, bias=False)
-                else:
-                    total += p.numel()
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        for module in self.modules():  # the masked GEMM group stores a small triangle of zeros
+            if isinstance(module, NestedLinear) and module.groups[0].masked:
+                total -= int((module.mask == 0).sum().item())
         return total
 
 

@@ -88,6 +88,8 @@ class _LRUScan(torch.autograd.Function):
     def forward(ctx, u_re, u_im, nu, theta, mask):  # noqa: D102
         gate = mask.to(u_re.dtype)
         h_re, h_im = _parallel_scan(u_re, u_im, nu, theta, gate)
+        # contiguous copies free the padded buffers, and the next GEMM would copy a padded view anyway
+        h_re, h_im = h_re.contiguous(), h_im.contiguous()
         ctx.save_for_backward(h_re, h_im, nu, theta, gate)
         return h_re, h_im
 

@@ -35,16 +35,16 @@ def chunk_rows_for_budget(num_items: int, num_sizes: int, budget_bytes: int) -> 
 
 class _MatryoshkaCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, items, targets, sizes, chunk_rows, with_grad):  # noqa: D102
+    def forward(ctx, hidden, item_table, targets, sizes, chunk_rows, first_item, with_grad):  # noqa: D102
         num_rows, _ = hidden.shape
+        items = item_table[first_item:]  # (N, D) candidates, a view
         num_items = items.shape[0]
         num_sizes = len(sizes)
         starts = (0, *sizes[:-1])
         per_size = torch.zeros(num_sizes, dtype=torch.float64, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
-        grad_item_blocks = (
-            [items.new_zeros(num_items, b - a) for a, b in zip(starts, sizes)] if with_grad else None
-        )
+        # rows before first_item (padding) are not candidates: their gradient stays zero
+        grad_table = torch.zeros_like(item_table) if with_grad else None
 
         buffer = hidden.new_empty(num_sizes, min(chunk_rows, num_rows), num_items)
         running_buffer = hidden.new_empty(min(chunk_rows, num_rows), num_items)
@@ -81,19 +81,27 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
                 scores[i].add_(scores[i + 1])
             for k, (a, b) in enumerate(zip(starts, sizes)):
                 grad_hidden[rows, a:b] = scores[k] @ items[:, a:b]
-                grad_item_blocks[k].addmm_(scores[k].T, h[:, a:b])
+                grad_table[first_item:, a:b].addmm_(scores[k].T, h[:, a:b])  # strided view, in place
 
         per_size_mean = (per_size / num_rows).to(hidden.dtype)
         if with_grad:
-            ctx.save_for_backward(grad_hidden, torch.cat(grad_item_blocks, dim=1))
+            ctx.save_for_backward(grad_hidden, grad_table)
             ctx.scale = 1.0 / (num_rows * num_sizes)  # d(mean over rows and sizes) / d(one row's CE)
+            ctx.backward_done = False
         return per_size_mean.mean(), per_size_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_size):  # noqa: D102
-        grad_hidden, grad_items = ctx.saved_tensors
+        if ctx.backward_done:
+            raise RuntimeError(
+                "the fused Matryoshka loss supports one backward pass per forward pass (its gradients are "
+                "formed in the forward pass and scaled in place); run the forward pass again"
+            )
+        ctx.backward_done = True
+        grad_hidden, grad_table = ctx.saved_tensors
         scale = grad_loss * ctx.scale
-        return grad_hidden * scale, grad_items * scale, None, None, None, None
+        # in place: a scaled copy would add another (N, D) table to the memory peak
+        return grad_hidden.mul_(scale), grad_table.mul_(scale), None, None, None, None, None
 
 
 def matryoshka_cross_entropy(
@@ -102,15 +110,18 @@ def matryoshka_cross_entropy(
     targets: torch.Tensor,
     sizes: Sequence[int],
     chunk_rows: int,
+    first_item: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused Matryoshka loss. Returns (loss, per_size_loss): a scalar and a detached (K,) tensor.
 
     Args:
         hidden: (P, D) output states at the scored positions.
-        items: (N, D) item representations (the tied item table, pad row removed).
-        targets: (P,) item indices in [0, N).
+        items: (N + first_item, D) item table; rows ``first_item:`` are the N candidates (1 leaves out a
+            padding row 0 without slicing outside the op, which would cost a full-size gradient copy).
+        targets: (P,) candidate indices in [0, N).
         sizes: nested sizes, strictly increasing, the last one equal to D.
         chunk_rows: rows per chunk (see ``chunk_rows_for_budget``).
+        first_item: index of the first candidate row of ``items``.
     """
     if hidden.shape[1] != sizes[-1] or items.shape[1] != sizes[-1]:
         raise ValueError(
@@ -118,14 +129,19 @@ def matryoshka_cross_entropy(
         )
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or items.requires_grad)
     loss, per_size = _MatryoshkaCrossEntropy.apply(
-        hidden, items, targets, tuple(sizes), max(1, chunk_rows), with_grad
+        hidden, items, targets, tuple(sizes), max(1, chunk_rows), first_item, with_grad
     )
     return loss, per_size.detach()
 
 
 def matryoshka_cross_entropy_reference(
-    hidden: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, sizes: Sequence[int]
+    hidden: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    sizes: Sequence[int],
+    first_item: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: materialise every size's (P, N) logits and average F.cross_entropy over sizes."""
+    items = items[first_item:]
     losses = torch.stack([F.cross_entropy(hidden[:, :m] @ items[:, :m].T, targets) for m in sizes])
     return losses.mean(), losses.detach()

@@ -8,8 +8,9 @@ complete smaller layer.
 The fast path skips the zero upper triangle where it is large and masks it where it is small: the small
 leading blocks (together at most D/4 wide) share one masked GEMM, and every larger block is one GEMM over
 its input prefix. For sizes 8, 16, ..., 1024 that is 3 GEMMs and 69% of the dense FLOPs (the triangle
-itself is 67%). The reference loops over every block, as the official fMRLRec code does, and is kept for
-tests.
+itself is 67%). The weight is stored as one piece per GEMM group (``split_nested_weight``), so the zero
+triangle takes no memory, no gradient and no optimizer state either. The reference loops over every
+block of the dense weight, as the official fMRLRec code does, and is kept for tests.
 
 Shapes: x is (..., D); the result is (..., D).
 """
@@ -61,60 +62,74 @@ def gemm_groups(sizes: Sequence[int]) -> list[GemmGroup]:
     return groups
 
 
+def split_nested_weight(weight: torch.Tensor, groups: Sequence[GemmGroup]) -> list[torch.Tensor]:
+    """Dense (D, D) weight -> one (row_end - row_start, in_end) piece per group (views)."""
+    return [weight[g.row_start : g.row_end, : g.in_end] for g in groups]
+
+
+def join_nested_weight(parts: Sequence[torch.Tensor], groups: Sequence[GemmGroup]) -> torch.Tensor:
+    """Pieces -> the dense (D, D) weight, zero above the groups (differentiable)."""
+    dim = groups[-1].row_end
+    rows = [F.pad(part, (0, dim - g.in_end)) for part, g in zip(parts, groups)]
+    return torch.cat(rows, dim=0)
+
+
 class _NestedLinear(torch.autograd.Function):
-    """Grouped GEMMs with a hand-written backward that writes each group's gradients straight into strided
-    views of the full gradients (autograd would zero-fill and add a full-size gradient per slice)."""
+    """Grouped GEMMs with a hand-written backward: each group's input gradient is accumulated straight
+    into a strided view of the full input gradient, and each weight piece gets exactly its own gradient."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, mask, groups):  # noqa: D102
+    def forward(ctx, x2d, bias, mask, groups, *parts):  # noqa: D102
         outputs = []
-        for g in groups:
-            w = weight[g.row_start : g.row_end, : g.in_end]
+        for g, w in zip(groups, parts):
             if g.masked:
-                w = w * mask[g.row_start : g.row_end, : g.in_end]
+                w = w * mask
             x_prefix = x2d[:, : g.in_end]  # strided view: BLAS takes the row stride, no copy
             if bias is None:
                 outputs.append(x_prefix @ w.T)
             else:
                 outputs.append(torch.addmm(bias[g.row_start : g.row_end], x_prefix, w.T))
-        ctx.save_for_backward(x2d, weight, mask)
+        ctx.save_for_backward(x2d, mask, *parts)
         ctx.groups = groups
         ctx.has_bias = bias is not None
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)  # (P, D_out)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)  # (P, D)
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
-        x2d, weight, mask = ctx.saved_tensors
+        x2d, mask, *parts = ctx.saved_tensors
         grad_x = x2d.new_zeros(x2d.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for g in ctx.groups:
-            rows, cols = slice(g.row_start, g.row_end), slice(0, g.in_end)
-            gy = grad_y[:, rows]  # (P, rows)
-            w = weight[rows, cols] * mask[rows, cols] if g.masked else weight[rows, cols]
+        grad_parts = []
+        for i, (g, w) in enumerate(zip(ctx.groups, parts)):
+            gy = grad_y[:, g.row_start : g.row_end]  # (P, rows)
+            if g.masked:
+                w = w * mask
             if grad_x is not None:
-                grad_x[:, cols].addmm_(gy, w)
-            if grad_w is not None:
-                grad_w[rows, cols].addmm_(gy.T, x2d[:, cols])
+                grad_x[:, : g.in_end].addmm_(gy, w)
+            grad_w = None
+            if ctx.needs_input_grad[4 + i]:
+                grad_w = gy.T @ x2d[:, : g.in_end]  # (rows, in_end)
                 if g.masked:
-                    grad_w[rows, cols].mul_(mask[rows, cols])
-        grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None
+                    grad_w.mul_(mask)
+            grad_parts.append(grad_w)
+        grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_b, None, None, *grad_parts
 
 
 def nested_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    parts: Sequence[torch.Tensor],
     bias: torch.Tensor | None,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     groups: Sequence[GemmGroup],
 ) -> torch.Tensor:
     """Fast nested linear map. x: (..., D) -> (..., D).
 
-    ``groups`` come from ``gemm_groups``; ``mask`` is ``nested_mask`` cut to at least the masked group.
+    ``groups`` come from ``gemm_groups``, ``parts`` from ``split_nested_weight``; ``mask`` is the masked
+    group's (rows, in_end) corner of ``nested_mask`` (None if no group is masked).
     """
     x2d = x.reshape(-1, x.shape[-1])  # (P, D)
-    y = _NestedLinear.apply(x2d, weight, bias, mask, tuple(groups))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    y = _NestedLinear.apply(x2d, bias, mask, tuple(groups), *parts)
+    return y.reshape(*x.shape[:-1], groups[-1].row_end)
 
 
 def nested_linear_reference(

@@ -111,7 +111,8 @@ def test_backward_uses_grad_output(factor) -> None:
     sizes = [2, 4, 8]
     hidden, items, targets = _inputs(sizes, torch.float64)
     loss, _ = matryoshka_cross_entropy(hidden, items, targets, sizes, 4)
-    base = torch.autograd.grad(loss, (hidden, items), retain_graph=True)
+    base = torch.autograd.grad(loss, (hidden, items))
+    loss, _ = matryoshka_cross_entropy(hidden, items, targets, sizes, 4)  # one backward per forward
     scaled = torch.autograd.grad(factor * loss + hidden.sum() * 0, (hidden, items))
     for a, b in zip(scaled, base):
         torch.testing.assert_close(a, factor * b, rtol=1e-13, atol=1e-15)
@@ -230,3 +231,12 @@ def test_fused_loss_memory_stays_far_below_the_logits() -> None:
         f"3 x {rows} x {items} x 4 B = {logits_bytes / 1e9:.1f} GB"
     )
     assert elapsed < 60, f"memory test took {elapsed:.1f} s"
+
+
+def test_second_backward_is_a_clear_error() -> None:
+    sizes = [2, 4, 8]
+    hidden, items, targets = _inputs(sizes, torch.float64)
+    loss, _ = matryoshka_cross_entropy(hidden, items, targets, sizes, 4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward pass"):
+        loss.backward()

@@ -94,25 +94,25 @@ def test_nested_submodel_matches_prefix_of_full_model(variant) -> None:
 
 
 def _perturb_beyond(model: FMRLRec, m: int) -> None:
-    """Add noise to every trainable entry that a size-m model does not contain."""
+    """Add noise to every trainable entry that a size-m model does not contain (in the dense layout)."""
     dim = model.cfg.dim
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            for pname, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                noise = torch.randn_like(p)
-                if isinstance(module, NestedLinear) and pname == "weight":
-                    keep = torch.zeros_like(p, dtype=torch.bool)
-                    keep[:m, :m] = True
-                    p.add_(noise * nested_mask(module.sizes) * (~keep))  # stay block lower-triangular
-                elif pname == "weight" and name.endswith("id_embedding"):
-                    continue  # ID columns are projector inputs: all of them feed every output dimension
-                elif name.endswith("projector") and pname == "weight":
-                    p[m:] += noise[m:]
-                else:
-                    assert p.dim() == 1 and p.shape[0] == dim, f"{name}.{pname}"
-                    p[m:] += noise[m:]
+    state = model.state_dict()
+    nested = {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, NestedLinear)}
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for key, value in state.items():
+        if key in frozen or key.startswith("item_tower.id_embedding."):
+            continue  # ID columns are projector inputs: all of them feed every output dimension
+        noise = torch.randn_like(value)
+        if key in nested:
+            keep = torch.zeros_like(value, dtype=torch.bool)
+            keep[:m, :m] = True
+            value.add_(noise * nested_mask(nested[key].sizes) * (~keep))  # stay block lower-triangular
+        elif key == "item_tower.projector.weight":
+            value[m:] += noise[m:]
+        else:
+            assert value.dim() == 1 and value.shape[0] == dim, key
+            value[m:] += noise[m:]
+    model.load_state_dict(state)
 
 
 @pytest.mark.parametrize("variant", ["text+image", "image+id"])
@@ -238,6 +238,7 @@ def test_same_seed_same_init(variant) -> None:
     assert sa.keys() == sb.keys() == sc.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
-    trainable = {n for n, p in a.named_parameters() if p.requires_grad and "norm" not in n}
+    frozen = {n for n, p in a.named_parameters() if not p.requires_grad}
+    trainable = {k for k in sa if k not in frozen and "norm" not in k}
     assert trainable
     assert all(not torch.equal(sa[k], sc[k]) for k in trainable), "a different seed must change the init"

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from models.fmrl.layers import NestedLinear
-from models.ops import gemm_groups, nested_linear, nested_linear_reference, nested_mask, nested_param_count
+from models.ops import (
+    gemm_groups,
+    nested_linear,
+    nested_linear_reference,
+    nested_mask,
+    nested_param_count,
+    split_nested_weight,
+)
 
 SIZE_LISTS = [
     [4, 8, 16, 32],
@@ -41,9 +48,10 @@ def _random_nested_weight(sizes: list[int], dtype=torch.float64, dense: bool = F
 
 
 def _fast(x, weight, bias, sizes):
+    """The fast path on a dense weight: split into its GEMM-group pieces (views, so gradients reach it)."""
     groups = gemm_groups(sizes)
-    mask = nested_mask(sizes, groups[0].in_end).to(x.dtype)
-    return nested_linear(x, weight, bias, mask, groups)
+    mask = nested_mask(sizes, groups[0].in_end)[: groups[0].row_end].to(x.dtype)
+    return nested_linear(x, split_nested_weight(weight, groups), bias, mask, groups)
 
 
 @pytest.mark.parametrize("sizes", SIZE_LISTS[:4] + [[8, 16, 32, 64]], ids=str)
