@@ -25,6 +25,7 @@ from torch import nn
 
 from models.fmrl.config import FMRLConfig
 from models.fmrl.layers import LRUBlock, NestedLinear
+from models.ops import nested_param_count
 
 
 class ItemTower(nn.Module):
@@ -167,7 +168,9 @@ class FMRLRec(nn.Module):
         total = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
         for module in self.modules():  # the masked GEMM group stores a small triangle of zeros
             if isinstance(module, NestedLinear) and module.groups[0].masked:
-                total -= int((module.mask == 0).sum().item())
+                group = module.groups[0]
+                free = nested_param_count([m for m in module.sizes if m <= group.in_end], bias=False)
+                total -= group.row_end * group.in_end - free
         return total
 
 
