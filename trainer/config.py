@@ -131,7 +131,7 @@ class TrainConfig:
     seed: int = 42
     """Seed of parameter initialisation, shuffling and dropout."""
     num_threads: int = 0
-    """torch intra-op threads; 0 leaves torch's default."""
+    """torch intra-op threads; 0 divides the machine's cores evenly among the ranks on it."""
     max_steps: int = 0
     """Stop after this many optimisation steps in total; 0 means no limit (smoke tests use it)."""
 

@@ -12,14 +12,6 @@ SIZE_LISTS = [[4, 8, 16, 32], [2, 3, 7, 20], [16], [8, 16, 32, 64, 128]]
 SHAPES = [(6,), (3, 5), (2, 3, 4)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _averager64(sizes):
     """block_averager's matrices in exact float64. (block_averager builds them in float32, so casting its
     1/3, 1/7, ... entries to float64 would carry float32 rounding into a float64 comparison.)"""

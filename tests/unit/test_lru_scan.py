@@ -16,14 +16,6 @@ DIM = 5
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _mask(pattern: str, length: int) -> torch.Tensor:
     """(BATCH, length) bool mask, True = real item, padding contiguous on the left."""
     if pattern == "none":

@@ -21,14 +21,6 @@ SIZE_LISTS = [[2, 4, 8], [3, 8], [8], [1, 2, 5, 6, 16]]
 CHUNK_ROWS = [1, 3, P - 1, P, 10 * P]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _inputs(sizes, dtype, seed=0, rows=P, items=N):
     g = torch.Generator().manual_seed(seed)
     dim = sizes[-1]

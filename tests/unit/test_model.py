@@ -24,14 +24,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _features(width: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(NUM_ITEMS + 1, width, generator=g)

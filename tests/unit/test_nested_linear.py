@@ -25,14 +25,6 @@ SIZE_LISTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _hand_mask(sizes: list[int]) -> torch.Tensor:
     """Block lower-triangular mask from the definition: row r (in the block ending at m_i) reads columns < m_i."""
     dim = sizes[-1]
