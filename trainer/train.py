@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -183,6 +184,8 @@ def train(cfg: Config) -> RunResult:
             desc=f"epoch {epoch}",
             disable=not cfg.run.progress_bar,
             leave=False,
+            # redraws flood log files (batch jobs, CI): redraw rarely when stderr is not a terminal
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         window_start, window_sequences = time.perf_counter(), 0
         for batch in bar:
