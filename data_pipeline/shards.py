@@ -1,0 +1,270 @@
+"""WebDataset shards: write a set of tar shards plus the manifest that says the set is complete.
+
+A shard set under ``base_url`` with prefix ``train`` is::
+
+    train-000000.tar  train-000001.tar  ...  train.manifest.json
+
+Each shard is a plain tar in the WebDataset layout (members ``<key>.<ext>``, a sample's members
+adjacent), so ``webdataset.WebDataset`` reads it as well as :mod:`data_pipeline.stream` does. Shards and
+the manifest go through :func:`storage.atomic_write`, and the manifest is written last: a crash never
+leaves a shard that looks complete, and a manifest's existence means every shard it lists is complete.
+The manifest records each shard's sample count, size and sha256, so readers can detect truncation or
+corruption (:func:`verify_shard`) and resume by sample position without listing the store::
+
+    with ShardWriter("s3://bucket/data", "train", max_samples_per_shard=5000, meta={"split": "train"}) as w:
+        for user, seq in enumerate(sequences):
+            w.write(f"u{user:08d}", {"seq.npy": seq.astype("<i8").tobytes()})
+    manifest = read_manifest("s3://bucket/data", "train")
+
+Tars are deterministic (mtime 0, uid/gid 0, empty owner names, mode 0o444, a sample's members sorted by
+extension): the same samples give byte-identical shards, hence the same sha256 on every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from data_pipeline.storage import StorageNotFoundError, StorageOptions, atomic_write, join, open_read
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "CorruptShardError",
+    "Manifest",
+    "ManifestError",
+    "ShardEntry",
+    "ShardWriter",
+    "manifest_url",
+    "read_manifest",
+    "shard_name",
+    "verify_shard",
+]
+
+MANIFEST_VERSION = 1
+
+_CHUNK = 1 << 20
+# shards are built in a spooled temp file: in memory while small, on local disk once larger
+_SPOOL_MAX = 64 << 20
+
+
+class ManifestError(ValueError):
+    """A manifest exists but cannot be used (bad JSON, missing or mistyped fields); names the URL."""
+
+
+class CorruptShardError(ValueError):
+    """A shard's bytes differ from what its manifest recorded (truncated, corrupt); names the shard."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as recorded in the manifest."""
+
+    name: str
+    """File name relative to the shard set's base URL, e.g. ``train-000003.tar``."""
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The complete description of a shard set (the contents of ``<prefix>.manifest.json``)."""
+
+    version: int
+    prefix: str
+    shards: list[ShardEntry]
+    total_samples: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def manifest_url(base_url: str, prefix: str) -> str:
+    """Where the manifest of the shard set ``prefix`` under ``base_url`` lives."""
+    return join(base_url, f"{prefix}.manifest.json")
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """The file name of shard ``index`` (``<prefix>-000003.tar``); zero-padded so names sort in order."""
+    return f"{prefix}-{index:06d}.tar"
+
+
+class ShardWriter:
+    """Write samples into WebDataset tar shards of at most ``max_samples_per_shard`` samples each.
+
+    Use as a context manager. Each finished shard is committed atomically; the manifest (with ``meta``,
+    a free-form JSON-able dict such as the split name) is written only when the block exits without an
+    exception, after all shards. On an exception the shard being built is dropped and no manifest is
+    written, so the partial set is never mistaken for a complete one.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        prefix: str,
+        max_samples_per_shard: int,
+        options: StorageOptions | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if max_samples_per_shard < 1:
+            raise ValueError(f"max_samples_per_shard must be at least 1, got {max_samples_per_shard}")
+        if not prefix or "/" in prefix:
+            raise ValueError(f"shard prefix must be non-empty and contain no '/', got {prefix!r}")
+        self.base_url = base_url
+        self.prefix = prefix
+        self.max_samples_per_shard = max_samples_per_shard
+        self.options = options
+        self.meta = dict(meta or {})
+        self.shards: list[ShardEntry] = []
+        self._spool: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0  # samples in the shard being built
+        self._keys: set[str] = set()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        if self._count:
+            self._flush()
+        self._write_manifest()
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        """Append one sample: tar members ``<key>.<ext>`` for each ``ext -> bytes`` in ``fields``.
+
+        ``key`` must be non-empty and free of ``.`` and ``/`` (WebDataset splits member names at the
+        first dot to find the key) and unique within the set; extensions must be non-empty without ``/``.
+        """
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"invalid sample key {key!r}: must be non-empty and contain no '.' or '/'")
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        if not fields:
+            raise ValueError(f"sample {key!r} has no fields")
+        for ext, value in fields.items():
+            if not ext or "/" in ext:
+                raise ValueError(f"sample {key!r}: invalid extension {ext!r}")
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"sample {key!r}: field {ext!r} must be bytes, got {type(value).__name__}")
+        if self._tar is None:
+            self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX)
+            self._tar = tarfile.open(fileobj=self._spool, mode="w", format=tarfile.PAX_FORMAT)
+        for ext in sorted(fields):
+            data = bytes(fields[ext])
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._keys.add(key)
+        self._count += 1
+        if self._count >= self.max_samples_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Finish the current tar and commit it under its final name, hashing it on the way out."""
+        assert self._tar is not None and self._spool is not None
+        self._tar.close()  # writes the end-of-archive blocks into the spool
+        name = shard_name(self.prefix, len(self.shards))
+        self._spool.seek(0)
+        digest = hashlib.sha256()
+        size = 0
+        with atomic_write(join(self.base_url, name), self.options) as out:
+            while chunk := self._spool.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        self._spool.close()
+        self.shards.append(ShardEntry(name=name, samples=self._count, bytes=size, sha256=digest.hexdigest()))
+        self._tar, self._spool, self._count = None, None, 0
+
+    def _discard(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+        self._tar, self._spool, self._count = None, None, 0
+
+    def _write_manifest(self) -> None:
+        manifest = Manifest(
+            version=MANIFEST_VERSION,
+            prefix=self.prefix,
+            shards=list(self.shards),
+            total_samples=sum(s.samples for s in self.shards),
+            meta=self.meta,
+        )
+        payload = json.dumps(dataclasses.asdict(manifest), indent=1, sort_keys=True).encode()
+        with atomic_write(manifest_url(self.base_url, self.prefix), self.options) as f:
+            f.write(payload)
+
+
+def read_manifest(base_url: str, prefix: str, options: StorageOptions | None = None) -> Manifest:
+    """The manifest of the shard set ``prefix`` under ``base_url``.
+
+    Raises :class:`StorageNotFoundError` if there is none (the set is missing or was never completed)
+    and :class:`ManifestError` if it cannot be parsed; both name the URL.
+    """
+    url = manifest_url(base_url, prefix)
+    try:
+        with open_read(url, options) as f:
+            raw = f.read()
+    except StorageNotFoundError as e:
+        raise StorageNotFoundError(
+            f"no shard manifest at {url}: the shard set is missing or its writer did not finish"
+        ) from e
+    try:
+        doc = json.loads(raw)
+        if doc["version"] != MANIFEST_VERSION:
+            raise ManifestError(f"manifest {url} has version {doc['version']!r}, expected {MANIFEST_VERSION}")
+        shards = [
+            ShardEntry(
+                name=str(s["name"]), samples=int(s["samples"]), bytes=int(s["bytes"]), sha256=str(s["sha256"])
+            )
+            for s in doc["shards"]
+        ]
+        manifest = Manifest(
+            version=int(doc["version"]),
+            prefix=str(doc["prefix"]),
+            shards=shards,
+            total_samples=int(doc["total_samples"]),
+            meta=dict(doc.get("meta") or {}),
+        )
+    except ManifestError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"malformed shard manifest {url}: {type(e).__name__}: {e}") from e
+    if manifest.total_samples != sum(s.samples for s in shards):
+        raise ManifestError(f"malformed shard manifest {url}: total_samples does not match the shard counts")
+    return manifest
+
+
+def verify_shard(base_url: str, shard: ShardEntry, options: StorageOptions | None = None) -> None:
+    """Re-read a shard and check its size and sha256 against the manifest; :class:`CorruptShardError` if not."""
+    url = join(base_url, shard.name)
+    with open_read(url, options) as f:
+        digest, size = _hash_stream(f)
+    if size != shard.bytes:
+        raise CorruptShardError(f"shard {url} has {size} bytes, the manifest says {shard.bytes} (truncated?)")
+    if digest != shard.sha256:
+        raise CorruptShardError(
+            f"shard {url} has sha256 {digest}, the manifest says {shard.sha256} (corrupt)"
+        )
+
+
+def _hash_stream(f: BinaryIO | io.RawIOBase) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size

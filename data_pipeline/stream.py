@@ -1,0 +1,278 @@
+"""Stream samples from a WebDataset shard set (local or S3) with an exact, resumable position.
+
+WebDataset itself keeps no state, so a restart could only replay or skip data. Here the order is a pure
+function of ``(seed, epoch, world_size, num_workers)``, which makes the position three integers:
+
+* per epoch, the shards are permuted by ``numpy.random.default_rng((seed, epoch))`` (the same on every
+  rank) and dealt round-robin to the ``world_size * num_workers`` (rank, worker) slots:
+  ``slot = rank * num_workers + worker_id``, ``shards[slot::world_size * num_workers]``;
+* within a shard, samples come in file order. Only shards are shuffled (no shuffle buffer): write
+  shards from already-shuffled samples if within-shard order matters;
+* the state of a :class:`ShardStream` is ``(epoch, shard index in this slot's list, samples consumed from
+  it)``, always counting exactly the samples handed out. Resuming reopens that shard and skips the
+  consumed samples (tars have no random access; size shards so that one partial re-read is cheap).
+
+The stream is a ``torch.distributed.checkpoint`` Stateful (``state_dict`` / ``load_state_dict``; the
+state is plain JSON-able data), one per (rank, worker). A state saved with a different world size,
+worker count, seed or shard set is refused with a ``ValueError`` naming what differs: the position
+cannot be mapped exactly, and silently replaying or skipping data is worse than stopping::
+
+    stream = ShardStream("s3://bucket/data", "train", rank=rank, world_size=world, seed=0)
+    stream.load_state_dict(saved)  # optional
+    while stream.epoch < epochs:
+        for batch in batches(stream.iter_epoch(), 128, 50, decode=lambda s: np.frombuffer(s["seq.npy"], "<i8")):
+            ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.sequences import TrainBatch, left_pad
+from data_pipeline.shards import CorruptShardError, Manifest, ShardEntry, read_manifest
+from data_pipeline.storage import StorageOptions, join, open_read
+
+__all__ = ["STATE_VERSION", "Sample", "ShardStream", "batches", "iter_shard"]
+
+STATE_VERSION = 1
+
+Sample = dict[str, Any]
+"""``{"__key__": str, "__url__": str, ext: bytes, ...}``: one sample's tar members by extension."""
+
+
+class _HashingReader(io.RawIOBase):
+    """Passes reads through while hashing them, so a streamed shard is checked against its manifest."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self._f = f
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._f.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.digest.update(data)
+        self.size += n
+        return n
+
+
+def iter_shard(
+    url: str, entry: ShardEntry | None = None, options: StorageOptions | None = None
+) -> Iterator[Sample]:
+    """The samples of one tar shard in file order, read as a stream (no seeks, so it works on S3).
+
+    Members are grouped by key (the name up to the first ``.``). With ``entry``, a shard that ends
+    early or whose sample count, size or sha256 differs from the manifest raises
+    :class:`CorruptShardError` naming the URL and the last good key; without it only broken tar
+    structure is detected (a tar cut at a member boundary reads as a shorter valid tar).
+    """
+    last_key: str | None = None
+    count = 0
+
+    def corrupt(why: str) -> CorruptShardError:
+        return CorruptShardError(f"shard {url} is {why} after {count} samples (last good key: {last_key!r})")
+
+    with open_read(url, options) as raw:
+        reader = _HashingReader(raw)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                current: Sample | None = None
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None  # isfile() above
+                    data = extracted.read()
+                    if current is not None and current["__key__"] != key:
+                        # set last_key before handing the sample out: the error must name the last complete one
+                        last_key, count = current["__key__"], count + 1
+                        yield current
+                        current = None
+                    if current is None:
+                        current = {"__key__": key, "__url__": url}
+                    current[ext] = data
+                if current is not None:
+                    last_key, count = current["__key__"], count + 1
+                    yield current
+        except (tarfile.ReadError, EOFError, tarfile.StreamError) as e:
+            raise corrupt(f"truncated or corrupt ({type(e).__name__}: {e})") from e
+        if entry is None:
+            return
+        if count != entry.samples:
+            raise corrupt(f"short ({entry.samples} samples expected, truncated?)")
+        # tarfile stops at the end-of-archive blocks; hash the record padding after them too
+        while reader.read(1 << 20):
+            pass
+        if reader.size != entry.bytes or reader.digest.hexdigest() != entry.sha256:
+            raise corrupt(f"corrupt ({reader.size} bytes, sha256 differs from the manifest's)")
+
+
+class ShardStream:
+    """One (rank, worker) slot's view of a shard set, with an exact resumable position.
+
+    ``rank``/``world_size`` are the distributed ranks, ``num_workers``/``worker_id`` the data loader
+    workers within a rank (pass them explicitly; the stream does not look them up). Every slot must get
+    at least one shard: with fewer shards than ``world_size * num_workers`` slots it raises ValueError,
+    as an empty slot would hang the other ranks at their next collective.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        prefix: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 1,
+        worker_id: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        options: StorageOptions | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if not 0 <= worker_id < num_workers:
+            raise ValueError(f"worker_id {worker_id} is not in [0, num_workers={num_workers})")
+        self.base_url = base_url
+        self.prefix = prefix
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.worker_id = worker_id
+        self.seed = seed
+        self.shuffle = shuffle
+        self.options = options
+        self.manifest: Manifest = read_manifest(base_url, prefix, options)
+        slots = world_size * num_workers
+        if len(self.manifest.shards) < slots:
+            raise ValueError(
+                f"shard set {prefix!r} has {len(self.manifest.shards)} shards but world_size={world_size} x "
+                f"num_workers={num_workers} = {slots} slots need at least one each: write more, smaller shards"
+            )
+        self.epoch = 0
+        self._shard_index = 0  # into this slot's shard list for self.epoch
+        self._offset = 0  # samples of that shard already handed out
+
+    @property
+    def slot(self) -> int:
+        return self.rank * self.num_workers + self.worker_id
+
+    def slot_shards(self, epoch: int) -> list[int]:
+        """Indices into the manifest's shard list that this slot reads in ``epoch``, in order."""
+        n = len(self.manifest.shards)
+        order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        return [int(i) for i in order[self.slot :: self.world_size * self.num_workers]]
+
+    def iter_epoch(self) -> Iterator[Sample]:
+        """Samples from the current position to the end of the epoch, then advance to the next epoch.
+
+        The position advances before each sample is handed out, so ``state_dict()`` taken between two
+        samples counts exactly those already received. Abandoning the iterator keeps the position; a
+        later ``iter_epoch()`` continues from it.
+        """
+        shards = self.slot_shards(self.epoch)
+        while self._shard_index < len(shards):
+            entry = self.manifest.shards[shards[self._shard_index]]
+            if self._offset < entry.samples:
+                skip = self._offset
+                for i, sample in enumerate(iter_shard(join(self.base_url, entry.name), entry, self.options)):
+                    if i < skip:
+                        continue
+                    self._offset = i + 1
+                    yield sample
+            self._shard_index += 1
+            self._offset = 0
+        self.epoch += 1
+        self._shard_index = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position and the arguments it is valid for; plain JSON-able data."""
+        return {
+            "version": STATE_VERSION,
+            "prefix": self.prefix,
+            "num_shards": len(self.manifest.shards),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "worker_id": self.worker_id,
+            "epoch": self.epoch,
+            "shard_index": self._shard_index,
+            "offset": self._offset,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; ValueError naming every setting that differs from this stream's."""
+        mine = self.state_dict()
+        missing = sorted(set(mine) - set(state))
+        if missing:
+            raise ValueError(f"data stream state lacks {', '.join(missing)}; is it a ShardStream state?")
+        fixed = (
+            "version",
+            "prefix",
+            "num_shards",
+            "seed",
+            "shuffle",
+            "rank",
+            "world_size",
+            "num_workers",
+            "worker_id",
+        )
+        differ = [
+            f"{name}={state[name]!r} (now {mine[name]!r})" for name in fixed if state[name] != mine[name]
+        ]
+        if differ:
+            raise ValueError(
+                "cannot resume the data stream exactly: the state was saved with "
+                + ", ".join(differ)
+                + "; the sample order depends on these, so resuming would replay or skip data"
+            )
+        epoch, index, offset = int(state["epoch"]), int(state["shard_index"]), int(state["offset"])
+        shards = self.slot_shards(epoch)
+        if epoch < 0 or not 0 <= index <= len(shards):
+            raise ValueError(f"data stream state has epoch {epoch}, shard_index {index}: out of range")
+        if index < len(shards) and not 0 <= offset <= self.manifest.shards[shards[index]].samples:
+            raise ValueError(f"data stream state has offset {offset}, beyond its shard's sample count")
+        self.epoch, self._shard_index, self._offset = epoch, index, offset
+
+
+def batches(
+    samples: Iterable[Sample], batch_size: int, max_len: int, decode: Callable[[Sample], np.ndarray]
+) -> Iterator[TrainBatch]:
+    """Collate decoded item-id sequences into next-item :class:`TrainBatch` es (the last one may be short).
+
+    Each sequence ``s`` gives tokens ``s[:-1]`` and labels ``s[1:]``, left-padded and cut to the last
+    ``max_len``; sequences with fewer than 2 items have no target and are skipped, as in
+    :func:`data_pipeline.sequences.train_batches`. Samples are pulled only as a batch fills, so when
+    a batch is handed out the stream's ``state_dict()`` counts exactly the samples in the batches so far.
+    """
+    chosen: list[np.ndarray] = []
+    for sample in samples:
+        seq = decode(sample)
+        if len(seq) < 2:
+            continue
+        chosen.append(seq)
+        if len(chosen) == batch_size:
+            yield _collate(chosen, max_len)
+            chosen = []
+    if chosen:
+        yield _collate(chosen, max_len)
+
+
+def _collate(chosen: list[np.ndarray], max_len: int) -> TrainBatch:
+    return TrainBatch(
+        tokens=left_pad([s[:-1] for s in chosen], max_len), labels=left_pad([s[1:] for s in chosen], max_len)
+    )
