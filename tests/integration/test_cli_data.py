@@ -1,0 +1,27 @@
+"""`fmrl data ...`: the command line reaches the writers, and bad input is a clear exit-2 error."""
+
+from __future__ import annotations
+
+import json
+
+from data_pipeline.shards import read_manifest
+from trainer.cli import main
+
+
+def test_convert_movielens_from_the_command_line(tmp_path, capsys):
+    out = str(tmp_path / "ml")
+    assert main(["data", "convert-movielens", out, "--shard-size", "400"]) == 0
+    dataset = json.loads((tmp_path / "ml" / "dataset.json").read_text())
+    assert dataset["num_users"] == 943 and dataset["num_items"] > 1000
+    manifest = read_manifest(out, "items")
+    assert manifest.total_samples == dataset["num_items"]
+    assert all(entry.samples <= 400 for entry in manifest.shards) and len(manifest.shards) >= 3
+    assert "ConversionSummary" in capsys.readouterr().out
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    missing = str(tmp_path / "reviews_Beauty_5.json.gz")
+    code = main(["data", "convert-amazon", str(tmp_path / "out"), "--reviews", missing, "--meta", missing])
+    assert code == 2
+    assert "reviews_Beauty_5.json.gz" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "dataset.json").exists()
