@@ -85,11 +85,15 @@ def train_batches(
     users = [u for u, seq in enumerate(train) if len(seq) >= 2]
     order = rng.permutation(len(users))
     for start in range(0, len(order), batch_size):
-        chosen = [train[users[i]] for i in order[start : start + batch_size]]
-        yield TrainBatch(
-            tokens=left_pad([s[:-1] for s in chosen], max_len),
-            labels=left_pad([s[1:] for s in chosen], max_len),
-        )
+        yield collate_next_item([train[users[i]] for i in order[start : start + batch_size]], max_len)
+
+
+def collate_next_item(sequences: Sequence[np.ndarray], max_len: int) -> TrainBatch:
+    """Next-item batch from item-id sequences of at least 2 items: tokens s[:-1], labels s[1:], left-padded."""
+    return TrainBatch(
+        tokens=left_pad([s[:-1] for s in sequences], max_len),
+        labels=left_pad([s[1:] for s in sequences], max_len),
+    )
 
 
 def num_train_batches(train: Sequence[np.ndarray], batch_size: int) -> int:

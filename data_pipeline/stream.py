@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.sequences import TrainBatch, left_pad
+from data_pipeline.sequences import TrainBatch, collate_next_item
 from data_pipeline.shards import CorruptShardError, Manifest, ShardEntry, read_manifest
 from data_pipeline.storage import StorageOptions, join, open_read
 
@@ -266,13 +266,7 @@ def batches(
             continue
         chosen.append(seq)
         if len(chosen) == batch_size:
-            yield _collate(chosen, max_len)
+            yield collate_next_item(chosen, max_len)
             chosen = []
     if chosen:
-        yield _collate(chosen, max_len)
-
-
-def _collate(chosen: list[np.ndarray], max_len: int) -> TrainBatch:
-    return TrainBatch(
-        tokens=left_pad([s[:-1] for s in chosen], max_len), labels=left_pad([s[1:] for s in chosen], max_len)
-    )
+        yield collate_next_item(chosen, max_len)
