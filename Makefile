@@ -4,7 +4,13 @@ SETUP_DONE := $(VENV)/.setup-done
 
 .PHONY: demo test lint setup
 
+DEMO_DATA := runs/data/demo
+
+# the demo's data steps are idempotent: a complete dataset with the same settings and finished feature
+# parts are reused, so a second `make demo` goes straight to training
 demo: $(SETUP_DONE)
+	$(VENV)/bin/fmrl data prepare-synthetic $(DEMO_DATA) --shard-size 500
+	$(VENV)/bin/fmrl features $(DEMO_DATA) --image-size 96
 	$(VENV)/bin/fmrl train --config configs/demo.yaml
 
 test: $(SETUP_DONE)

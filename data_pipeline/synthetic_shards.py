@@ -49,8 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_pipeline.shards import ShardWriter
-from data_pipeline.storage import StorageOptions, atomic_write, join
+from data_pipeline.shards import ShardWriter, read_manifest
+from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read
 
 __all__ = ["ITEM_TEXT_TEMPLATE", "SyntheticShardsSummary", "prepare_synthetic"]
 
@@ -86,6 +86,8 @@ class SyntheticShardsSummary:
     num_interactions: int
     item_shards: int
     user_shards: int
+    reused: bool = False
+    """True when a complete dataset with the same settings was already there and nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,9 @@ def prepare_synthetic(
         "max_seq_len": max_seq_len,
         "image_size": image_size,
     }
+    existing = _existing_dataset(out_url, meta, max_samples_per_shard, options)
+    if existing is not None:
+        return existing
     with ShardWriter(out_url, "items", max_samples_per_shard, options=options, meta=meta) as items:
         for item_id in _progress(range(1, num_items + 1), num_items, "items", progress):
             items.write(f"{item_id:09d}", _item_sample(catalog, item_id, image_size))
@@ -342,6 +347,7 @@ def prepare_synthetic(
         "users_prefix": "users",
         "skipped": {},
         "item_text_template": ITEM_TEXT_TEMPLATE,
+        "generator": {**meta, "max_samples_per_shard": max_samples_per_shard},
     }
     # last: a dataset.json means both shard sets (and their manifests) are complete
     with atomic_write(join(out_url, "dataset.json"), options) as f:
@@ -353,4 +359,36 @@ def prepare_synthetic(
         num_interactions=num_interactions,
         item_shards=len(items.shards),
         user_shards=len(users.shards),
+    )
+
+
+def _existing_dataset(
+    out_url: str, meta: dict, max_samples_per_shard: int, options: StorageOptions | None
+) -> SyntheticShardsSummary | None:
+    """The summary of a complete dataset at ``out_url`` made with the same settings; ValueError if other."""
+    url = join(out_url, "dataset.json")
+    if not exists(url, options):
+        return None
+    with open_read(url, options) as f:
+        dataset = json.loads(f.read())
+    wanted = {**meta, "max_samples_per_shard": max_samples_per_shard}
+    found = dataset.get("generator", {})
+    if found != wanted:
+        differ = ", ".join(
+            f"{k}={found.get(k)!r} (asked {wanted.get(k)!r})"
+            for k in sorted(wanted.keys() | found.keys())
+            if found.get(k) != wanted.get(k)
+        )
+        raise ValueError(
+            f"{out_url} already holds a dataset made with other settings ({differ}); "
+            "write to another location or delete it first"
+        )
+    return SyntheticShardsSummary(
+        out_url=out_url,
+        num_items=dataset["num_items"],
+        num_users=dataset["num_users"],
+        num_interactions=dataset["num_interactions"],
+        item_shards=len(read_manifest(out_url, "items", options).shards),
+        user_shards=len(read_manifest(out_url, "users", options).shards),
+        reused=True,
     )

@@ -155,3 +155,34 @@ def s3_server(_isolated_aws_env: None) -> Iterator[S3Server]:
     finally:
         server.stop()
         server._log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small synthetic dataset with its frozen features, made once per session by the real pipeline:
+    prepare_synthetic (text + PNG images in shards) -> extract_features (MiniLM text, EfficientNet-Lite0
+    images at 32 px to keep it quick). 150 items, 200 users, 4 user shards; returns its path."""
+    import torch
+
+    from data_pipeline.features import extract_features
+    from data_pipeline.synthetic_shards import prepare_synthetic
+
+    path = str(tmp_path_factory.mktemp("tiny") / "data")
+    prepare_synthetic(
+        path,
+        num_items=150,
+        num_users=200,
+        num_clusters=10,
+        min_seq_len=5,
+        max_seq_len=12,
+        seed=0,
+        max_samples_per_shard=50,
+        image_size=32,
+        progress=False,
+    )
+    threads = torch.get_num_threads()
+    try:
+        extract_features(path, image_size=32, chunk_size=64, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return path

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--image-model", default="efficientnet-lite0", help="efficientnet-lite0 or none")
     features.add_argument("--batch-size", type=int, default=32)
     features.add_argument("--chunk-size", type=int, default=256, help="items per restartable part file")
+    features.add_argument(
+        "--image-size", type=int, default=224, help="pixels (square) the images are resized to; 224 native"
+    )
     return parser
 
 
@@ -152,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 chunk_size=args.chunk_size,
                 rank=world.rank,
                 world_size=world.world_size,
+                image_size=args.image_size,
             )
         except (StorageError, ValueError) as error:
             print(f"fmrl features: {error}", file=sys.stderr)

@@ -40,8 +40,6 @@ __all__ = [
     "load_config",
 ]
 
-DATA_SOURCES = ("synthetic",)
-"""Accepted values of ``data.source``; real datasets arrive with the data-pipeline converters."""
 
 _T = TypeVar("_T")
 
@@ -66,46 +64,32 @@ def _positive(key: str, value: float) -> None:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """The embedded synthetic catalog (generated in-process for now)."""
+    """Where the dataset and its frozen item features are, and how they are read."""
 
-    source: str = "synthetic"
-    """Where the interactions come from; only "synthetic" is accepted for now."""
-    num_items: int = 2000
-    """Number of items in the catalog."""
-    num_users: int = 4000
-    """Number of users, i.e. of interaction sequences."""
-    num_clusters: int = 40
-    """Number of latent item clusters that user sequences drift between."""
-    text_dim: int = 64
-    """Width of the frozen text-feature vectors; 0 means the items have no text features."""
-    image_dim: int = 48
-    """Width of the frozen image-feature vectors; 0 means the items have no image features."""
-    min_seq_len: int = 5
-    """Shortest user sequence; leave-one-out needs at least one train, one val and one test item."""
-    max_seq_len: int = 30
-    """Longest user sequence."""
-    seed: int = 0
-    """Seed of the generator, so a catalog is reproducible independently of the training seed."""
+    path: str = "runs/data/demo"
+    """The dataset (local path or s3:// URL) written by `fmrl data prepare-synthetic` / `convert-*`;
+    the default is where `make demo` prepares the synthetic demo catalog."""
+    features: str = ""
+    """The feature tables written by `fmrl features`; "" means <path>/features."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank reading the user shards; 0 reads in the training process."""
+    prefetch_factor: int = 4
+    """Batches each worker keeps ready."""
+    s3_endpoint_url: str = ""
+    """S3-compatible endpoint for s3:// URLs; "" takes FSSPEC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL."""
 
     def __post_init__(self) -> None:
         _require(
-            self.source in DATA_SOURCES,
-            f"data.source must be one of {', '.join(map(repr, DATA_SOURCES))}, got {self.source!r}",
+            self.path != "",
+            "data.path must not be empty: give a dataset written by `fmrl data prepare-synthetic OUT` "
+            "(or convert-*), e.g. data.path=runs/data/demo",
         )
-        _at_least("data.num_items", self.num_items, 10)
-        _at_least("data.num_users", self.num_users, 10)
-        _at_least("data.num_clusters", self.num_clusters, 2)
-        _require(
-            self.num_clusters <= self.num_items,
-            f"data.num_clusters must be <= data.num_items ({self.num_items}), got {self.num_clusters}",
-        )
-        _at_least("data.text_dim", self.text_dim, 0)
-        _at_least("data.image_dim", self.image_dim, 0)
-        _at_least("data.min_seq_len", self.min_seq_len, 3)
-        _require(
-            self.max_seq_len >= self.min_seq_len,
-            f"data.max_seq_len must be >= data.min_seq_len ({self.min_seq_len}), got {self.max_seq_len}",
-        )
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.prefetch_factor", self.prefetch_factor, 1)
+
+    @property
+    def features_url(self) -> str:
+        return self.features or self.path.rstrip("/") + "/features"
 
 
 @dataclass(kw_only=True)
@@ -162,6 +146,8 @@ class EvalConfig:
     """Mask the user's history items out of the ranking; fMRLRec does not, LRURec does."""
     batch_size: int = 256
     """Users per evaluation batch."""
+    max_users: int = 0
+    """Evaluate on the first max_users users only (the same ones every time); 0 means all users."""
 
     def __post_init__(self) -> None:
         ks = self.ks
@@ -172,6 +158,7 @@ class EvalConfig:
         )
         _require(10 in ks, f"eval.ks must contain 10 (early stopping monitors NDCG@10), got {ks}")
         _at_least("eval.batch_size", self.batch_size, 1)
+        _at_least("eval.max_users", self.max_users, 0)
 
 
 @dataclass(kw_only=True)

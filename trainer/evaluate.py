@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 
 from data_pipeline.sequences import EvalBatch
@@ -33,12 +32,6 @@ def evaluate(
             metrics.update(size, target_ranks(size_scores, batch.targets, history))
     model.train(was_training)
     return metrics.compute()
-
-
-def item_popularity(train: Sequence[np.ndarray], num_items: int) -> torch.Tensor:
-    """(N,) interaction counts of items 1..N in the training sequences."""
-    counts = np.bincount(np.concatenate(list(train)), minlength=num_items + 1)[1:]
-    return torch.from_numpy(counts.astype(np.float64))
 
 
 def evaluate_popularity(

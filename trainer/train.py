@@ -10,6 +10,7 @@ nested size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,18 +24,14 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data_pipeline.sequences import (
-    LeaveOneOutSplit,
-    TrainBatch,
-    eval_batches,
-    num_train_batches,
-    train_batches,
-)
-from data_pipeline.synthetic import SyntheticCatalog, make_synthetic_catalog
+from data_pipeline.features import load_feature_tables
+from data_pipeline.loader import SequenceDataset, TrainLoader, eval_batches, scan_users
+from data_pipeline.sequences import TrainBatch
+from data_pipeline.storage import StorageOptions
 from models.fmrl import FMRLRec, matryoshka_loss
 from sharding.world import World, set_cpu_threads
 from trainer.config import Config, DataConfig, dump_config
-from trainer.evaluate import evaluate, evaluate_popularity, item_popularity
+from trainer.evaluate import evaluate, evaluate_popularity
 from trainer.optim import build_optimizer, cosine_with_warmup
 from trainer.report import format_size_table, save_size_plot
 
@@ -65,17 +62,30 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def load_catalog(cfg: DataConfig) -> SyntheticCatalog:
-    return make_synthetic_catalog(
-        num_items=cfg.num_items,
-        num_users=cfg.num_users,
-        num_clusters=cfg.num_clusters,
-        text_dim=cfg.text_dim,
-        image_dim=cfg.image_dim,
-        min_seq_len=cfg.min_seq_len,
-        max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed,
+def storage_options(cfg: DataConfig) -> StorageOptions:
+    options = StorageOptions.from_env()
+    if cfg.s3_endpoint_url:
+        options = dataclasses.replace(options, endpoint_url=cfg.s3_endpoint_url)
+    return options
+
+
+def open_features(
+    cfg: DataConfig, dataset: SequenceDataset, options: StorageOptions
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The frozen (N + 1, D) text and image tables, checked against the dataset."""
+    text, image, info = load_feature_tables(cfg.features_url, options)
+    if info["num_items"] != dataset.num_items:
+        raise ValueError(
+            f"the features at {cfg.features_url} cover {info['num_items']} items but the dataset at "
+            f"{dataset.url} has {dataset.num_items}: run `fmrl features {dataset.url}` again"
+        )
+    log.info(
+        "features from %s: text %s, image %s",
+        cfg.features_url,
+        info.get("text_model"),
+        info.get("image_model"),
     )
+    return text, image
 
 
 def make_run_dir(out_dir: str, name: str) -> str:
@@ -139,20 +149,33 @@ def train(cfg: Config) -> RunResult:
     dump_config(cfg, os.path.join(run_dir, "config.yaml"))
     log.info("run directory %s (%d CPU threads)", run_dir, threads)
 
-    catalog = load_catalog(cfg.data)
-    split = LeaveOneOutSplit.from_sequences(catalog.sequences)
-    model = FMRLRec(cfg.model, catalog.num_items, catalog.text_features, catalog.image_features)
+    options = storage_options(cfg.data)
+    dataset = SequenceDataset.open(cfg.data.path, options)
+    text_features, image_features = open_features(cfg.data, dataset, options)
+    stats = scan_users(dataset)
+    loader = TrainLoader(
+        dataset,
+        stats,
+        batch_size=cfg.train.batch_size,
+        max_len=cfg.train.max_len,
+        seed=cfg.train.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+    )
+    model = FMRLRec(cfg.model, dataset.num_items, text_features, image_features)
     sizes, ks, largest = cfg.model.nested_sizes, cfg.eval.ks, cfg.model.nested_sizes[-1]
     log.info(
-        "%d items, %d users, model %s: %.2fM trainable parameters",
-        catalog.num_items,
-        len(catalog.sequences),
+        "dataset %s: %d items, %d users; model %s: %.2fM trainable parameters",
+        dataset.url,
+        dataset.num_items,
+        dataset.num_users,
         sizes,
         model.num_parameters() / 1e6,
     )
 
-    batches_per_epoch = num_train_batches(split.train, cfg.train.batch_size)
-    total_steps = cfg.train.epochs * batches_per_epoch
+    total_steps = sum(loader.steps_in_epoch(epoch) for epoch in range(cfg.train.epochs))
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
@@ -165,21 +188,21 @@ def train(cfg: Config) -> RunResult:
 
     def validation_batches():
         return eval_batches(
-            split.valid_histories(), split.valid_targets, cfg.eval.batch_size, cfg.train.max_len
+            dataset, "valid", cfg.eval.batch_size, cfg.train.max_len, max_users=cfg.eval.max_users
         )
 
     def test_batches():
         return eval_batches(
-            split.test_histories(), split.test_targets, cfg.eval.batch_size, cfg.train.max_len
+            dataset, "test", cfg.eval.batch_size, cfg.train.max_len, max_users=cfg.eval.max_users
         )
 
     result = RunResult(run_dir=run_dir, best_epoch=0, steps=0)
-    shuffle_rng = np.random.default_rng(cfg.train.seed)
     best_score, best_state, epochs_without_gain = float("-inf"), trainable_state(model), 0
     model.train()
     for epoch in range(1, cfg.train.epochs + 1):
+        batches_per_epoch = loader.steps_in_epoch(loader.epoch)
         bar = tqdm(
-            train_batches(split.train, cfg.train.batch_size, cfg.train.max_len, shuffle_rng),
+            loader,
             total=batches_per_epoch,
             desc=f"epoch {epoch}",
             disable=not cfg.run.progress_bar,
@@ -236,7 +259,7 @@ def train(cfg: Config) -> RunResult:
     save_weights(best_state, os.path.join(run_dir, "model.safetensors"))
 
     result.test_metrics = evaluate(model, test_batches(), sizes, ks, cfg.eval.exclude_history)
-    popularity = item_popularity(split.train, catalog.num_items)
+    popularity = torch.from_numpy(stats.train_item_counts[1:].astype(np.float64))  # (N,)
     result.popularity_metrics = evaluate_popularity(popularity, test_batches(), ks, cfg.eval.exclude_history)
     if writer is not None:
         for size, values in result.test_metrics.items():

@@ -219,3 +219,19 @@ def test_s3_round_trip(s3_server: Any, chunked: dict[str, Any]) -> None:
     assert torch.allclose(text, chunked["text"], atol=1e-6)
     assert torch.allclose(image, chunked["image"], atol=1e-6)
     assert info["num_items"] == 40
+
+
+def test_image_size_is_recorded_and_changes_the_image_features(
+    dataset: str, chunked: dict[str, Any], tmp_path: Any
+) -> None:
+    assert chunked["info"]["image_size"] == 224  # the default: EfficientNet-Lite0's training resolution
+    small = extract_features(dataset, str(tmp_path / "small"), image_size=64, chunk_size=64, progress=False)
+    text, image, info = load_feature_tables(small.out_url)
+    assert info["image_size"] == 64
+    assert torch.allclose(text, chunked["text"], atol=1e-5)  # the text side does not depend on it
+    assert image.shape == chunked["image"].shape and not torch.allclose(image, chunked["image"], atol=1e-3)
+    # a part made at one size is never mixed with parts of another
+    with pytest.raises(FeaturesError, match="image_size"):
+        extract_features(dataset, str(tmp_path / "small"), image_size=96, chunk_size=64, progress=False)
+    with pytest.raises(ValueError, match="image_size must be in"):
+        extract_features(dataset, str(tmp_path / "tiny"), image_size=8, progress=False)

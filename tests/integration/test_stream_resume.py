@@ -12,12 +12,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
-from data_pipeline.sequences import left_pad
 from data_pipeline.shards import CorruptShardError, ShardWriter, read_manifest
-from data_pipeline.storage import join
-from data_pipeline.stream import ShardStream, batches
+from data_pipeline.storage import StorageError, join
+from data_pipeline.stream import ShardStream
 
 N_SAMPLES = 57
 EPOCHS = 3
@@ -25,10 +23,6 @@ EPOCHS = 3
 
 def _seq(i: int) -> np.ndarray:
     return np.arange(1, 3 + i % 9, dtype=np.int64) + i  # 2..10 items: every sequence has a target
-
-
-def _decode(sample: dict) -> np.ndarray:
-    return np.frombuffer(sample["seq.npy"], dtype="<i8")
 
 
 def _write(base: str, options=None) -> list[str]:
@@ -158,19 +152,23 @@ def test_a_flipped_byte_is_detected_while_streaming(shard_dir) -> None:
         _consume(ShardStream(shard_dir, "train", shuffle=False), 1)
 
 
-def test_batches_collate_with_left_pad(shard_dir) -> None:
-    stream = ShardStream(shard_dir, "train", shuffle=False)
-    got = list(batches(stream.iter_epoch(), batch_size=8, max_len=5, decode=_decode))
-    seqs = [_seq(i) for i in range(N_SAMPLES)]
-    assert len(got) == 8  # 7 full batches and one of 1
-    for b, batch in enumerate(got):
-        chosen = seqs[b * 8 : (b + 1) * 8]
-        assert torch.equal(batch.tokens, left_pad([s[:-1] for s in chosen], 5))
-        assert torch.equal(batch.labels, left_pad([s[1:] for s in chosen], 5))
-    # pulled lazily: after the first batch the position counts exactly its 8 samples
-    stream = ShardStream(shard_dir, "train", shuffle=False)
-    next(batches(stream.iter_epoch(), batch_size=8, max_len=5, decode=_decode))
-    assert stream.state_dict()["offset"] == 8
+def test_shuffled_samples_within_shards_resume_exactly(shard_dir) -> None:
+    def stream() -> ShardStream:
+        return ShardStream(shard_dir, "train", seed=3, shuffle_samples=True)
+
+    full = _consume(stream(), EPOCHS)
+    plain = _consume(ShardStream(shard_dir, "train", seed=3), EPOCHS)
+    per_epoch = [full[e * N_SAMPLES : (e + 1) * N_SAMPLES] for e in range(EPOCHS)]
+    assert all(sorted(epoch) == sorted(plain[:N_SAMPLES]) for epoch in per_epoch)
+    assert full != plain and per_epoch[0] != per_epoch[1]  # shuffled within shards, anew each epoch
+    for cut in (1, 9, 10, 31, N_SAMPLES, N_SAMPLES + 4, 2 * N_SAMPLES + 11):
+        first = stream()
+        head = _consume(first, EPOCHS, limit=cut)
+        resumed = stream()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert head + _consume(resumed, EPOCHS) == full, cut
+    with pytest.raises(ValueError, match="shuffle_samples=True"):
+        ShardStream(shard_dir, "train", seed=3).load_state_dict(stream().state_dict())
 
 
 def test_resume_on_s3(s3_server) -> None:
@@ -183,3 +181,41 @@ def test_resume_on_s3(s3_server) -> None:
     resumed = ShardStream(base, "train", seed=1, options=options)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert head + _consume(resumed, 2) == full
+
+
+def test_s3_server_stopping_mid_epoch_is_a_clear_error_and_the_position_survives(s3_server) -> None:
+    bucket = s3_server.make_bucket()
+    base = join(bucket, "data")
+    options = s3_server.options
+    _write(base, options)
+    full = _consume(ShardStream(base, "train", shuffle=False, options=options), 1)
+
+    stream = ShardStream(base, "train", shuffle=False, options=options)
+    received: list[str] = []
+    samples = stream.iter_epoch()
+    try:
+        for sample in samples:
+            received.append(sample["__key__"])
+            if len(received) == 15:  # in the second shard
+                s3_server.stop()
+        raise AssertionError("reading on after the server stopped did not fail")
+    except StorageError as error:
+        message = str(error)
+    finally:
+        s3_server.start()
+    # the error names what could not be read and where; never the secret
+    assert "train-" in message and s3_server.endpoint_url in message and "testing" not in message
+    # the shards already in flight were delivered whole; the position counts exactly what was received
+    assert received == full[: len(received)] and len(received) >= 15
+    state = stream.state_dict()
+    assert (state["shard_index"], state["offset"]) in (
+        (len(received) // 10, len(received) % 10),
+        (len(received) // 10 - 1, 10),
+    )
+
+    # the restarted server is empty (moto keeps state in memory): put the data back and resume exactly
+    s3_server.make_bucket(bucket.removeprefix("s3://"))
+    _write(base, options)
+    resumed = ShardStream(base, "train", shuffle=False, options=options)
+    resumed.load_state_dict(state)
+    assert received + _consume(resumed, 1) == full

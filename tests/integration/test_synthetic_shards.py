@@ -68,8 +68,20 @@ def test_counts_and_format(small: dict[str, Any]) -> None:
         "users_prefix": "users",
         "skipped": {},
         "item_text_template": ITEM_TEXT_TEMPLATE,
+        "generator": {
+            "dataset": "synthetic",
+            "num_items": 300,
+            "num_users": 200,
+            "split": "leave-one-out",
+            "seed": 0,
+            "num_clusters": 12,
+            "min_seq_len": 4,
+            "max_seq_len": 12,
+            "image_size": 32,
+            "max_samples_per_shard": 128,
+        },
     }
-    assert small["summary"].num_interactions == num_interactions
+    assert small["summary"].num_interactions == num_interactions and not small["summary"].reused
     assert small["summary"].item_shards == 3  # 128 + 128 + 44
     for prefix, total in (("items", 300), ("users", 200)):
         manifest = read_manifest(url, prefix)
@@ -215,3 +227,13 @@ def test_s3_round_trip_matches_local(s3_server: Any, tmp_path: Any) -> None:
 def test_invalid_arguments_name_the_argument(override: dict[str, Any], name: str, tmp_path: Any) -> None:
     with pytest.raises(ValueError, match=name):
         prepare_synthetic(str(tmp_path), **(SMALL | override))
+
+
+def test_an_existing_dataset_is_reused_only_with_the_same_settings(small: dict[str, Any]) -> None:
+    url = small["url"]
+    before = {e.name: e.sha256 for e in read_manifest(url, "users").shards}
+    again = prepare_synthetic(url, **SMALL)
+    assert again.reused and again.num_interactions == small["summary"].num_interactions
+    assert {e.name: e.sha256 for e in read_manifest(url, "users").shards} == before
+    with pytest.raises(ValueError, match=r"other settings \(num_items=300 \(asked 301\)\)"):
+        prepare_synthetic(url, **{**SMALL, "num_items": 301})

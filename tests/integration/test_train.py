@@ -12,20 +12,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data_pipeline.sequences import LeaveOneOutSplit, eval_batches
+from data_pipeline.features import extract_features, load_feature_tables
+from data_pipeline.loader import SequenceDataset, eval_batches
+from data_pipeline.synthetic_shards import prepare_synthetic
 from models.fmrl import FMRLRec
 from trainer.cli import main
 from trainer.config import config_to_dict, load_config
 from trainer.evaluate import evaluate
-from trainer.train import load_catalog, train
+from trainer.train import train
 
 TINY = [
-    "data.num_items=150",
-    "data.num_users=200",
-    "data.num_clusters=10",
-    "data.text_dim=16",
-    "data.image_dim=12",
-    "data.max_seq_len=12",
+    "data.num_workers=0",
     "model.nested_sizes=[8,16,32]",
     "train.epochs=2",
     "train.batch_size=32",
@@ -36,18 +33,34 @@ TINY = [
 ]
 
 
-def tiny_config(tmp_path, *extra: str):
-    return load_config(None, [*TINY, f"run.out_dir={tmp_path}", *extra])
+@pytest.fixture
+def tiny_config(tmp_path, tiny_dataset):
+    def make(*extra: str):
+        return load_config(None, [*TINY, f"data.path={tiny_dataset}", f"run.out_dir={tmp_path}", *extra])
+
+    return make
 
 
-def test_cli_run_writes_every_artefact(tmp_path, capsys):
-    assert main(["train", *TINY, f"run.out_dir={tmp_path}", "run.name=cli"]) == 0
+def trained_model(cfg, run_dir: str) -> tuple[FMRLRec, SequenceDataset]:
+    """A fresh model with the run's saved weights and the dataset's frozen features."""
+    dataset = SequenceDataset.open(cfg.data.path)
+    text, image, _ = load_feature_tables(cfg.data.features_url)
+    model = FMRLRec(cfg.model, dataset.num_items, text, image)
+    missing, unexpected = model.load_state_dict(
+        load_file(os.path.join(run_dir, "model.safetensors")), strict=False
+    )
+    assert not unexpected and all(k.startswith(("item_tower.text.", "item_tower.image.")) for k in missing)
+    return model, dataset
+
+
+def test_cli_run_writes_every_artefact(tmp_path, tiny_dataset, tiny_config, capsys):
+    assert main(["train", *TINY, f"data.path={tiny_dataset}", f"run.out_dir={tmp_path}", "run.name=cli"]) == 0
     run_dir = tmp_path / "cli"
     out = capsys.readouterr().out
 
     # the resolved config round-trips
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved == config_to_dict(tiny_config(tmp_path, "run.name=cli"))
+    assert saved == config_to_dict(tiny_config("run.name=cli"))
 
     # per-size table on stdout and on disk, with the baseline row
     table = (run_dir / "test_metrics.txt").read_text()
@@ -84,45 +97,37 @@ def test_cli_run_writes_every_artefact(tmp_path, capsys):
     } <= tags
 
 
-def test_same_seed_same_run_other_seed_other_run(tmp_path):
-    first = train(tiny_config(tmp_path, "run.name=a", "run.tensorboard=false"))
-    second = train(tiny_config(tmp_path, "run.name=b", "run.tensorboard=false"))
-    other = train(tiny_config(tmp_path, "run.name=c", "run.tensorboard=false", "train.seed=7"))
+def test_same_seed_same_run_other_seed_other_run(tiny_config):
+    # with worker processes too: the batch order is a function of the seed and the worker count only
+    first = train(tiny_config("run.name=a", "run.tensorboard=false", "data.num_workers=2"))
+    second = train(tiny_config("run.name=b", "run.tensorboard=false", "data.num_workers=2"))
+    other = train(tiny_config("run.name=c", "run.tensorboard=false", "train.seed=7"))
     assert first.steps == second.steps > 0
     assert first.train_losses == second.train_losses
     assert first.test_metrics == second.test_metrics
     assert other.train_losses != first.train_losses
 
 
-def test_early_stopping_and_best_model_is_the_one_tested(tmp_path):
+def test_early_stopping_and_best_model_is_the_one_tested(tiny_config):
     # an lr this small cannot move the validation metric, so epoch 1 stays the best and patience 1 stops at 2
-    cfg = tiny_config(tmp_path, "run.name=stop", "train.epochs=6", "train.patience=1", "train.lr=1e-30")
+    cfg = tiny_config("run.name=stop", "train.epochs=6", "train.patience=1", "train.lr=1e-30")
     result = train(cfg)
     assert result.best_epoch == 1
-    assert result.steps == 2 * (len(range(0, 200, 32)))  # two epochs of 7 batches
+    assert result.steps == 2 * (len(range(0, 200, 32)))  # two epochs of 7 batches (200 users)
 
     # the saved weights are the tested model: reload them into a fresh model and re-evaluate the test set
-    catalog = load_catalog(cfg.data)
-    model = FMRLRec(cfg.model, catalog.num_items, catalog.text_features, catalog.image_features)
-    missing, unexpected = model.load_state_dict(
-        load_file(os.path.join(result.run_dir, "model.safetensors")), strict=False
-    )
-    assert not unexpected and all(k.startswith(("item_tower.text.", "item_tower.image.")) for k in missing)
-    split = LeaveOneOutSplit.from_sequences(catalog.sequences)
-    batches = eval_batches(split.test_histories(), split.test_targets, 64, cfg.train.max_len)
+    model, dataset = trained_model(cfg, result.run_dir)
+    batches = eval_batches(dataset, "test", 64, cfg.train.max_len)
     assert evaluate(model, batches, cfg.model.nested_sizes, cfg.eval.ks, False) == result.test_metrics
 
 
-def test_excluding_history_only_removes_competitors(tmp_path):
-    cfg = tiny_config(tmp_path, "run.name=hist", "train.epochs=1", "run.tensorboard=false")
+def test_excluding_history_only_removes_competitors(tiny_config):
+    cfg = tiny_config("run.name=hist", "train.epochs=1", "run.tensorboard=false")
     result = train(cfg)
-    catalog = load_catalog(cfg.data)
-    model = FMRLRec(cfg.model, catalog.num_items, catalog.text_features, catalog.image_features)
-    model.load_state_dict(load_file(os.path.join(result.run_dir, "model.safetensors")), strict=False)
-    split = LeaveOneOutSplit.from_sequences(catalog.sequences)
+    model, dataset = trained_model(cfg, result.run_dir)
 
     def run(exclude: bool):
-        batches = eval_batches(split.test_histories(), split.test_targets, 64, cfg.train.max_len)
+        batches = eval_batches(dataset, "test", 64, cfg.train.max_len)
         return evaluate(model, batches, cfg.model.nested_sizes, cfg.eval.ks, exclude)
 
     kept, excluded = run(False), run(True)
@@ -133,14 +138,25 @@ def test_excluding_history_only_removes_competitors(tmp_path):
 
 
 def test_model_learns_and_beats_most_popular(tmp_path):
+    # the real pipeline at a size where there is something to learn: shards -> features -> training
+    data = str(tmp_path / "data")
+    prepare_synthetic(
+        data,
+        num_items=500,
+        num_users=1500,
+        num_clusters=20,
+        min_seq_len=5,
+        max_seq_len=30,
+        seed=0,
+        max_samples_per_shard=250,
+        image_size=32,
+        progress=False,
+    )
+    extract_features(data, image_size=32, chunk_size=128, progress=False)
     cfg = load_config(
         None,
         [
-            "data.num_items=500",
-            "data.num_users=1500",
-            "data.num_clusters=20",
-            "data.text_dim=32",
-            "data.image_dim=24",
+            f"data.path={data}",
             "model.nested_sizes=[8,16,32,64]",
             "train.epochs=4",
             "train.batch_size=64",
@@ -163,6 +179,42 @@ def test_model_learns_and_beats_most_popular(tmp_path):
     assert result.test_metrics[64]["NDCG@10"] > result.test_metrics[8]["NDCG@10"]
 
 
+def test_a_missing_dataset_is_a_clear_error(tmp_path):
+    cfg = load_config(
+        None, [f"data.path={tmp_path}/nowhere", f"run.out_dir={tmp_path}", "run.progress_bar=false"]
+    )
+    with pytest.raises(
+        ValueError, match=r"nowhere/dataset\.json does not exist.*fmrl data prepare-synthetic"
+    ):
+        train(cfg)
+
+
+def test_features_of_another_dataset_are_refused(tmp_path, tiny_dataset):
+    other = str(tmp_path / "other")
+    prepare_synthetic(
+        other,
+        num_items=20,
+        num_users=30,
+        num_clusters=4,
+        min_seq_len=5,
+        max_seq_len=8,
+        seed=0,
+        image_size=32,
+        progress=False,
+    )
+    cfg = load_config(
+        None,
+        [
+            f"data.path={other}",
+            f"data.features={tiny_dataset}/features",
+            f"run.out_dir={tmp_path}",
+            "run.progress_bar=false",
+        ],
+    )
+    with pytest.raises(ValueError, match=r"cover 150 items but the dataset at .*other has 20"):
+        train(cfg)
+
+
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "train.lrr=1e-3"]) == 2
     err = capsys.readouterr().err
@@ -180,13 +232,23 @@ def test_console_script_is_installed():
     assert "KEY=VALUE" in out
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/beauty.yaml"])
+# item counts and feature widths of the datasets the shipped configs are for (Beauty: the paper's encoders)
+SHIPPED = {
+    "configs/demo.yaml": (2000, 384, 1280),
+    "configs/ml-100k.yaml": (1349, 384, 0),
+    "configs/beauty.yaml": (12101, 1024, 1024),
+}
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED))
 def test_shipped_configs_build_their_model(path):
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", path))
+    num_items, text_dim, image_dim = SHIPPED[path]
     with torch.device("meta"):
-        FMRLRec(
+        model = FMRLRec(
             cfg.model,
-            cfg.data.num_items,
-            torch.empty(cfg.data.num_items + 1, cfg.data.text_dim) if cfg.data.text_dim else None,
-            torch.empty(cfg.data.num_items + 1, cfg.data.image_dim) if cfg.data.image_dim else None,
+            num_items,
+            torch.empty(num_items + 1, text_dim),
+            torch.empty(num_items + 1, image_dim) if image_dim else None,
         )
+    assert model.num_parameters() > 0

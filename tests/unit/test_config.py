@@ -40,7 +40,8 @@ def test_defaults() -> None:
     cfg = load_config(None)
     assert cfg == Config()
     assert cfg.model == FMRLConfig()
-    assert cfg.data == DataConfig() and cfg.data.num_items == 2000 and cfg.data.source == "synthetic"
+    assert cfg.data == DataConfig() and cfg.data.path == "runs/data/demo"
+    assert cfg.data.features_url == "runs/data/demo/features" and cfg.data.num_workers == 1
     assert cfg.train.lr == 1e-3 and cfg.train.epochs == 20 and cfg.train.max_steps == 0
     assert cfg.eval.ks == [5, 10, 20] and cfg.eval.exclude_history is False
     assert cfg.run.out_dir == "runs" and cfg.run.name == ""
@@ -73,7 +74,7 @@ def test_demo_config_values() -> None:
     cfg = load_config(str(REPO / "configs" / "demo.yaml"))
     assert cfg.model.nested_sizes == [8, 16, 32, 64, 128]
     assert (cfg.model.num_blocks, cfg.model.dropout, cfg.model.attn_dropout) == (2, 0.1, 0.1)
-    assert cfg.data == DataConfig()
+    assert (cfg.data.path, cfg.data.num_workers) == ("runs/data/demo", 1)
     t = cfg.train
     assert (t.epochs, t.batch_size, t.lr) == (15, 64, 2e-3)
     assert (t.warmup_steps, t.patience, t.num_threads) == (50, 5, 2)
@@ -87,9 +88,7 @@ def test_beauty_config_values() -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     assert m.nested_sizes == [8, 16, 32, 64, 128, 256, 512, 1024]
     assert (m.num_blocks, m.dropout, m.attn_dropout, m.r_min, m.r_max) == (2, 0.6, 0.6, 0.0, 0.1)
-    assert (d.source, d.num_items, d.num_users) == ("synthetic", 12101, 22363)
-    assert (d.text_dim, d.image_dim) == (1024, 1024)
-    assert (d.min_seq_len, d.max_seq_len) == (5, 50)
+    assert d.path == "runs/data/beauty" and d.features_url == "runs/data/beauty/features"
     assert (t.epochs, t.batch_size, t.max_len, t.lr, t.weight_decay) == (500, 32, 50, 1e-4, 0.01)
     assert (t.warmup_steps, t.grad_clip, t.patience) == (100, 5.0, 10)
     assert cfg.eval.ks == [5, 10, 20]
@@ -210,7 +209,7 @@ def test_wrong_type_names_key_and_value() -> None:
         load_config(None, ["train.epochs=ten"])
 
 
-@pytest.mark.parametrize("override", ["train.epochs=true", "data.num_items=false", "train.lr=true"])
+@pytest.mark.parametrize("override", ["train.epochs=true", "data.num_workers=false", "train.lr=true"])
 def test_bool_rejected_for_numbers(override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key} must be an? (int|float), got bool"):
@@ -253,10 +252,11 @@ def test_section_not_a_mapping(tmp_path: Path) -> None:
         ("eval.ks=[]", r"^eval\.ks must not be empty"),
         ("eval.ks=[20, 10]", r"^eval\.ks must be strictly increasing"),
         ("eval.ks=[0, 10]", r"^eval\.ks must contain only positive"),
-        ("data.source=amazon", r"^data\.source must be one of 'synthetic', got 'amazon'"),
-        ("data.min_seq_len=2", r"^data\.min_seq_len must be >= 3"),
-        ("data.num_clusters=3000", r"^data\.num_clusters must be <= data\.num_items"),
-        ("data.max_seq_len=4", r"^data\.max_seq_len must be >= data\.min_seq_len"),
+        ("data.path=", r"^data\.path must not be empty: give a dataset written by `fmrl data"),
+        ("data.num_workers=-1", r"^data\.num_workers must be >= 0"),
+        ("data.prefetch_factor=0", r"^data\.prefetch_factor must be >= 1"),
+        ("data.source=x", r"data\.source"),
+        ("eval.max_users=-1", r"^eval\.max_users must be >= 0"),
         ("run.log_every=0", r"^run\.log_every must be >= 1"),
     ],
 )
@@ -328,7 +328,13 @@ def test_round_trip_through_dict() -> None:
 def test_round_trip_through_file(tmp_path: Path) -> None:
     cfg = load_config(
         None,
-        ["train.lr=1e-10", "run.name=2024", "model.nested_sizes=[4, 8]", "run.out_dir=a b/c", "data.seed=-3"],
+        [
+            "train.lr=1e-10",
+            "run.name=2024",
+            "model.nested_sizes=[4, 8]",
+            "run.out_dir=a b/c",
+            "data.num_workers=3",
+        ],
     )
     path = str(tmp_path / "config.yaml")
     dump_config(cfg, path)

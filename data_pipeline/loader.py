@@ -1,0 +1,364 @@
+"""Training and evaluation batches of user sequences streamed from a dataset's shards.
+
+A dataset (``fmrl data ...``) holds the users' chronological item sequences in the ``users`` shard set.
+The leave-one-out split is made here, per user, as in :mod:`data_pipeline.sequences`: train on
+``s[:-2]``, validate on ``s[-2]``, test on ``s[-1]``.
+
+Training batches come from :class:`TrainLoader`, which owns one :class:`~data_pipeline.stream.ShardStream`
+per reading slot (``num_workers`` slots per rank; shards shuffled per epoch, samples shuffled within a
+shard) and runs the slots in DataLoader worker processes with prefetching. Its position is exact:
+
+* every batch comes back from its worker with the slot's stream position *after* that batch, and the
+  loader keeps the newest position per slot plus which slot is due next;
+* the DataLoader visits workers round robin, skipping exhausted ones. A resumed loader rotates the
+  worker -> slot assignment so that its worker 0 reads the slot that was due next, which reproduces
+  the uninterrupted order batch for batch;
+* so ``state_dict()`` between two batches names exactly the batches consumed so far (test:
+  tests/integration/test_loader.py compares sample keys of interrupted and uninterrupted runs).
+
+Every rank must run the same number of steps per epoch (an extra step on one rank would hang the
+others in a collective). :func:`scan_users` reads all user shards once at start-up and counts the
+trainable sequences per shard, from which each rank computes every rank's batch count for an epoch
+without communicating; :meth:`TrainLoader.steps_in_epoch` is their minimum and the loader drops the
+rest of the epoch, like ``drop_last`` does for a map-style dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.sequences import EvalBatch, TrainBatch, collate_next_item, left_pad
+from data_pipeline.shards import Manifest, read_manifest
+from data_pipeline.storage import StorageNotFoundError, StorageOptions, join, open_read
+from data_pipeline.stream import Sample, ShardStream, iter_shard
+
+__all__ = [
+    "DatasetError",
+    "SequenceDataset",
+    "TrainLoader",
+    "UserStats",
+    "eval_batches",
+    "scan_users",
+]
+
+LOADER_STATE_VERSION = 1
+USERS_PREFIX = "users"
+
+
+class DatasetError(ValueError):
+    """A dataset is incomplete or a record in it is invalid; the message names the file and record."""
+
+
+@dataclass(frozen=True)
+class SequenceDataset:
+    """A complete dataset written by ``fmrl data``: its location, counts and user manifest."""
+
+    url: str
+    num_items: int
+    num_users: int
+    info: dict[str, Any]
+    """The parsed ``dataset.json``."""
+    users: Manifest
+    options: StorageOptions | None = None
+
+    @classmethod
+    def open(cls, url: str, options: StorageOptions | None = None) -> SequenceDataset:
+        info_url = join(url, "dataset.json")
+        try:
+            with open_read(info_url, options) as f:
+                info = json.loads(f.read())
+        except StorageNotFoundError:
+            raise DatasetError(
+                f"{info_url} does not exist: {url!r} is not a complete dataset (write one with "
+                "`fmrl data prepare-synthetic`, `convert-movielens`, `convert-amazon` or `convert-p5`)"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{info_url} is not valid JSON: {e}") from e
+        for key in ("num_items", "num_users"):
+            if not isinstance(info.get(key), int) or info[key] < 1:
+                raise DatasetError(f"{info_url}: {key!r} must be a positive integer, got {info.get(key)!r}")
+        users = read_manifest(url, info.get("users_prefix", USERS_PREFIX), options)
+        return cls(url, info["num_items"], info["num_users"], info, users, options)
+
+
+def decode_user(sample: Sample, num_items: int) -> np.ndarray:
+    """A user sample's chronological item ids as int64, checked: at least 3 ids, all in 1..num_items."""
+    where = f"{sample.get('__url__')} record {sample.get('__key__')!r}"
+    try:
+        record = json.loads(sample["json"])
+        items = np.asarray(record["items"], dtype=np.int64)
+    except KeyError as e:
+        raise DatasetError(f"{where}: missing field {e}") from None
+    except (ValueError, TypeError) as e:
+        raise DatasetError(f"{where}: not a user record with an 'items' list of ids ({e})") from None
+    if items.ndim != 1 or len(items) < 3:
+        raise DatasetError(f"{where}: leave-one-out needs at least 3 items, got {items.tolist()}")
+    bad = items[(items < 1) | (items > num_items)]
+    if len(bad):
+        raise DatasetError(f"{where}: item id {int(bad[0])} is outside 1..{num_items}")
+    return items
+
+
+@dataclass(frozen=True)
+class UserStats:
+    """What one pass over the user shards tells: per-shard trainable counts and item popularity."""
+
+    trainable_per_shard: np.ndarray
+    """(S,) users per shard whose training part ``s[:-2]`` has at least 2 items (one target)."""
+    train_item_counts: np.ndarray
+    """(N + 1,) occurrences of each item id in the training parts; index 0 (padding) is 0."""
+
+
+def scan_users(dataset: SequenceDataset) -> UserStats:
+    """Read every user shard once (checked against the manifest) and count."""
+    counts = np.zeros(dataset.num_items + 1, dtype=np.int64)
+    trainable = np.zeros(len(dataset.users.shards), dtype=np.int64)
+    for index, entry in enumerate(dataset.users.shards):
+        for sample in iter_shard(join(dataset.url, entry.name), entry, dataset.options):
+            train = decode_user(sample, dataset.num_items)[:-2]
+            counts += np.bincount(train, minlength=dataset.num_items + 1)
+            trainable[index] += len(train) >= 2
+    return UserStats(trainable, counts)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class _SlotBatch:
+    batch: TrainBatch
+    slot: int
+    state: dict[str, Any]
+    """The slot's stream position after this batch."""
+
+
+class _SlotBatches(IterableDataset):
+    """Batches of one epoch from the slot that this DataLoader worker reads (see the module docstring)."""
+
+    def __init__(
+        self,
+        loader: TrainLoader,
+        epoch: int,
+        states: list[dict[str, Any] | None],
+        rotation: int,
+    ) -> None:
+        super().__init__()
+        self.loader, self.epoch, self.states, self.rotation = loader, epoch, states, rotation
+
+    def __iter__(self) -> Iterator[_SlotBatch]:
+        info = get_worker_info()
+        slots = self.loader.num_slots
+        slot = ((info.id if info is not None else 0) + self.rotation) % slots
+        stream = self.loader.stream(slot)
+        state = self.states[slot]
+        if state is not None:
+            stream.load_state_dict(state)
+        else:
+            stream.epoch = self.epoch
+        if stream.epoch != self.epoch:
+            return
+        num_items, size, max_len = self.loader.dataset.num_items, self.loader.batch_size, self.loader.max_len
+        chosen: list[np.ndarray] = []
+        keys: list[str] = []
+        for sample in stream.iter_epoch():
+            train = decode_user(sample, num_items)[:-2]
+            if len(train) < 2:
+                continue
+            chosen.append(train)
+            keys.append(sample["__key__"])
+            if len(chosen) == size:
+                yield _SlotBatch(
+                    _with_keys(collate_next_item(chosen, max_len), keys), slot, stream.state_dict()
+                )
+                chosen, keys = [], []
+        if chosen:
+            yield _SlotBatch(_with_keys(collate_next_item(chosen, max_len), keys), slot, stream.state_dict())
+
+
+def _with_keys(batch: TrainBatch, keys: list[str]) -> TrainBatch:
+    batch.keys = tuple(keys)
+    return batch
+
+
+class TrainLoader:
+    """This rank's training batches, epoch by epoch, with an exact resumable position (a DCP Stateful).
+
+    ``num_workers`` DataLoader worker processes each read one slot and keep ``prefetch_factor``
+    batches ready; ``num_workers=0`` reads one slot in the calling process.
+    """
+
+    def __init__(
+        self,
+        dataset: SequenceDataset,
+        stats: UserStats,
+        *,
+        batch_size: int,
+        max_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
+    ) -> None:
+        if batch_size < 1 or max_len < 2 or num_workers < 0 or prefetch_factor < 1:
+            raise ValueError(
+                f"need batch_size >= 1, max_len >= 2, num_workers >= 0, prefetch_factor >= 1; got "
+                f"{batch_size}, {max_len}, {num_workers}, {prefetch_factor}"
+            )
+        self.dataset, self.stats = dataset, stats
+        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.num_slots = max(num_workers, 1)
+        self.stream(0)  # validate: enough shards for every slot of every rank
+        self.epoch = 0
+        self._states: list[dict[str, Any] | None] = [None] * self.num_slots
+        self._next_slot = 0
+        self._batches_in_epoch = 0
+
+    def stream(self, slot: int) -> ShardStream:
+        return ShardStream(
+            self.dataset.url,
+            self.dataset.users.prefix,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_slots,
+            worker_id=slot,
+            seed=self.seed,
+            shuffle=True,
+            shuffle_samples=True,
+            options=self.dataset.options,
+        )
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Batches every rank takes in ``epoch``: the fewest that any rank has (computed locally)."""
+        per_shard = self.stats.trainable_per_shard
+        layout = self.stream(0)
+        fewest = math.inf
+        for rank in range(self.world_size):
+            slots = range(rank * self.num_slots, (rank + 1) * self.num_slots)
+            batches = sum(
+                -(-int(per_shard[layout.slot_shards(epoch, s)].sum()) // self.batch_size) for s in slots
+            )
+            fewest = min(fewest, batches)
+        return int(fewest)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        """The rest of the current epoch's batches (up to :meth:`steps_in_epoch`), then the next epoch."""
+        steps = self.steps_in_epoch(self.epoch)
+        if self._batches_in_epoch < steps:
+            dataset = _SlotBatches(self, self.epoch, list(self._states), self._next_slot)
+            if self.num_workers == 0:
+                source: Any = iter(dataset)
+            else:
+                source = iter(
+                    DataLoader(
+                        dataset,
+                        batch_size=None,
+                        num_workers=self.num_workers,
+                        prefetch_factor=self.prefetch_factor,
+                        multiprocessing_context="fork",
+                    )
+                )
+            try:
+                for item in source:
+                    self._states[item.slot] = item.state
+                    self._next_slot = (item.slot + 1) % self.num_slots
+                    self._batches_in_epoch += 1
+                    yield item.batch
+                    if self._batches_in_epoch >= steps:
+                        break
+            finally:
+                del source  # shuts the workers down
+        self.epoch += 1
+        self._states = [None] * self.num_slots
+        self._next_slot = 0
+        self._batches_in_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": LOADER_STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "epoch": self.epoch,
+            "next_slot": self._next_slot,
+            "batches_in_epoch": self._batches_in_epoch,
+            "slots": [json.dumps(s) if s is not None else "" for s in self._states],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        fixed = ("version", "world_size", "num_workers", "batch_size")
+        differ = [f"{k}={state.get(k)!r} (now {mine[k]!r})" for k in fixed if state.get(k) != mine[k]]
+        if differ:
+            raise ValueError(
+                "cannot resume the training data exactly: the loader state was saved with "
+                + ", ".join(differ)
+                + "; the batch order depends on these"
+            )
+        states = [json.loads(s) if s else None for s in state["slots"]]
+        for slot, slot_state in enumerate(states):
+            if slot_state is not None:
+                self.stream(slot).load_state_dict(slot_state)  # validates it against this rank's slot
+        self.epoch = int(state["epoch"])
+        self._next_slot = int(state["next_slot"])
+        self._batches_in_epoch = int(state["batches_in_epoch"])
+        self._states = states
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_batches(
+    dataset: SequenceDataset,
+    split: str,
+    batch_size: int,
+    max_len: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_users: int = 0,
+) -> Iterator[EvalBatch]:
+    """Leave-one-out evaluation batches of this rank's users, in file order.
+
+    ``split`` is "valid" (history ``s[:-2]``, target ``s[-2]``) or "test" (history ``s[:-1]``, target
+    ``s[-1]``). ``max_users`` > 0 evaluates only the first ``ceil(max_users / world_size)`` users of each
+    rank (a fixed subset, the same at every evaluation).
+    """
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    cut = 2 if split == "valid" else 1
+    limit = -(-max_users // world_size) if max_users > 0 else math.inf
+    stream = ShardStream(
+        dataset.url,
+        dataset.users.prefix,
+        rank=rank,
+        world_size=world_size,
+        shuffle=False,
+        options=dataset.options,
+    )
+    histories: list[np.ndarray] = []
+    targets: list[int] = []
+    seen = 0
+    for sample in stream.iter_epoch():
+        if seen >= limit:
+            break
+        seen += 1
+        items = decode_user(sample, dataset.num_items)
+        histories.append(items[:-cut][-max_len:])
+        targets.append(int(items[-cut]))
+        if len(targets) == batch_size:
+            yield EvalBatch(left_pad(histories, max_len), torch.tensor(targets, dtype=torch.int64))
+            histories, targets = [], []
+    if targets:
+        yield EvalBatch(left_pad(histories, max_len), torch.tensor(targets, dtype=torch.int64))
