@@ -138,7 +138,11 @@ def _run_data_command(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # INFO from this project only: libraries (fbgemm, deepspeed, torchrec) log at INFO on the root logger
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("fmrl").setLevel(logging.INFO)
     if args.command == "features":
         from data_pipeline.features import extract_features
         from data_pipeline.storage import StorageError

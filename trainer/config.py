@@ -62,6 +62,10 @@ def _positive(key: str, value: float) -> None:
     _require(value > 0, f"{key} must be > 0, got {value!r}")
 
 
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the dataset and its frozen item features are, and how they are read."""
@@ -118,6 +122,18 @@ class TrainConfig:
     """torch intra-op threads; 0 divides the machine's cores evenly among the ranks on it."""
     max_steps: int = 0
     """Stop after this many optimisation steps in total; 0 means no limit (smoke tests use it)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimisation step (each of train.batch_size sequences per rank). The fused
+    optimizer of a learnable ID table steps in every backward, i.e. per micro-batch."""
+    loss: str = "auto"
+    """"full" softmax over every item, "sampled" softmax (in-batch + sampled negatives, logQ-corrected),
+    or "auto": full up to train.full_softmax_max_items items, sampled above."""
+    full_softmax_max_items: int = 200_000
+    """Catalog size up to which loss "auto" means the full softmax."""
+    num_negatives: int = 1024
+    """Sampled negatives per step and rank for the sampled softmax."""
+    negative_sampling: str = "uniform"
+    """Distribution of sampled negatives: "uniform" or "popularity" (training counts ** 0.75)."""
 
     def __post_init__(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
@@ -130,6 +146,11 @@ class TrainConfig:
         _at_least("train.patience", self.patience, 1)
         _at_least("train.num_threads", self.num_threads, 0)
         _at_least("train.max_steps", self.max_steps, 0)
+        _at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
+        _one_of("train.loss", self.loss, ("auto", "full", "sampled"))
+        _at_least("train.full_softmax_max_items", self.full_softmax_max_items, 1)
+        _at_least("train.num_negatives", self.num_negatives, 1)
+        _one_of("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
 
 
 def _default_ks() -> list[int]:
@@ -159,6 +180,48 @@ class EvalConfig:
         _require(10 in ks, f"eval.ks must contain 10 (early stopping monitors NDCG@10), got {ks}")
         _at_least("eval.batch_size", self.batch_size, 1)
         _at_least("eval.max_users", self.max_users, 0)
+
+
+SHARDING_TYPES = ("auto", "table_wise", "column_wise", "row_wise", "data_parallel")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is spread over the ranks of a torchrun job (one process is a job of one rank)."""
+
+    backend: str = "fsdp2"
+    """Dense trunk (projector + LRU blocks): "fsdp2" (fully_shard per LRU block, then the trunk root),
+    "deepspeed" (ZeRO stage parallel.zero_stage on the trunk only) or "ddp"."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 1, 2 or 3 (backend "deepspeed" only)."""
+    feature_table_sharding: str = "auto"
+    """TorchRec sharding of the frozen text and image tables; "auto": table_wise on CPU, row_wise on GPU."""
+    id_table_sharding: str = "auto"
+    """TorchRec sharding of the learnable ID table; "auto": column_wise on CPU (shard widths on nested
+    sizes), row_wise on GPU. Row-wise sharding needs CUDA (TorchRec has no CPU kernel for it)."""
+    id_table_optimizer: str = "adagrad"
+    """Fused in-backward optimizer of the ID table: "adagrad", "rowwise_adagrad", "adam" or "sgd".
+    Row-wise Adagrad keeps one statistic per row *per shard*: under column-wise sharding it depends on
+    the number of shards, so a run on 2 ranks no longer matches 1 rank and its state cannot be resharded."""
+    id_table_lr: float = 0.0
+    """Learning rate of the ID table's optimizer; 0 means train.lr."""
+    precision: str = "fp32"
+    """"fp32", or "bf16": autocast of the trunk's matmuls to bfloat16 on GPU (states stay fp32)."""
+
+    def __post_init__(self) -> None:
+        _one_of("parallel.backend", self.backend, ("fsdp2", "deepspeed", "ddp"))
+        _require(
+            self.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage!r}"
+        )
+        _one_of("parallel.feature_table_sharding", self.feature_table_sharding, SHARDING_TYPES)
+        _one_of("parallel.id_table_sharding", self.id_table_sharding, SHARDING_TYPES)
+        _one_of(
+            "parallel.id_table_optimizer",
+            self.id_table_optimizer,
+            ("rowwise_adagrad", "adagrad", "adam", "sgd"),
+        )
+        _at_least("parallel.id_table_lr", self.id_table_lr, 0)
+        _one_of("parallel.precision", self.precision, ("fp32", "bf16"))
 
 
 @dataclass(kw_only=True)
@@ -193,6 +256,8 @@ class Config:
     """Optimisation and early stopping."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Ranking evaluation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distribution over ranks: dense backend, table sharding, precision."""
     run: RunConfig = field(default_factory=RunConfig)
     """Outputs and logging."""
 

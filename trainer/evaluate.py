@@ -1,45 +1,155 @@
-"""Evaluation of the fMRL model at every nested size, and of a most-popular baseline."""
+"""Full-ranking evaluation of the (distributed) fMRL model at every nested size, and the most-popular
+baseline.
+
+Items are sharded by contiguous id ranges over the ranks: each rank builds the representations of its
+range only and scores every rank's queries against it (:mod:`trainer.distributed_eval`), so no rank
+holds the full score matrix. Users are split over ranks as the shard reader splits them; metric sums
+are added over ranks at the end. With one rank this is plain full ranking.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
+from data_pipeline.loader import SequenceDataset, eval_batch_count, eval_batches
 from data_pipeline.sequences import EvalBatch
 from models.fmrl import FMRLRec, nested_scores
-from trainer.metrics import RankingMetrics, target_ranks
+from sharding.fmrl import ParallelFMRL
+from trainer.dist import all_reduce_sum
+from trainer.distributed_eval import item_shard_range, sharded_target_ranks
+from trainer.metrics import METRIC_NAMES, RankingMetrics, target_ranks
+
+
+def _rank_batches(
+    dataset: SequenceDataset, split: str, batch_size: int, max_len: int, max_users: int
+) -> tuple[list[EvalBatch | None], int]:
+    """This rank's batches, padded with None up to the largest count of any rank (every rank must join
+    every collective)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts = [
+        eval_batch_count(dataset, batch_size, rank=r, world_size=world, max_users=max_users)
+        for r in range(world)
+    ]
+    mine = eval_batches(dataset, split, batch_size, max_len, rank=rank, world_size=world, max_users=max_users)
+    return mine, max(counts)
+
+
+def reduce_metrics(metrics: RankingMetrics, keys: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Add the per-rank metric sums and counts over all ranks, then average."""
+    names = [f"{m}@{k}" for m in METRIC_NAMES for k in metrics.ks]
+    sums = metrics.sums()
+    packed = torch.tensor(
+        [[sums.get(key, {}).get(name, 0.0) for name in names] + [metrics.count(key)] for key in keys],
+        dtype=torch.float64,
+    )
+    total = all_reduce_sum(packed)
+    return {
+        key: {name: float(total[i, j] / max(total[i, -1], 1.0)) for j, name in enumerate(names)}
+        for i, key in enumerate(keys)
+    }
 
 
 @torch.no_grad()
 def evaluate(
+    parallel: ParallelFMRL,
+    dataset: SequenceDataset,
+    split: str,
+    sizes: Sequence[int],
+    ks: Sequence[int],
+    *,
+    exclude_history: bool,
+    batch_size: int,
+    max_len: int,
+    max_users: int = 0,
+    device: torch.device | None = None,
+) -> dict[int, dict[str, float]]:
+    """Full-ranking metrics of ``split`` ("valid" or "test") per nested size: {size: {"NDCG@10": ...}}."""
+    device = device or torch.device("cpu")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parallel.set_training(False)
+    lo, hi = item_shard_range(dataset.num_items, rank, world)
+    item_shard = parallel.item_representations(torch.arange(lo, hi, device=device))  # (S, D)
+    batches, count = _rank_batches(dataset, split, batch_size, max_len, max_users)
+    metrics = RankingMetrics(ks)
+    for _ in range(count):
+        batch = next(batches, None)
+        if batch is None:  # this rank is done; join the collectives with no queries
+            tokens = torch.zeros(0, 1, dtype=torch.int64, device=device)
+            targets = torch.zeros(0, dtype=torch.int64, device=device)
+        else:
+            tokens, targets = batch.tokens.to(device), batch.targets.to(device)
+        query = parallel.last_hidden(tokens)  # (b, D)
+        history = tokens if exclude_history else None
+        for size in sizes:
+            ranks = sharded_target_ranks(query[:, :size], targets, item_shard[:, :size], lo, history)
+            if len(ranks):
+                metrics.update(size, ranks.cpu())
+    parallel.set_training(True)
+    return reduce_metrics(metrics, list(sizes))
+
+
+def popularity_ranks(
+    popularity: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None
+) -> torch.Tensor:
+    """0-based ranks of ``targets`` (B,) when items are ranked by ``popularity`` (N,) of items 1..N, the
+    same as ``target_ranks`` on the (B, N) popularity scores, in O(B (log N + L)) without forming them.
+    ``history`` (B, L) ids are excluded (not the target; 0 ignored)."""
+    ordered = torch.sort(popularity).values  # (N,)
+    target_pop = popularity[targets - 1]  # (B,)
+    ranks = len(ordered) - torch.searchsorted(ordered, target_pop, right=True)  # items strictly above
+    if history is not None:
+        seen = torch.zeros(len(targets), len(popularity) + 1, dtype=torch.bool)
+        seen.scatter_(1, history, True)
+        seen[:, 0] = False
+        seen[torch.arange(len(targets)), targets] = False
+        above = torch.cat([torch.zeros(1, dtype=popularity.dtype), popularity]).unsqueeze(
+            0
+        ) > target_pop.unsqueeze(1)
+        ranks = ranks - (seen & above).sum(1)
+    return ranks
+
+
+def evaluate_popularity(
+    popularity: torch.Tensor,
+    dataset: SequenceDataset,
+    ks: Sequence[int],
+    *,
+    exclude_history: bool,
+    batch_size: int,
+    max_len: int,
+    max_users: int = 0,
+) -> dict[str, float]:
+    """Test metrics of ranking every item by its training popularity (N,), over all ranks' users."""
+    batches, _ = _rank_batches(dataset, "test", batch_size, max_len, max_users)
+    metrics = RankingMetrics(ks)
+    for batch in batches:
+        history = batch.tokens if exclude_history else None
+        metrics.update(0, popularity_ranks(popularity, batch.targets, history))
+    return reduce_metrics(metrics, [0])[0]
+
+
+@torch.no_grad()
+def evaluate_model(
     model: FMRLRec,
     batches: Iterable[EvalBatch],
     sizes: Sequence[int],
     ks: Sequence[int],
     exclude_history: bool,
 ) -> dict[int, dict[str, float]]:
-    """Full-ranking metrics per nested size: {size: {"NDCG@10": ..., ...}}."""
+    """The single-device reference: full (B, N) scores of a plain model, per nested size. Used on
+    exported or reloaded weights, and by tests to check :func:`evaluate`."""
     was_training = model.training
     model.eval()
     items = model.item_tower()  # (N+1, D), once for all batches
     metrics = RankingMetrics(ks)
     for batch in batches:
         hidden, _ = model(batch.tokens, items)  # (B, L, D)
-        scores = nested_scores(hidden[:, -1], items[1:], sizes)  # {m: (B, N)}
-        for size, size_scores in scores.items():
-            history = batch.tokens if exclude_history else None
-            metrics.update(size, target_ranks(size_scores, batch.targets, history))
+        for size, scores in nested_scores(hidden[:, -1], items[1:], sizes).items():
+            metrics.update(
+                size, target_ranks(scores, batch.targets, batch.tokens if exclude_history else None)
+            )
     model.train(was_training)
     return metrics.compute()
-
-
-def evaluate_popularity(
-    popularity: torch.Tensor, batches: Iterable[EvalBatch], ks: Sequence[int], exclude_history: bool
-) -> dict[str, float]:
-    """Metrics of ranking every user's candidates by training popularity."""
-    metrics = RankingMetrics(ks)
-    for batch in batches:
-        scores = popularity.expand(len(batch.targets), -1)  # (B, N)
-        metrics.update(0, target_ranks(scores, batch.targets, batch.tokens if exclude_history else None))
-    return metrics.compute()[0]

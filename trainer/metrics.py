@@ -57,6 +57,14 @@ class RankingMetrics:
             sums[f"MRR@{k}"] += torch.where(hit, 1.0 / (ranks + 1.0), 0.0).sum().item()
         self._counts[size] = self._counts.get(size, 0) + ranks.numel()
 
+    def sums(self) -> dict[int, dict[str, float]]:
+        """Per-size metric sums so far (to be added over ranks)."""
+        return {size: dict(sums) for size, sums in self._sums.items()}
+
+    def count(self, size: int) -> int:
+        """Users scored at ``size`` so far."""
+        return self._counts.get(size, 0)
+
     def compute(self) -> dict[int, dict[str, float]]:
         """{size: {"NDCG@10": value, ...}} averaged over all users seen."""
         return {

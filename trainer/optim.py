@@ -13,14 +13,16 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, fused: bool = True
+) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # eps 1e-9 as in the official code; the fused kernel avoids foreach temporaries on CPU and GPU alike
-    return torch.optim.AdamW(groups, lr=lr, eps=1e-9, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, eps=1e-9, fused=fused)
 
 
 def cosine_with_warmup(

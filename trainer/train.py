@@ -1,11 +1,16 @@
-"""Single-process Matryoshka training of fMRLRec, evaluation at every nested size, and the final report.
+"""Matryoshka training of fMRLRec on one or many ranks, evaluation at every nested size, and the report.
 
-    fmrl train --config configs/demo.yaml
+    fmrl train --config configs/demo.yaml                                   # one process
+    torchrun --nproc_per_node=2 -m trainer.cli train --config configs/demo.yaml
     fmrl train --config configs/demo.yaml train.epochs=5 run.name=quick     # dotted overrides
 
-The run directory (``run.out_dir/run.name``) receives the resolved config, TensorBoard scalars, the best
-model's weights (safetensors), the per-size test metrics (JSON and a table) and a plot of metric against
-nested size.
+One code path for any number of ranks (a plain process is a job of one): TorchRec shards the item tables,
+the dense trunk runs under ``parallel.backend`` (sharding/fmrl.py), every rank reads its own part of the
+user shards, and evaluation ranks against item representations sharded over the ranks.
+
+Rank 0 writes the run directory (``run.out_dir/run.name``): the resolved config, the TorchRec plan,
+TensorBoard scalars, the best model's weights (safetensors), the per-size test metrics (JSON and a table)
+and a plot of metric against nested size.
 """
 
 from __future__ import annotations
@@ -21,18 +26,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data_pipeline.features import load_feature_tables
-from data_pipeline.loader import SequenceDataset, TrainLoader, eval_batches, scan_users
+from data_pipeline.loader import SequenceDataset, TrainLoader, scan_users
 from data_pipeline.sequences import TrainBatch
 from data_pipeline.storage import StorageOptions
-from models.fmrl import FMRLRec, matryoshka_loss
+from models.fmrl import FMRLRec, NegativeSampler, candidate_set, matryoshka_loss, sampled_matryoshka_loss
+from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from sharding.world import World, set_cpu_threads
 from trainer.config import Config, DataConfig, dump_config
+from trainer.dist import all_reduce_sum, broadcast_object, distributed
 from trainer.evaluate import evaluate, evaluate_popularity
-from trainer.optim import build_optimizer, cosine_with_warmup
 from trainer.report import format_size_table, save_size_plot
 
 log = logging.getLogger("fmrl")
@@ -46,20 +53,22 @@ class RunResult:
     best_epoch: int
     steps: int
     train_losses: list[float] = field(default_factory=list)
-    """Loss of every optimizer step, in order."""
+    """Loss of every optimizer step (mean over all ranks' target positions), in order."""
     valid_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     """Validation metrics of the best epoch, per nested size."""
     test_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     """Test metrics of the best model, per nested size."""
     popularity_metrics: dict[str, float] = field(default_factory=dict)
     """Test metrics of the most-popular baseline."""
+    loss_kind: str = "full"
+    """"full" or "sampled" softmax, as resolved from train.loss."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def storage_options(cfg: DataConfig) -> StorageOptions:
@@ -70,9 +79,12 @@ def storage_options(cfg: DataConfig) -> StorageOptions:
 
 
 def open_features(
-    cfg: DataConfig, dataset: SequenceDataset, options: StorageOptions
+    cfg: DataConfig, dataset: SequenceDataset, options: StorageOptions, needed: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The frozen (N + 1, D) text and image tables, checked against the dataset."""
+    """The frozen (N + 1, D) text and image tables, checked against the dataset (None, None if the model
+    uses neither)."""
+    if not needed:
+        return None, None
     text, image, info = load_feature_tables(cfg.features_url, options)
     if info["num_items"] != dataset.num_items:
         raise ValueError(
@@ -89,69 +101,93 @@ def open_features(
 
 
 def make_run_dir(out_dir: str, name: str) -> str:
+    """The run directory; rank 0 picks the name (a timestamp if empty) and every rank gets the same."""
     if "://" in out_dir:
         raise ValueError(f"run.out_dir must be a local path for now, got {out_dir!r}")
-    name = name or time.strftime("fmrl-%Y%m%d-%H%M%S")
+    name = str(broadcast_object(name or time.strftime("fmrl-%Y%m%d-%H%M%S")))
     run_dir = os.path.join(out_dir, name)
-    os.makedirs(run_dir, exist_ok=True)
+    if dist.get_rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
 
-def train_step(
-    model: FMRLRec,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batch: TrainBatch,
-    grad_clip: float,
-) -> tuple[float, torch.Tensor]:
-    """One optimizer step. Returns the loss and the (K,) per-size losses."""
-    optimizer.zero_grad(set_to_none=True)  # before the forward pass: old gradients would add to its peak
-    hidden, items = model(batch.tokens)  # (B, L, D), (N+1, D)
-    loss, per_size = matryoshka_loss(
-        hidden, items, batch.labels, model.cfg.nested_sizes, model.cfg.loss_chunk_mb
-    )
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return loss.item(), per_size
+def resolve_loss(kind: str, num_items: int, full_max: int) -> str:
+    if kind == "auto":
+        return "full" if num_items <= full_max else "sampled"
+    return kind
 
 
-def trainable_state(model: FMRLRec) -> dict[str, torch.Tensor]:
-    """A detached copy of everything but the frozen feature tables (they never change)."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
+@dataclass
+class StepInputs:
+    """Everything a training step needs besides the batch."""
+
+    sizes: list[int]
+    num_items: int
+    loss_kind: str
+    chunk_mb: int
+    sampler: NegativeSampler | None
+    generator: torch.Generator
+    device: torch.device
 
 
-def save_weights(state: dict[str, torch.Tensor], path: str) -> None:
-    tmp = f"{path}.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+def forward_backward(
+    parallel: ParallelFMRL, batch: TrainBatch, inputs: StepInputs
+) -> tuple[float, int, torch.Tensor]:
+    """Forward and backward of one micro-batch. Returns this rank's sum of position losses, its number of
+    target positions, and its (K,) per-size mean losses.
 
-
-def write_json(obj: object, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    The loss is normalised by the positions of *all* ranks, so that averaging the gradients over ranks
+    (DDP, FSDP2, ZeRO) gives exactly the gradient of the mean over the global batch: the same as one rank
+    holding every sequence."""
+    tokens, labels = batch.tokens.to(inputs.device), batch.labels.to(inputs.device)
+    positions = int((labels > 0).sum())
+    global_positions = float(all_reduce_sum(torch.tensor([positions]))[0])
+    if inputs.loss_kind == "full":
+        ids = torch.arange(inputs.num_items + 1, device=inputs.device)
+        hidden, reps = parallel.forward(tokens, ids)  # (B, L, D), (N + 1, D)
+        loss, per_size = matryoshka_loss(hidden, reps, labels, inputs.sizes, inputs.chunk_mb)
+    else:
+        assert inputs.sampler is not None
+        negatives = inputs.sampler.sample(inputs.generator).to(inputs.device)  # (M,)
+        ids = torch.unique(torch.cat([tokens.flatten(), labels.flatten(), negatives]))  # (U,), sorted
+        hidden, reps = parallel.forward(tokens, ids)
+        candidates, _ = candidate_set(labels, negatives)  # (C,) sorted, every target included
+        rows = torch.searchsorted(ids, candidates)
+        log_q = inputs.sampler.log_q(candidates.cpu()).to(inputs.device)
+        loss, per_size = sampled_matryoshka_loss(hidden, labels, reps[rows], candidates, log_q, inputs.sizes)
+    world = dist.get_world_size()
+    parallel.backward(loss * (positions * world / global_positions))
+    return float(loss.detach()) * positions, positions, per_size
 
 
 def train(cfg: Config) -> RunResult:
-    """Train, early-stop on validation NDCG@10 at the largest size, test the best model, write the report."""
-    world = World.from_env()
-    if world.world_size > 1:
-        raise RuntimeError(
-            "this trainer runs as one process; launch it with plain `fmrl train`, not torchrun"
-        )
-    seed_everything(cfg.train.seed)
+    """Train, early-stop on validation NDCG@10 at the largest size, test the best model, write the report.
+
+    Runs as one rank of a torchrun job, or as a job of one rank in a plain process."""
+    with distributed() as (world, device):
+        return _train(cfg, world, device)
+
+
+def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
+    main = world.rank == 0
+    seed_everything(cfg.train.seed)  # the same initial model on every rank
     threads = set_cpu_threads(cfg.train.num_threads, world)
     run_dir = make_run_dir(cfg.run.out_dir, cfg.run.name)
-    dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    log.info("run directory %s (%d CPU threads)", run_dir, threads)
+    if main:
+        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    log.info(
+        "rank %d/%d on %s, %d CPU threads, run directory %s",
+        world.rank,
+        world.world_size,
+        device,
+        threads,
+        run_dir,
+    )
 
     options = storage_options(cfg.data)
     dataset = SequenceDataset.open(cfg.data.path, options)
-    text_features, image_features = open_features(cfg.data, dataset, options)
+    uses_features = cfg.model.use_text_features or cfg.model.use_image_features
+    text_features, image_features = open_features(cfg.data, dataset, options, uses_features)
     stats = scan_users(dataset)
     loader = TrainLoader(
         dataset,
@@ -165,109 +201,197 @@ def train(cfg: Config) -> RunResult:
         prefetch_factor=cfg.data.prefetch_factor,
     )
     model = FMRLRec(cfg.model, dataset.num_items, text_features, image_features)
-    sizes, ks, largest = cfg.model.nested_sizes, cfg.eval.ks, cfg.model.nested_sizes[-1]
-    log.info(
-        "dataset %s: %d items, %d users; model %s: %.2fM trainable parameters",
-        dataset.url,
-        dataset.num_items,
-        dataset.num_users,
-        sizes,
-        model.num_parameters() / 1e6,
-    )
-
-    total_steps = sum(loader.steps_in_epoch(epoch) for epoch in range(cfg.train.epochs))
+    del text_features, image_features
+    sizes, ks, largest = list(cfg.model.nested_sizes), cfg.eval.ks, cfg.model.nested_sizes[-1]
+    trainable = model.num_parameters()
+    accum = cfg.train.grad_accum_steps
+    total_steps = sum(loader.steps_in_epoch(epoch) for epoch in range(cfg.train.epochs)) // accum
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
+    parallel = parallelize_fmrl(
+        model,
+        backend=cfg.parallel.backend,
+        zero_stage=cfg.parallel.zero_stage,
+        feature_sharding=cfg.parallel.feature_table_sharding,
+        id_sharding=cfg.parallel.id_table_sharding,
+        id_optimizer=cfg.parallel.id_table_optimizer,
+        id_lr=cfg.parallel.id_table_lr or cfg.train.lr,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps,
+        total_steps=max(total_steps, 1),
+        grad_clip=cfg.train.grad_clip,
+        grad_accum_steps=accum,
+        micro_batch_size=cfg.train.batch_size,
+        precision=cfg.parallel.precision,
+        device=device,
+    )
+    loss_kind = resolve_loss(cfg.train.loss, dataset.num_items, cfg.train.full_softmax_max_items)
+    sampler = None
+    if loss_kind == "sampled":
+        counts = torch.from_numpy(stats.train_item_counts[1:].astype(np.float64))
+        sampler = NegativeSampler(
+            dataset.num_items,
+            cfg.train.num_negatives,
+            cfg.train.negative_sampling,
+            counts if cfg.train.negative_sampling == "popularity" else None,
+        )
+    inputs = StepInputs(
+        sizes=sizes,
+        num_items=dataset.num_items,
+        loss_kind=loss_kind,
+        chunk_mb=cfg.model.loss_chunk_mb,
+        sampler=sampler,
+        # different negatives on every rank, the same on a rerun
+        generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + world.rank),
+        device=device,
+    )
+    if main:
+        plan = str(parallel.sparse.plan)
+        log.info(
+            "dataset %s: %d items, %d users; model %s: %.2fM trainable parameters; %s softmax; "
+            "dense backend %s on %d rank(s); table plan:\n%s",
+            dataset.url,
+            dataset.num_items,
+            dataset.num_users,
+            sizes,
+            trainable / 1e6,
+            loss_kind,
+            cfg.parallel.backend,
+            world.world_size,
+            plan,
+        )
+        with open(os.path.join(run_dir, "sharding_plan.txt"), "w") as f:
+            f.write(plan + "\n")
     writer = None
-    if cfg.run.tensorboard:
+    if cfg.run.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
-    def validation_batches():
-        return eval_batches(
-            dataset, "valid", cfg.eval.batch_size, cfg.train.max_len, max_users=cfg.eval.max_users
+    def run_eval(split: str) -> dict[int, dict[str, float]]:
+        return evaluate(
+            parallel,
+            dataset,
+            split,
+            sizes,
+            ks,
+            exclude_history=cfg.eval.exclude_history,
+            batch_size=cfg.eval.batch_size,
+            max_len=cfg.train.max_len,
+            max_users=cfg.eval.max_users,
+            device=device,
         )
 
-    def test_batches():
-        return eval_batches(
-            dataset, "test", cfg.eval.batch_size, cfg.train.max_len, max_users=cfg.eval.max_users
-        )
-
-    result = RunResult(run_dir=run_dir, best_epoch=0, steps=0)
-    best_score, best_state, epochs_without_gain = float("-inf"), trainable_state(model), 0
-    model.train()
+    result = RunResult(run_dir=run_dir, best_epoch=0, steps=0, loss_kind=loss_kind)
+    best_score, best_state, epochs_without_gain = float("-inf"), parallel.snapshot(), 0
+    parallel.set_training(True)
+    micro, window = 0, [0.0, 0.0]  # micro-batches; (loss sum, positions) of the current step, all ranks
     for epoch in range(1, cfg.train.epochs + 1):
-        batches_per_epoch = loader.steps_in_epoch(loader.epoch)
         bar = tqdm(
             loader,
-            total=batches_per_epoch,
+            total=loader.steps_in_epoch(loader.epoch),
             desc=f"epoch {epoch}",
-            disable=not cfg.run.progress_bar,
+            disable=not (cfg.run.progress_bar and main),
             leave=False,
             # redraws flood log files (batch jobs, CI): redraw rarely when stderr is not a terminal
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
-        window_start, window_sequences = time.perf_counter(), 0
+        epoch_start, epoch_sequences, steps_before = time.perf_counter(), 0, result.steps
         for batch in bar:
-            loss, per_size = train_step(model, optimizer, scheduler, batch, cfg.train.grad_clip)
+            micro += 1
+            boundary = micro % accum == 0
+            parallel.set_grad_sync(boundary)
+            loss_sum, positions, per_size = forward_backward(parallel, batch, inputs)
+            parallel.micro_step(boundary)
+            window[0] += loss_sum
+            window[1] += positions
+            epoch_sequences += len(batch.tokens) * world.world_size
+            if not boundary:
+                continue
+            total = all_reduce_sum(torch.tensor(window))
+            loss = float(total[0] / total[1])
+            window = [0.0, 0.0]
             result.steps += 1
             result.train_losses.append(loss)
-            window_sequences += len(batch.tokens)
-            throughput = window_sequences / (time.perf_counter() - window_start)
+            throughput = epoch_sequences / (time.perf_counter() - epoch_start)
             bar.set_postfix(loss=f"{loss:.4f}", seq_per_s=f"{throughput:.0f}")
             if writer is not None and result.steps % cfg.run.log_every == 0:
                 writer.add_scalar("train/loss", loss, result.steps)
-                for size, value in zip(sizes, per_size.tolist()):
+                for size, value in zip(sizes, per_size.tolist()):  # rank 0's last micro-batch
                     writer.add_scalar(f"train/loss_size_{size}", value, result.steps)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], result.steps)
+                writer.add_scalar("train/lr", parallel.last_lr(), result.steps)
                 writer.add_scalar("train/sequences_per_s", throughput, result.steps)
             if result.steps >= total_steps:
                 break
 
-        valid = evaluate(model, validation_batches(), sizes, ks, cfg.eval.exclude_history)
+        valid = run_eval("valid")
         score = valid[largest][EARLY_STOPPING_METRIC]
         if writer is not None:
             for size, values in valid.items():
                 for name, value in values.items():
                     writer.add_scalar(f"valid_size_{size}/{name}", value, result.steps)
         improved = score > best_score
-        log.info(
-            "epoch %d: loss %.4f, valid %s at size %d = %.4f%s",
-            epoch,
-            np.mean(result.train_losses[-batches_per_epoch:]),
-            EARLY_STOPPING_METRIC,
-            largest,
-            score,
-            " (best)" if improved else "",
-        )
+        if main:
+            log.info(
+                "epoch %d: loss %.4f, %.0f seq/s, valid %s at size %d = %.4f%s",
+                epoch,
+                float(np.mean(result.train_losses[steps_before:] or [float("nan")])),
+                epoch_sequences / (time.perf_counter() - epoch_start),
+                EARLY_STOPPING_METRIC,
+                largest,
+                score,
+                " (best)" if improved else "",
+            )
         if improved:
-            best_score, best_state, epochs_without_gain = score, trainable_state(model), 0
+            best_score, best_state, epochs_without_gain = score, parallel.snapshot(), 0
             result.best_epoch, result.valid_metrics = epoch, valid
         else:
             epochs_without_gain += 1
             if epochs_without_gain >= cfg.train.patience:
-                log.info("early stopping: no gain in %d epochs", cfg.train.patience)
+                if main:
+                    log.info("early stopping: no gain in %d epochs", cfg.train.patience)
                 break
         if result.steps >= total_steps:
             break
 
-    missing, unexpected = model.load_state_dict(best_state, strict=False)
-    assert not unexpected and all(not p.requires_grad for n, p in model.named_parameters() if n in missing)
-    save_weights(best_state, os.path.join(run_dir, "model.safetensors"))
-
-    result.test_metrics = evaluate(model, test_batches(), sizes, ks, cfg.eval.exclude_history)
+    parallel.restore(best_state)
+    weights = parallel.full_state_dict()
+    if main:
+        assert weights is not None
+        save_weights(weights, os.path.join(run_dir, "model.safetensors"))
+    result.test_metrics = run_eval("test")
     popularity = torch.from_numpy(stats.train_item_counts[1:].astype(np.float64))  # (N,)
-    result.popularity_metrics = evaluate_popularity(popularity, test_batches(), ks, cfg.eval.exclude_history)
+    result.popularity_metrics = evaluate_popularity(
+        popularity,
+        dataset,
+        ks,
+        exclude_history=cfg.eval.exclude_history,
+        batch_size=cfg.eval.batch_size,
+        max_len=cfg.train.max_len,
+        max_users=cfg.eval.max_users,
+    )
     if writer is not None:
         for size, values in result.test_metrics.items():
             for name, value in values.items():
                 writer.add_scalar(f"test_size_{size}/{name}", value, result.steps)
         writer.close()
-    report(cfg, result)
+    if main:
+        report(cfg, result)
     return result
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str) -> None:
+    tmp = f"{path}.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj: object, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def report(cfg: Config, result: RunResult) -> None:

@@ -28,6 +28,20 @@ from models.fmrl.layers import LRUBlock, NestedLinear
 from models.ops import nested_param_count
 
 
+def project_features(projector: nn.Linear, features: list[torch.Tensor]) -> torch.Tensor:
+    """projector([f_1 ; f_2 ; ...]) from per-table rows (U, F_t), without a concatenated copy: (U, D)."""
+    weight, bias = projector.weight, projector.bias
+    out, start = None, 0
+    for rows in features:
+        width = rows.shape[-1]
+        w = weight[:, start : start + width]
+        out = torch.addmm(bias, rows, w.T) if out is None else out.addmm(rows, w.T)
+        start += width
+    if out is None or start != weight.shape[1]:
+        raise ValueError(f"features of total width {start} given, the projector takes {weight.shape[1]}")
+    return out
+
+
 class ItemTower(nn.Module):
     """Item representations E = projector([text ; image ; id]) for all N+1 ids, (N+1, D).
 
@@ -74,6 +88,22 @@ class ItemTower(nn.Module):
 
     def tables(self) -> list[nn.Embedding]:
         return [t for t in (self.text, self.image, self.id_embedding) if t is not None]
+
+    def table_names(self) -> list[str]:
+        """Names of the tables in :meth:`tables` order: "text", "image", "id"."""
+        named = (("text", self.text), ("image", self.image), ("id", self.id_embedding))
+        return [name for name, table in named if table is not None]
+
+    def lookup(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of every table for ``ids`` (U,): a list of (U, F_t) in :meth:`tables` order.
+
+        A distributed run replaces this lookup with TorchRec-sharded tables (sharding/fmrl.py) and keeps
+        :meth:`project`, so both paths share the projection."""
+        return [table(ids) for table in self.tables()]
+
+    def project(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Representations (U, D) of items from their per-table rows (U, F_t)."""
+        return project_features(self.projector, features)
 
     def forward(self) -> torch.Tensor:
         # projector([t1 ; t2 ; ...]) as per-table products accumulated in place: no (N+1, F) concatenated
@@ -139,9 +169,12 @@ class FMRLRec(nn.Module):
         across batches (evaluation); training recomputes it so gradients reach the tower."""
         if items is None:
             items = self.item_tower()  # (N+1, D)
-        x = self.embedding_dropout(items[tokens])  # (B, L, D)
-        hidden = self.trunk(x, tokens > 0)  # (B, L, D)
-        return hidden, items
+        return self.encode(items[tokens], tokens > 0), items
+
+    def encode(self, token_items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L, D) from the tokens' item representations (B, L, D); mask (B, L) is
+        True at real (non-padding) positions."""
+        return self.trunk(self.embedding_dropout(token_items), mask)
 
     def nested_submodel(self, size: int) -> FMRLRec:
         """A standalone model of width ``size`` (one of the nested sizes) built from sliced weights."""

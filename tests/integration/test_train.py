@@ -18,7 +18,7 @@ from data_pipeline.synthetic_shards import prepare_synthetic
 from models.fmrl import FMRLRec
 from trainer.cli import main
 from trainer.config import config_to_dict, load_config
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate_model
 from trainer.train import train
 
 TINY = [
@@ -118,7 +118,7 @@ def test_early_stopping_and_best_model_is_the_one_tested(tiny_config):
     # the saved weights are the tested model: reload them into a fresh model and re-evaluate the test set
     model, dataset = trained_model(cfg, result.run_dir)
     batches = eval_batches(dataset, "test", 64, cfg.train.max_len)
-    assert evaluate(model, batches, cfg.model.nested_sizes, cfg.eval.ks, False) == result.test_metrics
+    assert evaluate_model(model, batches, cfg.model.nested_sizes, cfg.eval.ks, False) == result.test_metrics
 
 
 def test_excluding_history_only_removes_competitors(tiny_config):
@@ -128,7 +128,7 @@ def test_excluding_history_only_removes_competitors(tiny_config):
 
     def run(exclude: bool):
         batches = eval_batches(dataset, "test", 64, cfg.train.max_len)
-        return evaluate(model, batches, cfg.model.nested_sizes, cfg.eval.ks, exclude)
+        return evaluate_model(model, batches, cfg.model.nested_sizes, cfg.eval.ks, exclude)
 
     kept, excluded = run(False), run(True)
     assert kept == result.test_metrics  # the default follows fMRLRec: history is not excluded

@@ -189,7 +189,7 @@ def test_unknown_section_in_file_and_override(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown section 'trian'.*did you mean 'train'\?"):
         load_config(write(tmp_path, "trian:\n  lr: 0.1\n"))
     with pytest.raises(
-        ConfigError, match=r"unknown section 'evl'.*valid sections: data, eval, model, run, train"
+        ConfigError, match=r"unknown section 'evl'.*valid sections: data, eval, model, parallel, run, train"
     ):
         load_config(None, ["evl.ks=[10]"])
 

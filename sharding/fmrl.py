@@ -1,0 +1,465 @@
+"""Distribute an fMRLRec model over the ranks of a job: TorchRec-sharded item tables, and FSDP2, DeepSpeed
+ZeRO or DDP for the dense part.
+
+The model (models/fmrl) stays single-device PyTorch. :func:`parallelize_fmrl` splits it in two:
+
+* **sparse**: the item tables (frozen text and image features, the optional learnable ID table) move
+  into TorchRec ``EmbeddingCollection`` s sharded by the TorchRec planner, with ``ParameterConstraints``
+  that pin each table's sharding type (``parallel.*_table_sharding``). The frozen tables are looked up
+  under ``no_grad``, so no gradient ever reaches them; the ID table trains with a TorchRec fused
+  optimizer applied in backward (row-wise Adagrad by default). Column-wise shards of the ID table get
+  widths that are nested sizes, so a Matryoshka prefix never straddles a shard boundary.
+* **dense**: the projector, the embedding dropout and the LRU blocks, as one :class:`DenseFMRL` module
+  wrapped by the chosen backend: ``fully_shard`` per LRU block and then the dense root (FSDP2),
+  ``deepspeed.initialize`` with ZeRO stage 1, 2 or 3 (DeepSpeed owns only this module and its AdamW),
+  or ``DistributedDataParallel``.
+
+One training step on every backend (see :class:`ParallelFMRL`)::
+
+    ids, inverse = torch.unique(needed_ids, return_inverse=True)   # items this step touches
+    features = parallel.sparse(ids)                                # per table (U, F_t), sharded lookup
+    hidden, reps = parallel.dense(features, token_index, mask)     # (B, L, D), (U, D)
+    loss = ...; parallel.backward(loss); parallel.step()
+
+The parameters are shared with the original model object, so ``model.state_dict()`` naming is what the
+rest of the project (exports, slicing to nested sizes) uses; :meth:`ParallelFMRL.full_state_dict`
+gathers it onto rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.fmrl import FMRLRec
+from models.fmrl.model import ItemTower, project_features
+
+log = logging.getLogger("fmrl")
+
+FROZEN_TABLES = ("text", "image")
+ID_TABLE = "id"
+
+
+class DenseFMRL(nn.Module):
+    """The dense part of fMRLRec: item projector, embedding dropout, LRU trunk (shared with the model).
+
+    ``forward(features, token_index, mask)``: features, per table (U, F_t) rows of the U looked-up items;
+    token_index (B, L) positions of the tokens' items in those U rows; mask (B, L) True at real tokens.
+    Returns the hidden states (B, L, D) and the item representations (U, D). With ``token_index=None`` it
+    only projects (U, D), which evaluation uses to build the item table shard by shard.
+    """
+
+    def __init__(self, model: FMRLRec) -> None:
+        super().__init__()
+        self.projector = model.item_tower.projector
+        self.embedding_dropout = model.embedding_dropout
+        self.trunk = model.trunk
+
+    def forward(
+        self,
+        features: list[torch.Tensor],
+        token_index: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> Any:
+        reps = project_features(self.projector, features)  # (U, D)
+        if token_index is None:
+            return reps
+        hidden = self.trunk(self.embedding_dropout(reps[token_index]), mask)  # (B, L, D)
+        return hidden, reps
+
+
+# ------------------------------------------------------------------------------------------- sparse part
+
+
+def _sharding_type(setting: str, device: torch.device, default_cpu: str) -> str:
+    if setting != "auto":
+        if setting == "row_wise" and device.type != "cuda":
+            raise ValueError(
+                "row_wise table sharding needs CUDA (TorchRec has no CPU kernel for it); "
+                "use table_wise or column_wise on CPU"
+            )
+        return setting
+    return "row_wise" if device.type == "cuda" else default_cpu
+
+
+def nested_min_partition(dim: int, sizes: list[int], world_size: int) -> int:
+    """Column-wise shard width for a width-``dim`` table: the smallest nested size that is at least
+    ``dim / world_size`` (at most one shard per rank) and divides ``dim``; ``dim`` if none does."""
+    for m in sizes:
+        if m * world_size >= dim and dim % m == 0 and m % 4 == 0:
+            return m
+    return dim
+
+
+class ShardedItemTables(nn.Module):
+    """The item tower's tables as TorchRec-sharded EmbeddingCollections: ``forward(ids (U,))`` returns the
+    rows of every table, (U, F_t) each, in the tower's table order. Collective: every rank must call it
+    the same number of times (with its own ids, any count including zero)."""
+
+    def __init__(
+        self,
+        tower: ItemTower,
+        *,
+        nested_sizes: list[int],
+        device: torch.device,
+        feature_sharding: str,
+        id_sharding: str,
+        id_optimizer: str,
+        id_lr: float,
+    ) -> None:
+        super().__init__()
+        from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+        self.names = tower.table_names()
+        sources = dict(zip(self.names, tower.tables()))
+        world_size = dist.get_world_size()
+        frozen = [n for n in self.names if n in FROZEN_TABLES]
+        learnable = [n for n in self.names if n == ID_TABLE]
+
+        # one collection per table: an EmbeddingCollection needs equal widths, and the frozen ones are
+        # looked up without autograd
+        tables = nn.ModuleDict()
+        for n in self.names:
+            source = sources[n]
+            config = EmbeddingConfig(
+                name=n,
+                embedding_dim=source.embedding_dim,
+                num_embeddings=source.num_embeddings,
+                feature_names=[n],
+            )
+            tables[n] = EmbeddingCollection(tables=[config], device=torch.device("meta"))
+            if n in frozen:
+                # never stepped: the lookup runs under no_grad. TorchRec's CPU kernels are all fused, so a
+                # frozen table still needs some fused optimizer; plain SGD at lr 0 keeps no state.
+                apply_optimizer_in_backward(torch.optim.SGD, tables[n].parameters(), {"lr": 0.0})
+            else:
+                apply_optimizer_in_backward(
+                    _id_optimizer_class(id_optimizer), tables[n].parameters(), {"lr": id_lr}
+                )
+
+        constraints: dict[str, Any] = {}
+        for n in frozen:
+            kind = _sharding_type(feature_sharding, device, "table_wise")
+            constraints[n] = ParameterConstraints(sharding_types=[kind])
+        for n in learnable:
+            kind = _sharding_type(id_sharding, device, "column_wise")
+            width = nested_min_partition(sources[n].embedding_dim, nested_sizes, world_size)
+            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        topology = Topology(world_size=world_size, local_world_size=local_world, compute_device=device.type)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        sharders = [EmbeddingCollectionSharder()]
+        plan = planner.collective_plan(tables, sharders, dist.GroupMember.WORLD)
+        self.plan = plan
+        self.dmp = DistributedModelParallel(
+            tables, device=device, plan=plan, sharders=sharders, init_data_parallel=False
+        )
+        self._copy_in({f"{n}.embeddings.{n}.weight": sources[n].weight for n in self.names})
+        self.device = device
+
+    def _copy_in(self, full: dict[str, torch.Tensor]) -> None:
+        """Fill every local shard from the full (unsharded) tables, which every rank holds at start-up."""
+        for key, value in self.dmp.state_dict().items():
+            source = full[key.removeprefix("_dmp_wrapped_module.")]
+            for shard in value.local_shards():
+                (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                with torch.no_grad():
+                    shard.tensor.copy_(source[r0 : r0 + rows, c0 : c0 + cols])
+
+    @property
+    def fused_optimizer(self) -> Any:
+        return self.dmp.fused_optimizer
+
+    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        from torchrec import KeyedJaggedTensor
+
+        ids = ids.to(self.device).contiguous()  # a strided view breaks the all-to-all
+        lengths = torch.tensor([len(ids)], dtype=torch.int32, device=ids.device)
+        rows = []
+        for name in self.names:
+            kjt = KeyedJaggedTensor.from_lengths_sync(keys=[name], values=ids, lengths=lengths)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and name not in FROZEN_TABLES):
+                rows.append(self.dmp.module[name](kjt)[name].values())  # (U, F_name)
+        return rows
+
+    def gather_tables(self) -> dict[str, torch.Tensor] | None:
+        """The full trainable tables on rank 0 (None elsewhere), keyed like the model's state dict."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.dmp.state_dict().items():
+            name = key.removeprefix("_dmp_wrapped_module.")
+            if not name.startswith(f"{ID_TABLE}."):
+                continue
+            full = torch.empty(value.size()) if dist.get_rank() == 0 else None
+            value.gather(dst=0, out=full)
+            out["item_tower.id_embedding.weight"] = full
+        return out if dist.get_rank() == 0 else None
+
+
+def _id_optimizer_class(name: str) -> type:
+    if name == "rowwise_adagrad":
+        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+        return RowWiseAdagrad
+    return {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+
+
+# -------------------------------------------------------------------------------------------- dense part
+
+
+@dataclass
+class ParallelFMRL:
+    """The distributed model: sparse tables, wrapped dense part, and how to step them."""
+
+    model: FMRLRec
+    sparse: ShardedItemTables
+    dense: nn.Module
+    """The wrapped :class:`DenseFMRL` (FSDP2 module, DDP, or a DeepSpeed engine); call it like DenseFMRL."""
+    backend: str
+    optimizer: torch.optim.Optimizer | None
+    """The dense AdamW (None under DeepSpeed, whose engine steps its own)."""
+    scheduler: Any
+    grad_clip: float
+    autocast_dtype: torch.dtype | None
+
+    grad_accum_steps: int = 1
+
+    def autocast(self) -> Any:
+        device = "cuda" if self.sparse.device.type == "cuda" else "cpu"
+        return torch.autocast(
+            device, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
+
+    def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, L, D) of ``tokens`` (B, L) and representations (U, D) of ``ids`` (U,),
+        sorted unique ids that include every token id. Collective."""
+        token_index = torch.searchsorted(ids, tokens)  # (B, L) rows of the tokens' items
+        features = self.sparse(ids)
+        with self.autocast():
+            hidden, reps = self.dense(features, token_index, tokens > 0)
+        return hidden.float(), reps.float()
+
+    def item_representations(self, ids: torch.Tensor) -> torch.Tensor:
+        """(U, D) representations of ``ids`` (U,); collective."""
+        features = self.sparse(ids)
+        with self.autocast():
+            return self.dense(features).float()
+
+    def last_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, D) final hidden state of each left-padded history in ``tokens`` (B, L); B may be 0 (the
+        rank still joins the collectives)."""
+        empty = tokens.shape[0] == 0
+        if empty:
+            tokens = torch.zeros(1, 1, dtype=torch.int64, device=tokens.device)
+        hidden, _ = self.forward(tokens, torch.unique(tokens))
+        return hidden[:0, -1] if empty else hidden[:, -1]
+
+    def set_training(self, mode: bool) -> None:
+        self.dense.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (averaged over the accumulation steps)."""
+        if self.backend == "deepspeed":
+            self.dense.backward(loss)  # divides by gradient_accumulation_steps itself
+        else:
+            (loss / self.grad_accum_steps).backward()
+
+    def micro_step(self, boundary: bool) -> None:
+        """After each micro-batch: at an accumulation boundary clip the dense gradients, step the dense
+        optimizer and the schedule (the ID table's fused optimizer already stepped in backward)."""
+        if self.backend == "deepspeed":
+            self.dense.step()  # steps (with clipping and the schedule) only at its own boundaries
+            return
+        if not boundary:
+            return
+        assert self.optimizer is not None
+        torch.nn.utils.clip_grad_norm_(self.dense.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Skip the gradient all-reduce on accumulation micro-batches (FSDP2 and DDP)."""
+        if self.backend == "fsdp2":
+            self.dense.set_requires_gradient_sync(enabled)
+        elif self.backend == "ddp":
+            self.dense.require_backward_grad_sync = enabled
+
+    def last_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def dense_parameters(self) -> list[torch.Tensor]:
+        module = self.dense.module if self.backend in ("deepspeed", "ddp") else self.dense
+        return list(module.parameters())
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of this rank's local trainable state (dense shards and table shards), for
+        :meth:`restore` (the early-stopping best model)."""
+        return [t.detach().clone() for t in self._local_tensors()]
+
+    def restore(self, snapshot: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for target, saved in zip(self._local_tensors(), snapshot, strict=True):
+                target.copy_(saved)
+
+    def _local_tensors(self) -> list[torch.Tensor]:
+        tensors = []
+        for p in self.dense_parameters():
+            if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition
+                tensors.append(p.ds_tensor)
+            elif hasattr(p, "to_local"):  # FSDP2 DTensor
+                tensors.append(p.to_local())
+            else:
+                tensors.append(p.data)
+        for key, value in self.sparse.dmp.state_dict().items():
+            if key.removeprefix("_dmp_wrapped_module.").startswith(f"{ID_TABLE}."):
+                tensors += [shard.tensor for shard in value.local_shards()]
+        return tensors
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trainable state as full tensors on rank 0, named like ``FMRLRec.state_dict()``; None on
+        other ranks. Collective."""
+        dense = self._full_dense_state()
+        tables = self.sparse.gather_tables()
+        if dist.get_rank() != 0:
+            return None
+        assert dense is not None and tables is not None
+        return {**{_model_key(k): v for k, v in dense.items()}, **tables}
+
+    def _full_dense_state(self) -> dict[str, torch.Tensor] | None:
+        if self.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(
+                self.dense, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        elif self.backend == "deepspeed":
+            import deepspeed
+
+            module = self.dense.module
+            params = list(module.parameters())
+            with deepspeed.zero.GatheredParameters(
+                params, modifier_rank=None, enabled=self.dense.zero_optimization_stage() == 3
+            ):
+                state = {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+        else:
+            state = {k: v.detach().clone().cpu() for k, v in self.dense.module.state_dict().items()}
+        return state if dist.get_rank() == 0 else None
+
+
+def _model_key(dense_key: str) -> str:
+    """DenseFMRL state-dict names -> FMRLRec names."""
+    if dense_key.startswith("projector."):
+        return "item_tower." + dense_key
+    return dense_key
+
+
+def parallelize_fmrl(
+    model: FMRLRec,
+    *,
+    backend: str,
+    zero_stage: int,
+    feature_sharding: str,
+    id_sharding: str,
+    id_optimizer: str,
+    id_lr: float,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    grad_clip: float,
+    grad_accum_steps: int,
+    micro_batch_size: int,
+    precision: str,
+    device: torch.device,
+) -> ParallelFMRL:
+    """Shard the tables with TorchRec and wrap the dense part with ``backend``. Needs an initialised
+    process group (a job of one rank is fine). The model's own item tables are freed afterwards: each
+    rank keeps only its shards."""
+    from trainer.optim import build_optimizer, cosine_with_warmup
+
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize_fmrl needs torch.distributed to be initialised (see trainer.dist)")
+    sparse = ShardedItemTables(
+        model.item_tower,
+        nested_sizes=list(model.cfg.nested_sizes),
+        device=device,
+        feature_sharding=feature_sharding,
+        id_sharding=id_sharding,
+        id_optimizer=id_optimizer,
+        id_lr=id_lr,
+    )
+    _free_tables(model.item_tower)
+    dense = DenseFMRL(model).to(device)
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def schedule(optimizer: torch.optim.Optimizer) -> Any:
+        return cosine_with_warmup(optimizer, warmup_steps, total_steps)
+
+    if backend == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        import deepspeed
+
+        optimizer = build_optimizer(dense, lr, weight_decay, fused=device.type == "cuda")
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum_steps,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": False},  # bf16 is autocast of the matmuls; parameters stay fp32 as elsewhere
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=dense, optimizer=optimizer, lr_scheduler=schedule, config=config, dist_init_required=False
+        )
+        return ParallelFMRL(
+            model, sparse, engine, backend, None, scheduler, grad_clip, autocast_dtype, grad_accum_steps
+        )
+
+    if backend == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in dense.trunk.blocks:
+            fully_shard(block)
+        fully_shard(dense)
+        wrapped: nn.Module = dense
+    elif backend == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(dense, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        raise ValueError(f"unknown backend {backend!r}: fsdp2, deepspeed or ddp")
+    optimizer = build_optimizer(wrapped, lr, weight_decay)
+    return ParallelFMRL(
+        model,
+        sparse,
+        wrapped,
+        backend,
+        optimizer,
+        schedule(optimizer),
+        grad_clip,
+        autocast_dtype,
+        grad_accum_steps,
+    )
+
+
+def _free_tables(tower: ItemTower) -> None:
+    """Drop the unsharded tables' storage (the sharded copies are the live ones)."""
+    for table in tower.tables():
+        table.weight = nn.Parameter(torch.empty(0, table.embedding_dim), requires_grad=False)
+
+
+def describe_plan(sparse: ShardedItemTables) -> str:
+    """The TorchRec plan as text, for the log and the run folder."""
+    return str(sparse.plan)
