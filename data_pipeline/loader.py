@@ -362,3 +362,21 @@ def eval_batches(
             histories, targets = [], []
     if targets:
         yield EvalBatch(left_pad(histories, max_len), torch.tensor(targets, dtype=torch.int64))
+
+
+def eval_batch_count(
+    dataset: SequenceDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, max_users: int = 0
+) -> int:
+    """How many batches :func:`eval_batches` yields on ``rank`` (from the manifest, without reading)."""
+    stream = ShardStream(
+        dataset.url,
+        dataset.users.prefix,
+        rank=rank,
+        world_size=world_size,
+        shuffle=False,
+        options=dataset.options,
+    )
+    users = sum(dataset.users.shards[i].samples for i in stream.slot_shards(0))
+    if max_users > 0:
+        users = min(users, -(-max_users // world_size))
+    return -(-users // batch_size)
