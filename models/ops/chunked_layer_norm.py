@@ -56,7 +56,9 @@ def chunked_layer_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Fast chunk-wise layer norm; ``average`` and ``broadcast`` come from ``block_averager``."""
-    return _ChunkedLayerNorm.apply(x, weight, bias, average, broadcast, eps)
+    # statistics in float32 even when the matmuls around it run in bfloat16 (autocast)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ChunkedLayerNorm.apply(x.float(), weight, bias, average, broadcast, eps)
 
 
 def chunked_layer_norm_reference(

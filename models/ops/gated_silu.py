@@ -28,7 +28,8 @@ class _GatedSiLU(torch.autograd.Function):
 
 def gated_silu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise; both (..., D)."""
-    return _GatedSiLU.apply(gate, up)
+    with torch.autocast(gate.device.type, enabled=False):  # float32 under bfloat16 autocast too
+        return _GatedSiLU.apply(gate.float(), up.float())
 
 
 def gated_silu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

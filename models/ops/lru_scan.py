@@ -127,4 +127,6 @@ def lru_scan(
     """Parallel scan in ceil(log2 L) levels with a hand-written backward. Returns (h_re, h_im), (B, L, D)."""
     if mask.shape != u_re.shape[:2]:
         raise ValueError(f"mask must be (B, L) = {tuple(u_re.shape[:2])}, got {tuple(mask.shape)}")
-    return _LRUScan.apply(u_re, u_im, nu, theta, mask)
+    # the recurrence is complex, which has no bfloat16: float32 also under autocast
+    with torch.autocast(u_re.device.type, enabled=False):
+        return _LRUScan.apply(u_re.float(), u_im.float(), nu, theta, mask)

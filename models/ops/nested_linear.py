@@ -97,6 +97,9 @@ class _NestedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
         x2d, mask, *parts = ctx.saved_tensors
+        # under autocast the forward ran in grad_y's dtype (bfloat16); compute the gradients in it too and
+        # return them in the dtypes of the inputs (float32)
+        compute = grad_y.dtype
         grad_x = x2d.new_zeros(x2d.shape) if ctx.needs_input_grad[0] else None
         grad_parts = []
         for i, (g, w) in enumerate(zip(ctx.groups, parts)):
@@ -104,14 +107,17 @@ class _NestedLinear(torch.autograd.Function):
             if g.masked:
                 w = w * mask
             if grad_x is not None:
-                grad_x[:, : g.in_end].addmm_(gy, w)
+                if compute == grad_x.dtype:
+                    grad_x[:, : g.in_end].addmm_(gy, w)
+                else:
+                    grad_x[:, : g.in_end] += gy @ w.to(compute)
             grad_w = None
             if ctx.needs_input_grad[4 + i]:
-                grad_w = gy.T @ x2d[:, : g.in_end]  # (rows, in_end)
+                grad_w = (gy.T @ x2d[:, : g.in_end].to(compute)).to(w.dtype)  # (rows, in_end)
                 if g.masked:
                     grad_w.mul_(mask)
             grad_parts.append(grad_w)
-        grad_b = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grad_b = grad_y.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return grad_x, grad_b, None, None, *grad_parts
 
 

@@ -23,7 +23,7 @@ from data_pipeline.loader import SequenceDataset, decode_user
 from data_pipeline.sequences import collate_next_item
 from data_pipeline.storage import join
 from data_pipeline.stream import iter_shard
-from models.fmrl import FMRLConfig, FMRLRec
+from models.fmrl import FMRLConfig, FMRLRec, NegativeSampler
 from sharding.fmrl import parallelize_fmrl
 from trainer.dist import all_reduce_sum, distributed
 from trainer.evaluate import evaluate
@@ -37,6 +37,10 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--id-optimizer", default="adagrad")
+    parser.add_argument("--no-id-table", action="store_true")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the same rows)")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--loss", default="full", choices=["full", "sampled"])
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -47,7 +51,11 @@ def main() -> None:
         dataset = SequenceDataset.open(args.dataset)
         text, image, _ = load_feature_tables(join(args.dataset, "features"))
         cfg = FMRLConfig(
-            nested_sizes=[8, 16, 32], num_blocks=2, dropout=0.0, attn_dropout=0.0, use_id_embedding=True
+            nested_sizes=[8, 16, 32],
+            num_blocks=2,
+            dropout=0.0,
+            attn_dropout=0.0,
+            use_id_embedding=not args.no_id_table,
         )
         model = FMRLRec(cfg, dataset.num_items, text, image)
         ids = torch.arange(dataset.num_items + 1)
@@ -66,9 +74,9 @@ def main() -> None:
             warmup_steps=2,
             total_steps=args.steps,
             grad_clip=5.0,
-            grad_accum_steps=1,
+            grad_accum_steps=args.grad_accum,
             micro_batch_size=args.global_batch // world.world_size,
-            precision="fp32",
+            precision=args.precision,
             device=device,
         )
         # every rank asks for other ids: sharded lookups must return the unsharded rows
@@ -86,9 +94,9 @@ def main() -> None:
         inputs = StepInputs(
             sizes=cfg.nested_sizes,
             num_items=dataset.num_items,
-            loss_kind="full",
+            loss_kind=args.loss,
             chunk_mb=64,
-            sampler=None,
+            sampler=NegativeSampler(dataset.num_items, 32) if args.loss == "sampled" else None,
             generator=torch.Generator().manual_seed(0),
             device=device,
         )
@@ -97,8 +105,11 @@ def main() -> None:
         for step in range(args.steps):
             start = (step * args.global_batch) % (len(users) - args.global_batch)
             rows = users[start : start + args.global_batch][world.rank :: world.world_size]
-            loss_sum, positions, _ = forward_backward(parallel, collate_next_item(rows, 10), inputs)
-            parallel.micro_step(True)
+            for micro in range(args.grad_accum):  # the same rows each time: the mean gradient is unchanged
+                boundary = micro == args.grad_accum - 1
+                parallel.set_grad_sync(boundary)
+                loss_sum, positions, _ = forward_backward(parallel, collate_next_item(rows, 10), inputs)
+                parallel.micro_step(boundary)
             total = all_reduce_sum(torch.tensor([loss_sum, positions]))
             losses.append(float(total[0] / total[1]))
 

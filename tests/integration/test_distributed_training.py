@@ -82,3 +82,38 @@ def test_two_ranks_follow_one_rank(tiny_dataset, one_rank, tmp_path, backend_arg
     for size, metrics in one_rank["metrics"].items():
         for name, value in metrics.items():
             assert two["metrics"][size][name] == pytest.approx(value, abs=1e-6), (size, name)
+
+
+@pytest.fixture(scope="module")
+def one_rank_without_id_table(tiny_dataset, tmp_path_factory) -> dict:
+    return run_worker(tiny_dataset, str(tmp_path_factory.mktemp("ref") / "noid.json"), 1, "--no-id-table")
+
+
+@pytest.mark.parametrize(
+    "backend_args", [("--backend", "fsdp2"), ("--backend", "deepspeed")], ids=["fsdp2", "zero2"]
+)
+def test_gradient_accumulation_equals_one_step_over_the_micro_batches(
+    tiny_dataset, one_rank_without_id_table, tmp_path, backend_args
+) -> None:
+    # two micro-batches of the same rows, no sync on the first: the same mean gradient, the same steps
+    # (no ID table here: its fused optimizer steps in every backward, so it does not accumulate)
+    accumulated = run_worker(
+        tiny_dataset, str(tmp_path / "acc.json"), 2, *backend_args, "--no-id-table", "--grad-accum", "2"
+    )
+    np.testing.assert_allclose(accumulated["losses"], one_rank_without_id_table["losses"], rtol=LOSS_RTOL)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tiny_dataset, one_rank, tmp_path) -> None:
+    bf16 = run_worker(tiny_dataset, str(tmp_path / "bf16.json"), 1, "--precision", "bf16")
+    losses, reference = np.array(bf16["losses"]), np.array(one_rank["losses"])
+    assert not np.array_equal(losses, reference)  # the matmuls really ran in bfloat16
+    np.testing.assert_allclose(losses, reference, rtol=2e-2)
+
+
+def test_sampled_softmax_trains_on_two_ranks(tiny_dataset, tmp_path) -> None:
+    sampled = run_worker(
+        tiny_dataset, str(tmp_path / "sampled.json"), 2, "--loss", "sampled", "--steps", "30"
+    )
+    losses = np.array(sampled["losses"])
+    assert losses[-5:].mean() < losses[:5].mean() - 0.3
+    assert sampled["metrics"]["32"]["NDCG@10"] > 0.1  # above chance (10 / 150 items) after 30 steps
