@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from models.ops.precision import at_least_float32
+
 
 def block_averager(sizes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(D, K) matrix averaging each block, and (K, D) matrix broadcasting block values back."""
@@ -58,7 +60,7 @@ def chunked_layer_norm(
     """Fast chunk-wise layer norm; ``average`` and ``broadcast`` come from ``block_averager``."""
     # statistics in float32 even when the matmuls around it run in bfloat16 (autocast)
     with torch.autocast(x.device.type, enabled=False):
-        return _ChunkedLayerNorm.apply(x.float(), weight, bias, average, broadcast, eps)
+        return _ChunkedLayerNorm.apply(at_least_float32(x), weight, bias, average, broadcast, eps)
 
 
 def chunked_layer_norm_reference(

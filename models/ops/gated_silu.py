@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.ops.precision import at_least_float32
+
 
 class _GatedSiLU(torch.autograd.Function):
     @staticmethod
@@ -29,7 +31,7 @@ class _GatedSiLU(torch.autograd.Function):
 def gated_silu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise; both (..., D)."""
     with torch.autocast(gate.device.type, enabled=False):  # float32 under bfloat16 autocast too
-        return _GatedSiLU.apply(gate.float(), up.float())
+        return _GatedSiLU.apply(at_least_float32(gate), at_least_float32(up))
 
 
 def gated_silu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

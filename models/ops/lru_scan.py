@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.ops.precision import at_least_float32
+
 
 def lambda_powers(nu: torch.Tensor, theta: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Real and imaginary parts of lambda^k for k = 1..count, each (count, D)."""
@@ -129,4 +131,4 @@ def lru_scan(
         raise ValueError(f"mask must be (B, L) = {tuple(u_re.shape[:2])}, got {tuple(mask.shape)}")
     # the recurrence is complex, which has no bfloat16: float32 also under autocast
     with torch.autocast(u_re.device.type, enabled=False):
-        return _LRUScan.apply(u_re.float(), u_im.float(), nu, theta, mask)
+        return _LRUScan.apply(at_least_float32(u_re), at_least_float32(u_im), nu, theta, mask)

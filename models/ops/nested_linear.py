@@ -117,7 +117,7 @@ class _NestedLinear(torch.autograd.Function):
                 if g.masked:
                     grad_w.mul_(mask)
             grad_parts.append(grad_w)
-        grad_b = grad_y.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grad_b = grad_y.sum(0).to(x2d.dtype) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return grad_x, grad_b, None, None, *grad_parts
 
 
