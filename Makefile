@@ -11,7 +11,7 @@ DEMO_DATA := runs/data/demo
 demo: $(SETUP_DONE)
 	$(VENV)/bin/fmrl data prepare-synthetic $(DEMO_DATA) --shard-size 500
 	$(VENV)/bin/fmrl features $(DEMO_DATA) --image-size 96
-	$(VENV)/bin/fmrl train --config configs/demo.yaml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m trainer.cli train --config configs/demo.yaml
 
 test: $(SETUP_DONE)
 	$(VENV)/bin/python -m pytest

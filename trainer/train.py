@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ class RunResult:
     """Test metrics of the most-popular baseline."""
     loss_kind: str = "full"
     """"full" or "sampled" softmax, as resolved from train.loss."""
+    train_seconds: float = 0.0
+    """Wall time of the optimisation steps (evaluation excluded)."""
+    peak_rss_mib: float = 0.0
+    """This rank's peak resident memory."""
 
 
 def seed_everything(seed: int) -> None:
@@ -298,6 +303,7 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         epoch_start, epoch_sequences, steps_before = time.perf_counter(), 0, result.steps
+        epoch_clock = time.perf_counter()
         for batch in bar:
             micro += 1
             boundary = micro % accum == 0
@@ -325,6 +331,7 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             if result.steps >= total_steps:
                 break
 
+        result.train_seconds += time.perf_counter() - epoch_clock
         valid = run_eval("valid")
         score = valid[largest][EARLY_STOPPING_METRIC]
         if writer is not None:
@@ -376,6 +383,15 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             for name, value in values.items():
                 writer.add_scalar(f"test_size_{size}/{name}", value, result.steps)
         writer.close()
+    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log.info(
+        "rank %d: %d steps in %.0f s (%.2f steps/s), peak RSS %.0f MiB",
+        world.rank,
+        result.steps,
+        result.train_seconds,
+        result.steps / max(result.train_seconds, 1e-9),
+        result.peak_rss_mib,
+    )
     if main:
         report(cfg, result)
     return result

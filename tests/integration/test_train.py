@@ -237,6 +237,7 @@ SHIPPED = {
     "configs/demo.yaml": (2000, 384, 1280),
     "configs/ml-100k.yaml": (1349, 384, 0),
     "configs/beauty.yaml": (12101, 1024, 1024),
+    "configs/synthetic-1m.yaml": (1_000_000, 0, 0),
 }
 
 
@@ -248,7 +249,7 @@ def test_shipped_configs_build_their_model(path):
         model = FMRLRec(
             cfg.model,
             num_items,
-            torch.empty(num_items + 1, text_dim),
+            torch.empty(num_items + 1, text_dim) if text_dim else None,
             torch.empty(num_items + 1, image_dim) if image_dim else None,
         )
     assert model.num_parameters() > 0

@@ -74,10 +74,10 @@ def test_demo_config_values() -> None:
     cfg = load_config(str(REPO / "configs" / "demo.yaml"))
     assert cfg.model.nested_sizes == [8, 16, 32, 64, 128]
     assert (cfg.model.num_blocks, cfg.model.dropout, cfg.model.attn_dropout) == (2, 0.1, 0.1)
-    assert (cfg.data.path, cfg.data.num_workers) == ("runs/data/demo", 1)
+    assert (cfg.data.path, cfg.data.num_workers) == ("runs/data/demo", 0)
     t = cfg.train
-    assert (t.epochs, t.batch_size, t.lr) == (15, 64, 2e-3)
-    assert (t.warmup_steps, t.patience, t.num_threads) == (50, 5, 2)
+    assert (t.epochs, t.batch_size, t.lr) == (10, 32, 2e-3)
+    assert (t.warmup_steps, t.patience, t.num_threads) == (50, 5, 0)
     assert isinstance(t.lr, float)
     assert cfg.eval == EvalConfig()
     assert cfg.run.out_dir == "runs"
