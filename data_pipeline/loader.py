@@ -122,10 +122,13 @@ def scan_users(dataset: SequenceDataset) -> UserStats:
     counts = np.zeros(dataset.num_items + 1, dtype=np.int64)
     trainable = np.zeros(len(dataset.users.shards), dtype=np.int64)
     for index, entry in enumerate(dataset.users.shards):
+        parts = []
         for sample in iter_shard(join(dataset.url, entry.name), entry, dataset.options):
             train = decode_user(sample, dataset.num_items)[:-2]
-            counts += np.bincount(train, minlength=dataset.num_items + 1)
+            parts.append(train)
             trainable[index] += len(train) >= 2
+        if parts:  # one bincount per shard: per user it would cost O(N) each
+            counts += np.bincount(np.concatenate(parts), minlength=dataset.num_items + 1)
     return UserStats(trainable, counts)
 
 
