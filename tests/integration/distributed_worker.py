@@ -113,6 +113,13 @@ def main() -> None:
             total = all_reduce_sum(torch.tensor([loss_sum, positions]))
             losses.append(float(total[0] / total[1]))
 
+        # the frozen feature tables never change; the ID table (last) does
+        after = parallel.sparse(mine)
+        frozen_diff = max(
+            (float((got - want[mine]).abs().max()) for got, want in zip(after[:-1], reference_rows[:-1])),
+            default=0.0,
+        )
+        id_change = float((after[-1] - reference_rows[-1][mine]).abs().max()) if not args.no_id_table else 0.0
         metrics = evaluate(
             parallel,
             dataset,
@@ -133,6 +140,8 @@ def main() -> None:
                     {
                         "losses": losses,
                         "lookup_diff": lookup_diff,
+                        "frozen_diff": frozen_diff,
+                        "id_change": id_change,
                         "metrics": {str(k): v for k, v in metrics.items()},
                         "weights": digest,
                         "world_size": world.world_size,

@@ -67,6 +67,8 @@ def test_two_ranks_follow_one_rank(tiny_dataset, one_rank, tmp_path, backend_arg
     assert two["world_size"] == 2 and one_rank["world_size"] == 1
     # the table shards return exactly the rows of the unsharded tables
     assert two["lookup_diff"] == 0.0 and one_rank["lookup_diff"] == 0.0
+    # after training: the frozen feature tables are unchanged, the learnable ID table has moved
+    assert two["frozen_diff"] == 0.0 and two["id_change"] > 1e-3
     one_losses, two_losses = np.array(one_rank["losses"]), np.array(two["losses"])
     assert len(one_losses) == len(two_losses) == 20
     assert one_losses[-1] < one_losses[0] - 0.3  # it trains
