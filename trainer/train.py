@@ -331,7 +331,8 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             if result.steps >= total_steps:
                 break
 
-        result.train_seconds += time.perf_counter() - epoch_clock
+        epoch_seconds = time.perf_counter() - epoch_clock
+        result.train_seconds += epoch_seconds
         valid = run_eval("valid")
         score = valid[largest][EARLY_STOPPING_METRIC]
         if writer is not None:
@@ -344,7 +345,7 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
                 "epoch %d: loss %.4f, %.0f seq/s, valid %s at size %d = %.4f%s",
                 epoch,
                 float(np.mean(result.train_losses[steps_before:] or [float("nan")])),
-                epoch_sequences / (time.perf_counter() - epoch_start),
+                epoch_sequences / max(epoch_seconds, 1e-9),  # training only, evaluation excluded
                 EARLY_STOPPING_METRIC,
                 largest,
                 score,
