@@ -269,6 +269,9 @@ class TrainLoader:
                         num_workers=self.num_workers,
                         prefetch_factor=self.prefetch_factor,
                         multiprocessing_context="fork",
+                        # its own generator: creating the iterator must not draw from the global RNG,
+                        # or dropout would differ between a resumed and an uninterrupted run
+                        generator=torch.Generator().manual_seed(self.seed),
                     )
                 )
             try:

@@ -28,6 +28,7 @@ gathers it onto rank 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ from models.fmrl.model import ItemTower, project_features
 log = logging.getLogger("fmrl")
 
 FROZEN_TABLES = ("text", "image")
+
+
+def _options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # flat keys ("state.<fqn>.exp_avg"): the nested param_groups list does not survive DCP's flattening
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 ID_TABLE = "id"
 
 
@@ -301,6 +311,39 @@ class ParallelFMRL:
         module = self.dense.module if self.backend in ("deepspeed", "ddp") else self.dense
         return list(module.parameters())
 
+    def state_dict(self) -> dict[str, Any]:
+        """The trainable state for DCP: dense weights and optimizer (DTensors under FSDP2), the ID table
+        and its fused optimizer state (ShardedTensors: live, so a DCP load fills them in place), and the
+        schedule. The frozen feature tables are not included: they come from the feature files."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        if self.backend == "deepspeed":
+            raise NotImplementedError("DCP checkpoints of the DeepSpeed engine are not implemented yet")
+        tables = {k: v for k, v in self.sparse.dmp.state_dict().items() if k.startswith(f"{ID_TABLE}.")}
+        fused = {
+            k: v
+            for k, v in self.sparse.fused_optimizer.state_dict()["state"].items()
+            if k.startswith(f"{ID_TABLE}.") and v
+        }
+        state: dict[str, Any] = {
+            "dense": get_model_state_dict(self.dense),
+            "dense_optimizer": get_optimizer_state_dict(self.dense, self.optimizer, options=_options()),
+            "schedule": json.dumps(self.scheduler.state_dict()),
+        }
+        if tables:
+            state["tables"] = tables
+        if fused:  # empty on ranks that hold no shard of the ID table
+            state["tables_optimizer"] = fused
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Apply a ``state_dict()`` that DCP has filled (the tables were filled in place)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(self.dense, state["dense"])
+        set_optimizer_state_dict(self.dense, self.optimizer, state["dense_optimizer"], options=_options())
+        self.scheduler.load_state_dict(json.loads(state["schedule"]))
+
     def snapshot(self) -> list[torch.Tensor]:
         """Copies of this rank's local trainable state (dense shards and table shards), for
         :meth:`restore` (the early-stopping best model)."""
@@ -312,6 +355,13 @@ class ParallelFMRL:
                 target.copy_(saved)
 
     def _local_tensors(self) -> list[torch.Tensor]:
+        if self.backend == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+
+            # the root may still hold its gathered parameters after a forward: go back to the shards
+            for module in self.dense.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         tensors = []
         for p in self.dense_parameters():
             if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition

@@ -238,10 +238,27 @@ class RunConfig:
     """Show a progress bar on the terminal."""
     log_every: int = 10
     """Log training metrics every this many optimisation steps."""
+    checkpoint_dir: str = ""
+    """Where sharded checkpoints go (a folder or s3:// prefix); "" means <run dir>/checkpoints."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps (and at the end of every epoch); 0 means only at epoch ends."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept; older ones are deleted after each successful save."""
+    resume: str = ""
+    """"" starts fresh; "auto" continues from the newest complete checkpoint of this run (if any); a URL
+    continues from that checkpoint."""
+    stop_after_steps: int = 0
+    """End the job after this many steps in total (checkpoint, no final test), as a preempted or
+    time-limited job would; the schedule is not changed. 0 means run to the end."""
+    log_sample_keys: bool = False
+    """Append every step's sample keys to sample_keys.rank<r>.txt in the run folder (resume tests)."""
 
     def __post_init__(self) -> None:
         _require(self.out_dir != "", "run.out_dir must not be empty")
         _at_least("run.log_every", self.log_every, 1)
+        _at_least("run.checkpoint_every", self.checkpoint_every, 0)
+        _at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
+        _at_least("run.stop_after_steps", self.stop_after_steps, 0)
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from data_pipeline.storage import StorageOptions
 from models.fmrl import FMRLRec, NegativeSampler, candidate_set, matryoshka_loss, sampled_matryoshka_loss
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from sharding.world import World, set_cpu_threads
+from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import Config, DataConfig, dump_config
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
 from trainer.evaluate import evaluate, evaluate_popularity
@@ -289,10 +291,42 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
         )
 
     result = RunResult(run_dir=run_dir, best_epoch=0, steps=0, loss_kind=loss_kind)
-    best_score, best_state, epochs_without_gain = float("-inf"), parallel.snapshot(), 0
+    progress = Progress()
+    checkpoints = CheckpointManager(
+        cfg.run.checkpoint_dir or os.path.join(run_dir, "checkpoints"), options, cfg.run.keep_checkpoints
+    )
+    if cfg.parallel.backend == "deepspeed" and (
+        cfg.run.checkpoint_every or cfg.run.resume or cfg.run.stop_after_steps
+    ):
+        raise CheckpointError(
+            "checkpoints are not implemented for parallel.backend=deepspeed yet; use fsdp2 or ddp, or "
+            "leave run.checkpoint_every, run.resume and run.stop_after_steps at their defaults"
+        )
+    checkpointing = cfg.parallel.backend != "deepspeed"
+
+    def save_checkpoint() -> None:
+        if checkpointing:
+            checkpoints.save(result.steps, training_state(parallel, loader, inputs, result, progress, world))
+
+    resume_url = checkpoints.latest() if cfg.run.resume == "auto" else cfg.run.resume
+    if resume_url and checkpointing:
+        restore_training_state(checkpoints, resume_url, parallel, loader, inputs, result, progress, world)
+        if main:
+            log.info("resumed from %s at step %d (epoch %d)", resume_url, result.steps, loader.epoch + 1)
+    best_score, best_state, epochs_without_gain = (
+        progress.best_score,
+        parallel.snapshot(),
+        progress.epochs_without_gain,
+    )
+    keys_log = (
+        open(os.path.join(run_dir, f"sample_keys.rank{world.rank}.txt"), "a")
+        if cfg.run.log_sample_keys
+        else None
+    )
     parallel.set_training(True)
     micro, window = 0, [0.0, 0.0]  # micro-batches; (loss sum, positions) of the current step, all ranks
-    for epoch in range(1, cfg.train.epochs + 1):
+    stopped = False
+    for epoch in range(loader.epoch + 1, cfg.train.epochs + 1):
         bar = tqdm(
             loader,
             total=loader.steps_in_epoch(loader.epoch),
@@ -309,6 +343,8 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             boundary = micro % accum == 0
             parallel.set_grad_sync(boundary)
             loss_sum, positions, per_size = forward_backward(parallel, batch, inputs)
+            if keys_log is not None:
+                keys_log.write(" ".join(batch.keys) + "\n")
             parallel.micro_step(boundary)
             window[0] += loss_sum
             window[1] += positions
@@ -328,9 +364,25 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
                     writer.add_scalar(f"train/loss_size_{size}", value, result.steps)
                 writer.add_scalar("train/lr", parallel.last_lr(), result.steps)
                 writer.add_scalar("train/sequences_per_s", throughput, result.steps)
+            if cfg.run.checkpoint_every and result.steps % cfg.run.checkpoint_every == 0:
+                save_checkpoint()
+            if cfg.run.stop_after_steps and result.steps >= cfg.run.stop_after_steps:
+                stopped = True
+                break
             if result.steps >= total_steps:
                 break
 
+        if stopped:
+            if not (cfg.run.checkpoint_every and result.steps % cfg.run.checkpoint_every == 0):
+                save_checkpoint()
+            if main:
+                log.info(
+                    "stopping after step %d (run.stop_after_steps); continue with run.resume=auto",
+                    result.steps,
+                )
+            if keys_log is not None:
+                keys_log.close()
+            return result
         epoch_seconds = time.perf_counter() - epoch_clock
         result.train_seconds += epoch_seconds
         valid = run_eval("valid")
@@ -356,12 +408,16 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             result.best_epoch, result.valid_metrics = epoch, valid
         else:
             epochs_without_gain += 1
-            if epochs_without_gain >= cfg.train.patience:
-                if main:
-                    log.info("early stopping: no gain in %d epochs", cfg.train.patience)
-                break
+        progress.best_score, progress.epochs_without_gain = best_score, epochs_without_gain
+        save_checkpoint()
+        if epochs_without_gain >= cfg.train.patience:
+            if main:
+                log.info("early stopping: no gain in %d epochs", cfg.train.patience)
+            break
         if result.steps >= total_steps:
             break
+    if keys_log is not None:
+        keys_log.close()
 
     parallel.restore(best_state)
     weights = parallel.full_state_dict()
@@ -398,6 +454,77 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
     return result
 
 
+@dataclass
+class Progress:
+    """Early-stopping state that a checkpoint carries besides the steps and losses."""
+
+    best_score: float = float("-inf")
+    epochs_without_gain: int = 0
+
+
+def training_state(
+    parallel: ParallelFMRL,
+    loader: TrainLoader,
+    inputs: StepInputs,
+    result: RunResult,
+    progress: Progress,
+    world: World,
+) -> dict[str, Any]:
+    """Everything a run needs to continue exactly, as a DCP state dict (tensors are live references,
+    so loading fills them in place). Per-rank positions (data, RNG) are gathered into one JSON string."""
+    positions: list[Any] = [None] * world.world_size
+    mine = {
+        "loader": loader.state_dict(),
+        "torch_rng": torch.get_rng_state().tolist(),
+        "negatives_rng": inputs.generator.get_state().tolist(),
+    }
+    dist.all_gather_object(positions, mine)
+    run = {
+        "steps": result.steps,
+        "train_losses": result.train_losses,
+        "best_epoch": result.best_epoch,
+        "valid_metrics": {str(k): v for k, v in result.valid_metrics.items()},
+        "train_seconds": result.train_seconds,
+        "best_score": progress.best_score,
+        "epochs_without_gain": progress.epochs_without_gain,
+        "world_size": world.world_size,
+    }
+    state = parallel.state_dict()
+    state["run"] = json.dumps(run)
+    state["positions"] = json.dumps(positions)
+    return state
+
+
+def restore_training_state(
+    checkpoints: CheckpointManager,
+    url: str,
+    parallel: ParallelFMRL,
+    loader: TrainLoader,
+    inputs: StepInputs,
+    result: RunResult,
+    progress: Progress,
+    world: World,
+) -> None:
+    marker = checkpoints.marker(url)
+    if marker["world_size"] != world.world_size:
+        raise CheckpointError(
+            f"{url} was saved by {marker['world_size']} ranks and this job has {world.world_size}: the "
+            "data position of each rank cannot be mapped to another world size yet; resume with "
+            f"{marker['world_size']} ranks"
+        )
+    state = training_state(parallel, loader, inputs, result, progress, world)
+    checkpoints.load(url, state)
+    parallel.load_state_dict(state)
+    run, positions = json.loads(state["run"]), json.loads(state["positions"])[world.rank]
+    loader.load_state_dict(positions["loader"])
+    torch.set_rng_state(torch.tensor(positions["torch_rng"], dtype=torch.uint8))
+    inputs.generator.set_state(torch.tensor(positions["negatives_rng"], dtype=torch.uint8))
+    result.steps, result.train_losses = run["steps"], run["train_losses"]
+    result.best_epoch, result.train_seconds = run["best_epoch"], run["train_seconds"]
+    result.valid_metrics = {int(k): v for k, v in run["valid_metrics"].items()}
+    progress.best_score, progress.epochs_without_gain = run["best_score"], run["epochs_without_gain"]
+
+
 def save_weights(state: dict[str, torch.Tensor], path: str) -> None:
     tmp = f"{path}.tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, tmp)
@@ -421,6 +548,7 @@ def report(cfg: Config, result: RunResult) -> None:
         {
             "best_epoch": result.best_epoch,
             "steps": result.steps,
+            "train_losses": result.train_losses,
             "test": {str(k): v for k, v in result.test_metrics.items()},
             "valid": {str(k): v for k, v in result.valid_metrics.items()},
             "most_popular": result.popularity_metrics,
