@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from trunk import machine  # bench/, the script's folder, is on sys.path
+from trunk import machine, write_section  # bench/, the script's folder, is on sys.path
 
 from data_pipeline.features import ImageEncoder, TextEncoder, default_text_model_path
 from data_pipeline.loader import SequenceDataset, TrainLoader, UserStats, scan_users
@@ -479,18 +479,6 @@ def render(r: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -565,7 +553,7 @@ def main() -> None:
     section = render(results, command)
     print(section)
     if not args.no_write:
-        write_section(args.output, section)
+        write_section(args.output, section, BEGIN, END)
 
 
 if __name__ == "__main__":

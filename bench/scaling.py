@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 from data import DEMO_CONFIG, DEMO_ITEMS, DEMO_SEQ_LEN  # bench/, the script's folder, is on sys.path
-from trunk import machine
+from trunk import machine, write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -317,20 +317,6 @@ def interpretation(results: list[dict]) -> list[str]:
     ]
 
 
-def write_section(path: str, section: str) -> None:
-    """Replace this script's section of ``path`` (between its markers), or append it. trunk.write_section
-    does the same for trunk.py's own markers only."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -373,7 +359,7 @@ def main() -> None:
     section = render(results, plain, command, time.perf_counter() - started)
     print(section)
     if not args.no_write:
-        write_section(args.output, section)
+        write_section(args.output, section, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -260,10 +260,12 @@ def render(results: list[dict], savings: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, section: str) -> None:
+def write_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section between ``begin`` and ``end`` in ``path`` with ``section`` (which carries the
+    markers), or append it; written to a temporary file, then renamed. Every bench script uses this."""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     tmp = f"{path}.tmp"

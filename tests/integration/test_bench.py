@@ -1,0 +1,58 @@
+"""The bench scripts run end to end in their --quick mode (smoke tests; their numbers are not checked),
+and --no-write leaves docs/benchmarks.md alone.
+
+.venv/bin/python -m pytest -q tests/integration/test_bench.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_quick(tmp_path, script: str, *args: str) -> str:
+    """stdout of ``bench/<script> --quick --no-write``; fails if it exits non-zero or writes anything."""
+    output = tmp_path / "benchmarks.md"
+    command = [
+        sys.executable,
+        os.path.join(REPO, "bench", script),
+        "--quick",
+        "--no-write",
+        "--output",
+        str(output),
+    ]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not output.exists(), "--no-write must not write the section"
+    return done.stdout
+
+
+def test_data_bench_prints_every_table(tmp_path):
+    out = run_quick(tmp_path, "data.py")
+    for heading in (
+        "<!-- bench/data.py:begin -->",
+        "### Training loader",
+        "| storage | workers | samples/s |",
+        "### Item shards",
+        "### Feature extraction",
+        "### Training consumption (demo) and the 10x requirement",
+        "### 1M-item generation",
+        "<!-- bench/data.py:end -->",
+    ):
+        assert heading in out, heading
+    for storage in ("| local | 0 |", "| local | 2 |", "| S3 (moto) | 0 |", "| S3 (moto) | 2 |"):
+        assert storage in out, storage
+    assert "sequences/s" in out and "items/s" in out
+
+
+def test_scaling_bench_prints_the_table(tmp_path):
+    out = run_quick(tmp_path, "scaling.py", "--backends", "fsdp2")
+    assert (
+        "| backend | ranks | threads/rank | ms/step, median (range) | sequences/s | peak RSS per rank (MiB) |"
+        in out
+    )
+    assert "| fsdp2 | 1 | 2 |" in out and "| fsdp2 | 2 | 1 |" in out
+    assert "<!-- bench/scaling.py:begin -->" in out and "<!-- bench/scaling.py:end -->" in out
