@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4"
     )
     _add_data_commands(commands)
+    export = commands.add_parser(
+        "export", help="write a standalone model at each nested size of a finished run"
+    )
+    export.add_argument("run_dir", help="a finished run folder (config.yaml + model.safetensors)")
+    export.add_argument("--sizes", required=True, help="comma-separated nested sizes, e.g. 16,64,128")
+    export.add_argument("--out", help="where the export goes (local or s3://; default: <run_dir>/export)")
     features = commands.add_parser(
         "features", help="encode item text and images of a dataset into frozen feature tables"
     )
@@ -165,6 +171,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fmrl features: {error}", file=sys.stderr)
             return 2
         print(summary)
+        return 0
+    if args.command == "export":
+        from data_pipeline.storage import StorageError, StorageOptions
+        from trainer.export import ExportError, export_sizes, load_trained_model
+
+        try:
+            sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+            options = StorageOptions.from_env()
+            model = load_trained_model(args.run_dir, options)
+            manifest = export_sizes(model, args.out or f"{args.run_dir.rstrip('/')}/export", sizes, options)
+        except (ExportError, StorageError, ValueError) as error:
+            print(f"fmrl export: {error}", file=sys.stderr)
+            return 2
+        for size, entry in manifest["sizes"].items():
+            print(f"size {size:>5}: {entry['bytes'] / 2**20:8.2f} MiB  {entry['folder']}")
         return 0
     if args.command == "data":
         from data_pipeline.converters import ConversionError

@@ -1,0 +1,142 @@
+"""Nested-size exports: one training run, a standalone recommender at every Matryoshka size.
+
+    fmrl export runs/demo --sizes 16,64,128 [--out URL]
+
+For each size m the export folder ``size-<m>/`` holds
+
+* ``model.safetensors``: the LRU trunk sliced to width m (``slice_state_dict``);
+* ``items.safetensors``: the item table at size m, ``(N + 1, m)``, precomputed from the frozen features
+  (and the ID table) through the projector, so serving needs neither the features nor the projector;
+* ``config.json``: the model config at size m and the number of items.
+
+``export.json`` (written last) lists the sizes with their bytes. Everything is safetensors and JSON:
+loading never unpickles. :func:`load_recommender` turns one size back into a :class:`Recommender`.
+
+The input is a finished run folder (its ``config.yaml`` and ``model.safetensors``, the best model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from data_pipeline.features import load_feature_tables
+from data_pipeline.storage import StorageOptions, atomic_write, join, open_read
+from models.fmrl import FMRLConfig, FMRLRec, LRUTrunk, slice_state_dict
+
+EXPORT_VERSION = 1
+
+
+class ExportError(ValueError):
+    """A run folder or an export that cannot be used; the message names the file."""
+
+
+def _read(url: str, options: StorageOptions | None) -> bytes:
+    with open_read(url, options) as f:
+        return f.read()
+
+
+def _write(url: str, data: bytes, options: StorageOptions | None) -> int:
+    with atomic_write(url, options) as f:
+        f.write(data)
+    return len(data)
+
+
+def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> FMRLRec:
+    """The best model of a finished run: its config, the dataset's frozen features, its weights."""
+    from trainer.config import load_config
+
+    config_path = os.path.join(run_dir, "config.yaml")
+    weights_path = os.path.join(run_dir, "model.safetensors")
+    for path in (config_path, weights_path):
+        if not os.path.exists(path):
+            raise ExportError(f"{path} is missing: {run_dir!r} is not a finished run folder")
+    cfg = load_config(config_path)
+    needs_features = cfg.model.use_text_features or cfg.model.use_image_features
+    text, image, info = (None, None, None)
+    if needs_features:
+        text, image, info = load_feature_tables(cfg.data.features_url, options)
+    weights = st_load(_read(weights_path, options))
+    num_items = info["num_items"] if info else int(weights["item_tower.id_embedding.weight"].shape[0]) - 1
+    model = FMRLRec(cfg.model, num_items, text, image)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise ExportError(
+            f"{weights_path} does not fit the run's config: unexpected {sorted(unexpected)[:3]}, "
+            f"missing {sorted(set(missing) - frozen)[:3]}"
+        )
+    return model.eval()
+
+
+@torch.no_grad()
+def export_sizes(
+    model: FMRLRec, out_url: str, sizes: list[int], options: StorageOptions | None = None
+) -> dict[str, Any]:
+    """Write a standalone model per size in ``sizes`` (each one of the model's nested sizes)."""
+    unknown = [m for m in sizes if m not in model.cfg.nested_sizes]
+    if unknown:
+        raise ExportError(f"sizes {unknown} are not nested sizes of this model ({model.cfg.nested_sizes})")
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
+    items = model.item_tower()  # (N + 1, D)
+    manifest: dict[str, Any] = {"version": EXPORT_VERSION, "num_items": model.num_items, "sizes": {}}
+    for m in sorted(sizes):
+        folder = join(out_url, f"size-{m}")
+        sliced = slice_state_dict(state, m)
+        sub_cfg = dataclasses.replace(model.cfg, nested_sizes=[s for s in model.cfg.nested_sizes if s <= m])
+        written = _write(join(folder, "model.safetensors"), st_save(sliced), options)
+        written += _write(
+            join(folder, "items.safetensors"), st_save({"items": items[:, :m].contiguous()}), options
+        )
+        config = {"model": dataclasses.asdict(sub_cfg), "num_items": model.num_items, "size": m}
+        written += _write(join(folder, "config.json"), json.dumps(config, indent=1).encode(), options)
+        manifest["sizes"][str(m)] = {"folder": f"size-{m}", "bytes": written}
+    _write(join(out_url, "export.json"), json.dumps(manifest, indent=1).encode(), options)  # last
+    return manifest
+
+
+@dataclass
+class Recommender:
+    """A size-m model: LRU trunk of width m and the (N + 1, m) item table (row 0 is padding)."""
+
+    size: int
+    trunk: LRUTrunk
+    items: torch.Tensor
+
+    @torch.no_grad()
+    def scores(self, histories: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded item-id histories -> (B, N) scores of items 1..N."""
+        hidden = self.trunk(self.items[histories], histories > 0)  # (B, L, m)
+        return hidden[:, -1] @ self.items[1:].T
+
+    @torch.no_grad()
+    def recommend(self, histories: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, item ids 1..N), each (B, k)."""
+        values, index = torch.topk(self.scores(histories), k, dim=1)
+        return values, index + 1
+
+
+def load_recommender(url: str, size: int, options: StorageOptions | None = None) -> Recommender:
+    """Load the size-``size`` model of an export (safetensors and JSON only)."""
+    manifest = json.loads(_read(join(url, "export.json"), options))
+    if str(size) not in manifest["sizes"]:
+        raise ExportError(f"{url} has sizes {sorted(map(int, manifest['sizes']))}, not {size}")
+    folder = join(url, manifest["sizes"][str(size)]["folder"])
+    config = json.loads(_read(join(folder, "config.json"), options))
+    cfg = FMRLConfig(**config["model"])
+    trunk = LRUTrunk(cfg)
+    weights = st_load(_read(join(folder, "model.safetensors"), options))
+    trunk.load_state_dict({k.removeprefix("trunk."): v for k, v in weights.items()})
+    items = st_load(_read(join(folder, "items.safetensors"), options))["items"]
+    if tuple(items.shape) != (config["num_items"] + 1, size):
+        raise ExportError(
+            f"{folder}/items.safetensors has shape {tuple(items.shape)}, expected ({config['num_items'] + 1}, {size})"
+        )
+    return Recommender(size, trunk.eval(), items)
