@@ -15,19 +15,28 @@ What goes into a checkpoint is assembled by the trainer (:func:`trainer.train.tr
 dense model and optimizer (FSDP2 DTensors or DDP tensors, through
 ``torch.distributed.checkpoint.state_dict``), the TorchRec item tables and their fused optimizer state
 (ShardedTensors, loaded in place), the schedule, and per-rank positions (data loader, RNG) gathered into
-one JSON document. Loading never unpickles: DCP's tensor files plus JSON.
+one JSON document.
+
+Loading never runs arbitrary pickles. DCP pickles its ``.metadata`` and ``torch.save``s non-tensor
+values; here the metadata is read by an unpickler that admits only DCP's own metadata classes, torch
+sizes, dtypes and paths (anything else is refused, naming the file), and non-tensor values (our JSON
+strings) are loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import pickle
 import re
 import time
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data_pipeline.storage import (
     StorageOptions,
@@ -48,6 +57,73 @@ _STEP_DIR = re.compile(r"^step-(\d{9})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the run that tries to load it."""
+
+
+# the globals a DCP .metadata pickle refers to (torch 2.13); everything else is refused
+_METADATA_CLASSES = {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f: Any, url: str) -> None:
+        super().__init__(f)
+        self.url = url
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"{self.url}: the checkpoint metadata refers to {module}.{name}, which a DCP checkpoint never "
+            "contains; refusing to load it (it may have been tampered with)"
+        )
+
+
+class _SafeMetadataReader:
+    """Mixin for DCP's file-system readers: read .metadata with the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))  # type: ignore[attr-defined]
+        with self.fs.create_stream(path, "rb") as f:  # type: ignore[attr-defined]
+            metadata = _MetadataUnpickler(io.BytesIO(f.read()), str(path)).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
+        return metadata
+
+
+class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
+    """Non-tensor values (our JSON strings) are loaded with weights_only=True, never as full pickles."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def _fsspec_kwargs(options: StorageOptions | None) -> dict[str, Any]:
@@ -85,14 +161,25 @@ class CheckpointManager:
         if is_remote(url):
             from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-            return FsspecReader(url, **_fsspec_kwargs(self.options))
-        return dcp.FileSystemReader(url)
+            class SafeFsspecReader(_SafeMetadataReader, FsspecReader):
+                pass
+
+            return SafeFsspecReader(url, **_fsspec_kwargs(self.options))
+
+        class SafeFileSystemReader(_SafeMetadataReader, dcp.FileSystemReader):
+            pass
+
+        return SafeFileSystemReader(url)
 
     def save(self, step: int, state: dict[str, Any], info: dict[str, Any] | None = None) -> str:
         """Write ``state`` as checkpoint ``step``; the commit marker goes last. Returns its URL."""
         url = self.url(step)
         start = time.monotonic()
-        dcp.save(state, storage_writer=self._writer(url))
+        try:
+            dcp.save(state, storage_writer=self._writer(url))
+        except CheckpointException as e:  # no marker is written: the previous checkpoint stays the latest
+            causes = "; ".join(f"rank {rank}: {type(x).__name__}: {x}" for rank, x in e.failures.items())
+            raise CheckpointError(f"saving checkpoint {url} failed (it is not committed): {causes}") from e
         dist.barrier()  # every rank's shards are written before the marker says so
         if dist.get_rank() == 0:
             marker = {"step": step, "world_size": dist.get_world_size(), "time": time.time(), **(info or {})}
@@ -136,8 +223,13 @@ class CheckpointManager:
         tensors allow it). Returns the commit marker."""
         marker = self.marker(url)
         try:
-            dcp.load(state, storage_reader=self._reader(url))
-        except Exception as e:  # DCP wraps per-rank failures; name the checkpoint in the message
+            dcp.load(state, storage_reader=self._reader(url), planner=_SafeLoadPlanner())
+        except CheckpointError:
+            raise
+        except CheckpointException as e:  # a BaseException: DCP's wrapper of every rank's failure
+            causes = "; ".join(f"rank {rank}: {type(x).__name__}: {x}" for rank, x in e.failures.items())
+            raise CheckpointError(f"loading checkpoint {url} failed: {causes}") from e
+        except Exception as e:
             raise CheckpointError(f"loading checkpoint {url} failed: {type(e).__name__}: {e}") from e
         return marker
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -131,3 +132,17 @@ def test_resuming_with_another_world_size_is_refused_up_front(tmp_path, tiny_dat
 def test_deepspeed_with_checkpoints_is_a_clear_error(tmp_path, tiny_dataset) -> None:
     with pytest.raises(CheckpointError, match=r"not implemented for parallel\.backend=deepspeed"):
         single(tmp_path, tiny_dataset, "run.name=ds", "parallel.backend=deepspeed", "run.checkpoint_every=2")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_tampered_metadata_pickle_is_refused(tmp_path, tiny_dataset) -> None:
+    single(tmp_path, tiny_dataset, "run.name=t", "run.stop_after_steps=2")
+    step = tmp_path / "t" / "checkpoints" / "step-000000002"
+    with open(step / ".metadata", "wb") as f:
+        pickle.dump(_Exploit(), f)
+    with pytest.raises(CheckpointError, match=r"\.metadata: the checkpoint metadata refers to posix\.system"):
+        single(tmp_path, tiny_dataset, "run.name=t", "run.resume=auto")
