@@ -357,7 +357,9 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             result.steps += 1
             result.train_losses.append(loss)
             throughput = epoch_sequences / (time.perf_counter() - epoch_start)
-            bar.set_postfix(loss=f"{loss:.4f}", seq_per_s=f"{throughput:.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}", seq_per_s=f"{throughput:.0f}", refresh=False
+            )  # redraw at tqdm's pace
             if writer is not None and result.steps % cfg.run.log_every == 0:
                 writer.add_scalar("train/loss", loss, result.steps)
                 for size, value in zip(sizes, per_size.tolist()):  # rank 0's last micro-batch
