@@ -250,6 +250,8 @@ class RunConfig:
     stop_after_steps: int = 0
     """End the job after this many steps in total (checkpoint, no final test), as a preempted or
     time-limited job would; the schedule is not changed. 0 means run to the end."""
+    export: bool = True
+    """At the end, write a standalone model at every nested size to <run dir>/export (`fmrl export`)."""
     log_sample_keys: bool = False
     """Append every step's sample keys to sample_keys.rank<r>.txt in the run folder (resume tests)."""
 

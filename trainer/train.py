@@ -43,6 +43,7 @@ from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.config import Config, DataConfig, dump_config
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
 from trainer.evaluate import evaluate, evaluate_popularity
+from trainer.export import export_sizes, load_trained_model
 from trainer.report import format_size_table, save_size_plot
 
 log = logging.getLogger("fmrl")
@@ -453,6 +454,12 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
     )
     if main:
         report(cfg, result)
+        if cfg.run.export:
+            manifest = export_sizes(
+                load_trained_model(run_dir, options), os.path.join(run_dir, "export"), sizes, options
+            )
+            total = sum(entry["bytes"] for entry in manifest["sizes"].values())
+            print(f"export: sizes {sizes} ({total / 2**20:.1f} MiB) in {os.path.join(run_dir, 'export')}")
     return result
 
 

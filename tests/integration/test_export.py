@@ -35,6 +35,9 @@ def run_dir(tiny_dataset, tmp_path_factory) -> str:
 
 
 def test_each_size_scores_like_the_full_models_prefix(run_dir, tiny_dataset, capsys) -> None:
+    # training exported every nested size by itself
+    automatic = json.loads(open(f"{run_dir}/export/export.json").read())
+    assert set(automatic["sizes"]) == {"8", "16", "32"}
     assert main(["export", run_dir, "--sizes", "8,32"]) == 0
     printed = capsys.readouterr().out
     assert "size     8" in printed and "size    32" in printed
