@@ -221,7 +221,7 @@ class TrainLoader:
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.num_slots = max(num_workers, 1)
-        self.stream(0)  # validate: enough shards for every slot of every rank
+        self._layout = self.stream(0)  # validates: enough shards for every slot of every rank
         self.epoch = 0
         self._states: list[dict[str, Any] | None] = [None] * self.num_slots
         self._next_slot = 0
@@ -239,12 +239,13 @@ class TrainLoader:
             shuffle=True,
             shuffle_samples=True,
             options=self.dataset.options,
+            manifest=self.dataset.users,
         )
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Batches every rank takes in ``epoch``: the fewest that any rank has (computed locally)."""
         per_shard = self.stats.trainable_per_shard
-        layout = self.stream(0)
+        layout = self._layout
         fewest = math.inf
         for rank in range(self.world_size):
             slots = range(rank * self.num_slots, (rank + 1) * self.num_slots)
@@ -325,6 +326,19 @@ class TrainLoader:
 # -------------------------------------------------------------------------------------------- evaluation
 
 
+def _eval_stream(dataset: SequenceDataset, rank: int, world_size: int) -> ShardStream:
+    """This rank's users in file order (one reading slot per rank, no shuffling)."""
+    return ShardStream(
+        dataset.url,
+        dataset.users.prefix,
+        rank=rank,
+        world_size=world_size,
+        shuffle=False,
+        options=dataset.options,
+        manifest=dataset.users,
+    )
+
+
 def eval_batches(
     dataset: SequenceDataset,
     split: str,
@@ -345,14 +359,7 @@ def eval_batches(
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     cut = 2 if split == "valid" else 1
     limit = -(-max_users // world_size) if max_users > 0 else math.inf
-    stream = ShardStream(
-        dataset.url,
-        dataset.users.prefix,
-        rank=rank,
-        world_size=world_size,
-        shuffle=False,
-        options=dataset.options,
-    )
+    stream = _eval_stream(dataset, rank, world_size)
     histories: list[np.ndarray] = []
     targets: list[int] = []
     seen = 0
@@ -374,14 +381,7 @@ def eval_batch_count(
     dataset: SequenceDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, max_users: int = 0
 ) -> int:
     """How many batches :func:`eval_batches` yields on ``rank`` (from the manifest, without reading)."""
-    stream = ShardStream(
-        dataset.url,
-        dataset.users.prefix,
-        rank=rank,
-        world_size=world_size,
-        shuffle=False,
-        options=dataset.options,
-    )
+    stream = _eval_stream(dataset, rank, world_size)
     users = sum(dataset.users.shards[i].samples for i in stream.slot_shards(0))
     if max_users > 0:
         users = min(users, -(-max_users // world_size))

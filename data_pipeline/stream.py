@@ -141,6 +141,7 @@ class ShardStream:
         shuffle: bool = True,
         shuffle_samples: bool = False,
         options: StorageOptions | None = None,
+        manifest: Manifest | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -156,7 +157,8 @@ class ShardStream:
         self.shuffle = shuffle
         self.shuffle_samples = shuffle_samples
         self.options = options
-        self.manifest: Manifest = read_manifest(base_url, prefix, options)
+        # a caller that already read the manifest (SequenceDataset) passes it: no repeated reads
+        self.manifest: Manifest = manifest or read_manifest(base_url, prefix, options)
         slots = world_size * num_workers
         if len(self.manifest.shards) < slots:
             raise ValueError(

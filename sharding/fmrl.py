@@ -508,8 +508,3 @@ def _free_tables(tower: ItemTower) -> None:
     """Drop the unsharded tables' storage (the sharded copies are the live ones)."""
     for table in tower.tables():
         table.weight = nn.Parameter(torch.empty(0, table.embedding_dim), requires_grad=False)
-
-
-def describe_plan(sparse: ShardedItemTables) -> str:
-    """The TorchRec plan as text, for the log and the run folder."""
-    return str(sparse.plan)

@@ -9,7 +9,7 @@ are added over ranks at the end. With one rank this is plain full ranking.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from trainer.metrics import METRIC_NAMES, RankingMetrics, target_ranks
 
 def _rank_batches(
     dataset: SequenceDataset, split: str, batch_size: int, max_len: int, max_users: int
-) -> tuple[list[EvalBatch | None], int]:
+) -> tuple[Iterator[EvalBatch], int]:
     """This rank's batches, padded with None up to the largest count of any rank (every rank must join
     every collective)."""
     rank, world = dist.get_rank(), dist.get_world_size()

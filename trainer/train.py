@@ -338,7 +338,6 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         epoch_start, epoch_sequences, steps_before = time.perf_counter(), 0, result.steps
-        epoch_clock = time.perf_counter()
         for batch in bar:
             micro += 1
             boundary = micro % accum == 0
@@ -386,7 +385,7 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             if keys_log is not None:
                 keys_log.close()
             return result
-        epoch_seconds = time.perf_counter() - epoch_clock
+        epoch_seconds = time.perf_counter() - epoch_start
         result.train_seconds += epoch_seconds
         valid = run_eval("valid")
         score = valid[largest][EARLY_STOPPING_METRIC]
