@@ -221,6 +221,8 @@ class TrainLoader:
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.num_slots = max(num_workers, 1)
+        # (epoch, {shard: samples}) read before a resume at another world size or worker count
+        self._consumed: tuple[int, dict[int, int]] | None = None
         self._layout = self.stream(0)  # validates: enough shards for every slot of every rank
         self.epoch = 0
         self._states: list[dict[str, Any] | None] = [None] * self.num_slots
@@ -240,11 +242,24 @@ class TrainLoader:
             shuffle_samples=True,
             options=self.dataset.options,
             manifest=self.dataset.users,
+            consumed=self._consumed,
         )
+
+    @property
+    def batches_in_epoch(self) -> int:
+        """Batches of the current epoch handed out so far."""
+        return self._batches_in_epoch
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Batches every rank takes in ``epoch``: the fewest that any rank has (computed locally)."""
         per_shard = self.stats.trainable_per_shard
+        if self._consumed is not None and self._consumed[0] == epoch:
+            # trainable users left in partly read shards: at least (trainable - read); a lower bound
+            # keeps every rank's count reachable, so no rank waits for a batch that never comes
+            read = np.zeros_like(per_shard)
+            for shard, samples in self._consumed[1].items():
+                read[shard] = samples
+            per_shard = np.maximum(per_shard - read, 0)
         layout = self._layout
         fewest = math.inf
         for rank in range(self.world_size):
@@ -289,6 +304,7 @@ class TrainLoader:
         self._states = [None] * self.num_slots
         self._next_slot = 0
         self._batches_in_epoch = 0
+        self._consumed = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -301,6 +317,9 @@ class TrainLoader:
             "next_slot": self._next_slot,
             "batches_in_epoch": self._batches_in_epoch,
             "slots": [json.dumps(s) if s is not None else "" for s in self._states],
+            "consumed": None
+            if self._consumed is None
+            else {"epoch": self._consumed[0], "shards": {str(k): v for k, v in self._consumed[1].items()}},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -321,6 +340,84 @@ class TrainLoader:
         self._next_slot = int(state["next_slot"])
         self._batches_in_epoch = int(state["batches_in_epoch"])
         self._states = states
+        self._consumed = _consumed_from_state(state)
+
+    def resume(self, states: list[dict[str, Any]]) -> bool:
+        """Continue from the loader states of every rank of a saved job (one per rank, in rank order).
+
+        With the same world size, worker count and batch size this is this rank's exact position
+        (:meth:`load_state_dict`; returns True). Otherwise the epoch in progress continues with the
+        samples that no rank has read yet, spread over this job's ranks and workers: nothing is replayed
+        or skipped, but the order differs from any uninterrupted run (returns False).
+        """
+        mine = self.state_dict()
+        same = len(states) == self.world_size and all(
+            states[self.rank].get(k) == mine[k] for k in ("version", "num_workers", "batch_size")
+        )
+        if same:
+            self.load_state_dict(states[self.rank])
+            return True
+        versions = {s.get("version") for s in states}
+        if versions != {LOADER_STATE_VERSION}:
+            raise ValueError(f"cannot resume the training data: loader state versions {sorted(versions)}")
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1:
+            raise ValueError(f"the saved ranks are in different epochs {sorted(epochs)}; cannot resume")
+        (epoch,) = epochs
+        self.epoch, self._states, self._next_slot, self._batches_in_epoch = (
+            epoch,
+            [None] * self.num_slots,
+            0,
+            0,
+        )
+        consumed = self._read_before(epoch, states)
+        self._consumed = (epoch, consumed) if consumed else None
+        return False
+
+    def _read_before(self, epoch: int, states: list[dict[str, Any]]) -> dict[int, int]:
+        """{shard: samples read} in ``epoch`` by the saved job whose per-rank loader ``states`` are given."""
+        read: dict[int, int] = {}
+        for saved in states:
+            earlier = _consumed_from_state(saved)
+            if earlier is not None and earlier[0] == epoch:
+                for shard, samples in earlier[1].items():
+                    read[shard] = max(read.get(shard, 0), samples)
+            for slot_json in saved["slots"]:
+                if not slot_json:
+                    continue
+                slot_state = json.loads(slot_json)
+                stream = ShardStream(
+                    self.dataset.url,
+                    self.dataset.users.prefix,
+                    rank=slot_state["rank"],
+                    world_size=slot_state["world_size"],
+                    num_workers=slot_state["num_workers"],
+                    worker_id=slot_state["worker_id"],
+                    seed=self.seed,
+                    shuffle=True,
+                    shuffle_samples=True,
+                    options=self.dataset.options,
+                    manifest=self.dataset.users,
+                )
+                stream.load_state_dict(slot_state)  # validates it against the saved layout
+                shards = stream.slot_shards(epoch)
+                finished = len(shards) if slot_state["epoch"] > epoch else slot_state["shard_index"]
+                for position, shard in enumerate(shards):
+                    if position < finished:
+                        samples = self.dataset.users.shards[shard].samples
+                    elif position == finished and slot_state["epoch"] == epoch:
+                        samples = slot_state["offset"]
+                    else:
+                        break
+                    read[shard] = max(read.get(shard, 0), samples)
+        return {shard: samples for shard, samples in read.items() if samples > 0}
+
+
+def _consumed_from_state(state: dict[str, Any]) -> tuple[int, dict[int, int]] | None:
+    consumed = state.get("consumed")
+    if not consumed:
+        return None
+    return int(consumed["epoch"]), {int(k): int(v) for k, v in consumed["shards"].items()}
 
 
 # -------------------------------------------------------------------------------------------- evaluation

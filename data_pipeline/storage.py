@@ -41,6 +41,7 @@ __all__ = [
     "makedirs",
     "open_read",
     "remove",
+    "s3_filesystem_kwargs",
 ]
 
 
@@ -293,32 +294,37 @@ def _local_fs() -> LocalFileSystem:
 
 
 @functools.lru_cache(maxsize=16)
-def _s3_fs(options: StorageOptions, pid: int) -> fsspec.AbstractFileSystem:
-    import s3fs  # deferred: botocore takes a while to import and local-only runs never need it
-
+def s3_filesystem_kwargs(options: StorageOptions) -> dict[str, Any]:
+    """``s3fs.S3FileSystem`` arguments for ``options`` (also what DCP's fsspec writer/reader take)."""
     client_kwargs: dict[str, Any] = {}
     if options.endpoint_url:
         client_kwargs["endpoint_url"] = options.endpoint_url
     if options.region:
         client_kwargs["region_name"] = options.region
-    fs = s3fs.S3FileSystem(
-        key=options.key,
-        secret=options.secret,
-        token=options.token,
-        client_kwargs=client_kwargs,
-        config_kwargs={
+    return {
+        "key": options.key,
+        "secret": options.secret,
+        "token": options.token,
+        "client_kwargs": client_kwargs,
+        "config_kwargs": {
             "connect_timeout": options.connect_timeout,
             "read_timeout": options.read_timeout,
             # botocore's default (legacy mode, 5 attempts) and s3fs's own retry loop can stretch a dead
             # endpoint into minutes; one bounded, jittered retry policy instead
             "retries": {"max_attempts": options.max_attempts, "mode": "standard"},
         },
-        default_block_size=options.block_size,
+        "default_block_size": options.block_size,
         # other processes (ranks, workers) write the same prefixes: a cached listing would go stale
-        use_listings_cache=False,
-        # our own cache above decides sharing; fsspec's would hand these settings to unrelated callers
-        skip_instance_cache=True,
-    )
+        "use_listings_cache": False,
+        # our own cache decides sharing; fsspec's would hand these settings to unrelated callers
+        "skip_instance_cache": True,
+    }
+
+
+def _s3_fs(options: StorageOptions, pid: int) -> fsspec.AbstractFileSystem:
+    import s3fs  # deferred: botocore takes a while to import and local-only runs never need it
+
+    fs = s3fs.S3FileSystem(**s3_filesystem_kwargs(options))
     # s3fs retries timeouts and dropped connections on top of botocore; keep its total bounded too
     fs.retries = options.max_attempts
     return fs

@@ -142,6 +142,7 @@ class ShardStream:
         shuffle_samples: bool = False,
         options: StorageOptions | None = None,
         manifest: Manifest | None = None,
+        consumed: tuple[int, dict[int, int]] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -159,6 +160,9 @@ class ShardStream:
         self.options = options
         # a caller that already read the manifest (SequenceDataset) passes it: no repeated reads
         self.manifest: Manifest = manifest or read_manifest(base_url, prefix, options)
+        # (epoch, {shard index: samples}) already read in that epoch by a job of another layout (a
+        # resume at another world size): those samples are skipped
+        self.consumed = consumed
         slots = world_size * num_workers
         if len(self.manifest.shards) < slots:
             raise ValueError(
@@ -189,8 +193,10 @@ class ShardStream:
         later ``iter_epoch()`` continues from it.
         """
         shards = self.slot_shards(self.epoch)
+        skipped = self.consumed[1] if self.consumed and self.consumed[0] == self.epoch else {}
         while self._shard_index < len(shards):
             entry = self.manifest.shards[shards[self._shard_index]]
+            self._offset = max(self._offset, skipped.get(shards[self._shard_index], 0))
             if self._offset < entry.samples:
                 skip = self._offset
                 samples: Iterable[Sample] = iter_shard(join(self.base_url, entry.name), entry, self.options)

@@ -243,13 +243,18 @@ class RunConfig:
     checkpoint_every: int = 0
     """Save a checkpoint every this many steps (and at the end of every epoch); 0 means only at epoch ends."""
     keep_checkpoints: int = 3
-    """Complete checkpoints kept; older ones are deleted after each successful save."""
+    """Complete checkpoints kept; older ones are deleted after each successful save (except the one
+    holding the best weights so far, which a resumed run needs)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in a background thread while training goes on (the state is first copied to
+    CPU memory); a save finishes before the next one starts and before the run ends."""
     resume: str = ""
     """"" starts fresh; "auto" continues from the newest complete checkpoint of this run (if any); a URL
     continues from that checkpoint."""
     stop_after_steps: int = 0
     """End the job after this many steps in total (checkpoint, no final test), as a preempted or
-    time-limited job would; the schedule is not changed. 0 means run to the end."""
+    time-limited job would; the schedule is not changed. A job resumed at or past it stops at once,
+    after saving its checkpoint in this job's layout. 0 means run to the end."""
     export: bool = True
     """At the end, write a standalone model at every nested size to <run dir>/export (`fmrl export`)."""
     log_sample_keys: bool = False

@@ -10,6 +10,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,12 @@ def distributed() -> Iterator[tuple[World, torch.device]]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _restart_safe_agent_store(world)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size)
     except Exception:
         for name in added:
             os.environ.pop(name, None)
@@ -61,6 +67,27 @@ def distributed() -> Iterator[tuple[World, torch.device]]:
         dist.destroy_process_group()
         for name in added:  # a later run in this process picks a fresh port
             os.environ.pop(name, None)
+
+
+def _restart_safe_agent_store(world: World) -> dist.Store | None:
+    """Under torchrun the workers share the agent's TCPStore (TORCHELASTIC_USE_AGENT_STORE=True), which
+    outlives a restart (``--max-restarts``): a restarted attempt would read the dead attempt's gloo
+    addresses and fail to connect (pytorch/pytorch#135712). Its keys go under a prefix per attempt.
+
+    This holds while all agents restart together (one node, or a fixed set of nodes). Launchers that
+    restart agents one by one set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every rendezvous
+    round a fresh store; then torchrun sets TORCHELASTIC_USE_AGENT_STORE=False and this returns None.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world.world_size,
+        is_master=False,
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _device(local_rank: int | None = None) -> torch.device:

@@ -40,7 +40,7 @@ from models.fmrl import FMRLRec, NegativeSampler, candidate_set, matryoshka_loss
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from sharding.world import World, set_cpu_threads
 from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.config import Config, DataConfig, dump_config
+from trainer.config import Config, DataConfig, config_to_dict, dump_config
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
 from trainer.evaluate import evaluate, evaluate_popularity
 from trainer.export import export_sizes, load_trained_model
@@ -296,37 +296,52 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
     checkpoints = CheckpointManager(
         cfg.run.checkpoint_dir or os.path.join(run_dir, "checkpoints"), options, cfg.run.keep_checkpoints
     )
-    if cfg.parallel.backend == "deepspeed" and (
-        cfg.run.checkpoint_every or cfg.run.resume or cfg.run.stop_after_steps
-    ):
-        raise CheckpointError(
-            "checkpoints are not implemented for parallel.backend=deepspeed yet; use fsdp2 or ddp, or "
-            "leave run.checkpoint_every, run.resume and run.stop_after_steps at their defaults"
-        )
-    checkpointing = cfg.parallel.backend != "deepspeed"
+    identity = {"config": config_to_dict(cfg), "num_items": dataset.num_items}
 
     def save_checkpoint() -> None:
-        if checkpointing:
-            checkpoints.save(result.steps, training_state(parallel, loader, inputs, result, progress, world))
+        checkpoints.save(
+            result.steps,
+            training_state(parallel, loader, inputs, result, progress, world),
+            {**identity, "best_step": progress.best_step},
+            blocking=not cfg.run.async_checkpoint,
+        )
 
     resume_url = checkpoints.latest() if cfg.run.resume == "auto" else cfg.run.resume
-    if resume_url and checkpointing:
-        restore_training_state(checkpoints, resume_url, parallel, loader, inputs, result, progress, world)
+    best_state = None
+    if resume_url:
+        best_state = restore_training_state(
+            checkpoints, resume_url, identity, parallel, loader, inputs, result, progress, world
+        )
         if main:
             log.info("resumed from %s at step %d (epoch %d)", resume_url, result.steps, loader.epoch + 1)
-    best_score, best_state, epochs_without_gain = (
-        progress.best_score,
-        parallel.snapshot(),
-        progress.epochs_without_gain,
-    )
+    best_score, epochs_without_gain = progress.best_score, progress.epochs_without_gain
+    if best_state is None:
+        best_state = parallel.snapshot()
     keys_log = (
         open(os.path.join(run_dir, f"sample_keys.rank{world.rank}.txt"), "a")
         if cfg.run.log_sample_keys
         else None
     )
+
+    def stop_here() -> RunResult:
+        """End the job at run.stop_after_steps: a committed checkpoint of this step, no final test."""
+        save_checkpoint()  # a no-op when this step's checkpoint exists already
+        checkpoints.close()
+        if keys_log is not None:
+            keys_log.close()
+        if main:
+            log.info(
+                "stopping after step %d (run.stop_after_steps); continue with run.resume=auto", result.steps
+            )
+        return result
+
+    def stop_due() -> bool:
+        return bool(cfg.run.stop_after_steps) and result.steps >= cfg.run.stop_after_steps
+
     parallel.set_training(True)
+    if stop_due():  # resumed at the limit: save in this job's layout, then stop
+        return stop_here()
     micro, window = 0, [0.0, 0.0]  # micro-batches; (loss sum, positions) of the current step, all ranks
-    stopped = False
     for epoch in range(loader.epoch + 1, cfg.train.epochs + 1):
         bar = tqdm(
             loader,
@@ -337,8 +352,11 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             # redraws flood log files (batch jobs, CI): redraw rarely when stderr is not a terminal
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
-        epoch_start, epoch_sequences, steps_before = time.perf_counter(), 0, result.steps
+        epoch_start, epoch_sequences = time.perf_counter(), 0
+        steps_before = result.steps - loader.batches_in_epoch // accum  # the epoch's first step
+        batches_left = loader.steps_in_epoch(loader.epoch) - loader.batches_in_epoch
         for batch in bar:
+            batches_left -= 1
             micro += 1
             boundary = micro % accum == 0
             parallel.set_grad_sync(boundary)
@@ -366,25 +384,17 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
                     writer.add_scalar(f"train/loss_size_{size}", value, result.steps)
                 writer.add_scalar("train/lr", parallel.last_lr(), result.steps)
                 writer.add_scalar("train/sequences_per_s", throughput, result.steps)
-            if cfg.run.checkpoint_every and result.steps % cfg.run.checkpoint_every == 0:
-                save_checkpoint()
-            if cfg.run.stop_after_steps and result.steps >= cfg.run.stop_after_steps:
-                stopped = True
-                break
+            # the last step of an epoch (or of training) is checkpointed after the validation below, so
+            # that its checkpoint holds the early-stopping state: one checkpoint per step
             if result.steps >= total_steps:
                 break
-
-        if stopped:
-            if not (cfg.run.checkpoint_every and result.steps % cfg.run.checkpoint_every == 0):
+            if batches_left == 0:
+                continue  # the loader ends the epoch
+            if cfg.run.checkpoint_every and result.steps % cfg.run.checkpoint_every == 0:
                 save_checkpoint()
-            if main:
-                log.info(
-                    "stopping after step %d (run.stop_after_steps); continue with run.resume=auto",
-                    result.steps,
-                )
-            if keys_log is not None:
-                keys_log.close()
-            return result
+            if stop_due():
+                return stop_here()
+
         epoch_seconds = time.perf_counter() - epoch_start
         result.train_seconds += epoch_seconds
         valid = run_eval("valid")
@@ -408,10 +418,13 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
         if improved:
             best_score, best_state, epochs_without_gain = score, parallel.snapshot(), 0
             result.best_epoch, result.valid_metrics = epoch, valid
+            progress.best_step = result.steps  # the checkpoint saved next holds the best weights
         else:
             epochs_without_gain += 1
         progress.best_score, progress.epochs_without_gain = best_score, epochs_without_gain
         save_checkpoint()
+        if stop_due():
+            return stop_here()
         if epochs_without_gain >= cfg.train.patience:
             if main:
                 log.info("early stopping: no gain in %d epochs", cfg.train.patience)
@@ -420,6 +433,7 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             break
     if keys_log is not None:
         keys_log.close()
+    checkpoints.close()  # the last asynchronous save commits before the run reports
 
     parallel.restore(best_state)
     weights = parallel.full_state_dict()
@@ -468,6 +482,8 @@ class Progress:
 
     best_score: float = float("-inf")
     epochs_without_gain: int = 0
+    best_step: int = 0
+    """Step of the checkpoint that holds the best weights (saved at that epoch's end); 0 if none yet."""
 
 
 def training_state(
@@ -495,6 +511,7 @@ def training_state(
         "train_seconds": result.train_seconds,
         "best_score": progress.best_score,
         "epochs_without_gain": progress.epochs_without_gain,
+        "best_step": progress.best_step,
         "world_size": world.world_size,
     }
     state = parallel.state_dict()
@@ -506,31 +523,86 @@ def training_state(
 def restore_training_state(
     checkpoints: CheckpointManager,
     url: str,
+    identity: dict[str, Any],
     parallel: ParallelFMRL,
     loader: TrainLoader,
     inputs: StepInputs,
     result: RunResult,
     progress: Progress,
     world: World,
-) -> None:
+) -> list[torch.Tensor] | None:
+    """Continue from checkpoint ``url``. Returns the best weights so far (a :meth:`ParallelFMRL.snapshot`)
+    when an earlier checkpoint holds them, else None (the resumed weights are the best so far).
+
+    At the saving world size the run continues exactly. At another one, DCP reshards the dense state and
+    the TorchRec tables, the data loader continues the epoch with the samples no rank has read yet, and
+    rank r takes the RNG states of saved rank r (fresh seeds for ranks the saved job did not have).
+    """
     marker = checkpoints.marker(url)
-    if marker["world_size"] != world.world_size:
+    mismatch = incompatible(marker, identity)
+    if mismatch:
         raise CheckpointError(
-            f"{url} was saved by {marker['world_size']} ranks and this job has {world.world_size}: the "
-            "data position of each rank cannot be mapped to another world size yet; resume with "
-            f"{marker['world_size']} ranks"
+            f"{url} does not fit this run: " + "; ".join(mismatch) + ". Start a new run (another "
+            "run.name or run.checkpoint_dir) or resume with the settings the checkpoint was saved with"
         )
+    best_state = None
+    best_step = marker.get("best_step", 0)
+    if best_step and best_step != marker["step"]:
+        best_url = checkpoints.url(best_step)
+        state = parallel.state_dict()
+        checkpoints.load(best_url, state, only=("dense", "tables"))
+        parallel.load_state_dict(state)  # the optimizer part is the live state: unchanged
+        best_state = parallel.snapshot()
     state = training_state(parallel, loader, inputs, result, progress, world)
     checkpoints.load(url, state)
     parallel.load_state_dict(state)
-    run, positions = json.loads(state["run"]), json.loads(state["positions"])[world.rank]
-    loader.load_state_dict(positions["loader"])
-    torch.set_rng_state(torch.tensor(positions["torch_rng"], dtype=torch.uint8))
-    inputs.generator.set_state(torch.tensor(positions["negatives_rng"], dtype=torch.uint8))
+    run, positions = json.loads(state["run"]), json.loads(state["positions"])
+    exact = loader.resume([p["loader"] for p in positions])
+    if world.rank < len(positions):
+        torch.set_rng_state(torch.tensor(positions[world.rank]["torch_rng"], dtype=torch.uint8))
+        inputs.generator.set_state(torch.tensor(positions[world.rank]["negatives_rng"], dtype=torch.uint8))
+    if not exact and world.rank == 0:
+        log.warning(
+            "%s was saved by %d rank(s) with %s; this job has %d rank(s): epoch %d continues with the "
+            "training sequences not read yet, in another order (an exact resume needs the saving layout)",
+            url,
+            marker["world_size"],
+            ", ".join(f"{k}={positions[0]['loader'][k]}" for k in ("num_workers", "batch_size")),
+            world.world_size,
+            loader.epoch + 1,
+        )
     result.steps, result.train_losses = run["steps"], run["train_losses"]
     result.best_epoch, result.train_seconds = run["best_epoch"], run["train_seconds"]
     result.valid_metrics = {int(k): v for k, v in run["valid_metrics"].items()}
     progress.best_score, progress.epochs_without_gain = run["best_score"], run["epochs_without_gain"]
+    progress.best_step = run.get("best_step", 0)
+    return best_state
+
+
+# what a checkpoint's tensors depend on: another value of these cannot load it
+_SHAPING_KEYS = ("parallel.backend", "parallel.id_table_optimizer")
+
+
+def incompatible(marker: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint (its commit marker) and this run in ways the saved tensors
+    cannot follow: the item count, any model setting, the dense backend, the ID-table optimizer."""
+    saved = marker.get("config")
+    if saved is None:  # written before configs were recorded
+        return []
+    problems = []
+    if marker.get("num_items") != identity["num_items"]:
+        problems.append(
+            f"the dataset has {identity['num_items']} items, the checkpoint {marker.get('num_items')}"
+        )
+    now = identity["config"]
+    for key in sorted(set(saved["model"]) | set(now["model"])):
+        if saved["model"].get(key) != now["model"].get(key):
+            problems.append(f"model.{key} was {saved['model'].get(key)!r}, now {now['model'].get(key)!r}")
+    for dotted in _SHAPING_KEYS:
+        section, key = dotted.split(".")
+        if saved[section].get(key) != now[section].get(key):
+            problems.append(f"{dotted} was {saved[section].get(key)!r}, now {now[section].get(key)!r}")
+    return problems
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str) -> None:

@@ -4,6 +4,7 @@ on 2 torchrun ranks (FSDP2 + TorchRec tables) and on S3 (moto); incomplete check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager
@@ -117,21 +119,90 @@ def test_a_checkpoint_without_commit_marker_is_never_loaded(tmp_path, tiny_datas
         assert dist.get_world_size() == 1
 
 
-def test_resuming_with_another_world_size_is_refused_up_front(tmp_path, tiny_dataset) -> None:
-    torchrun(
-        f"data.path={tiny_dataset}",
-        f"run.out_dir={tmp_path}",
-        "run.name=two",
-        "data.num_workers=0",
-        "run.stop_after_steps=2",
+def full_tensors(step_dir) -> dict[str, torch.Tensor]:
+    state = CheckpointManager(str(step_dir.parent)).read_full(str(step_dir))
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def test_resume_at_another_world_size_reshards_dense_state_tables_and_data(tmp_path, tiny_dataset) -> None:
+    base = [f"data.path={tiny_dataset}", f"run.out_dir={tmp_path}", "data.num_workers=0"]
+    torchrun(*base, "run.name=two", "run.stop_after_steps=3")
+    two = tmp_path / "two" / "checkpoints" / "step-000000003"
+    # 2 ranks -> 1 -> 2: each job resumes at step 3 and stops at once, saving in its own layout
+    single(tmp_path, tiny_dataset, "run.name=one", f"run.resume={two}", "run.stop_after_steps=3")
+    one = tmp_path / "one" / "checkpoints" / "step-000000003"
+    torchrun(*base, "run.name=back", f"run.resume={one}", "run.stop_after_steps=3")
+    back = tmp_path / "back" / "checkpoints" / "step-000000003"
+    saved = [json.loads((step / COMMIT).read_text()) for step in (two, one, back)]
+    assert [m["world_size"] for m in saved] == [2, 1, 2]
+    # FSDP2 shards of the trunk and its AdamW moments, the column-wise ID table and its Adagrad state
+    reference = full_tensors(two)
+    assert any(k.startswith("tables.") for k in reference) and any("exp_avg" in k for k in reference)
+    for step in (one, back):
+        resharded = full_tensors(step)
+        assert resharded.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.equal(resharded[key], value), key
+    # the resharded data position: training goes on to the end on 2 ranks
+    torchrun(*base, "run.name=back", "run.resume=auto")
+    metrics = json.loads((tmp_path / "back" / "metrics.json").read_text())
+    assert len(metrics["train_losses"]) > 3 and metrics["test"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_setting(tmp_path, tiny_dataset) -> None:
+    single(tmp_path, tiny_dataset, "run.name=m", "run.stop_after_steps=2")
+    with pytest.raises(CheckpointError, match=r"model\.nested_sizes was \[8, 16, 32\], now \[8, 16\]"):
+        single(tmp_path, tiny_dataset, "run.name=m", "run.resume=auto", "model.nested_sizes=[8,16]")
+
+
+def test_asynchronous_checkpoints_hold_the_same_state_as_synchronous_ones(tmp_path, tiny_dataset) -> None:
+    # training changes the weights while the background thread writes: the staged copy must not
+    sync = single(tmp_path, tiny_dataset, "run.name=sync", "run.checkpoint_every=2", "run.keep_checkpoints=9")
+    asynchronous = single(
+        tmp_path,
+        tiny_dataset,
+        "run.name=async",
+        "run.checkpoint_every=2",
+        "run.keep_checkpoints=9",
+        "run.async_checkpoint=true",
     )
-    with pytest.raises(CheckpointError, match=r"saved by 2 ranks and this job has 1"):
-        single(tmp_path, tiny_dataset, "run.name=two", "run.resume=auto")
+    assert asynchronous.train_losses == sync.train_losses
+    with distributed():
+        steps = [s for s, _ in CheckpointManager(str(tmp_path / "sync" / "checkpoints")).complete()]
+        assert steps == [s for s, _ in CheckpointManager(str(tmp_path / "async" / "checkpoints")).complete()]
+    assert len(steps) > 5
+    for step in steps:
+        name = f"step-{step:09d}"
+        a = full_tensors(tmp_path / "sync" / "checkpoints" / name)
+        b = full_tensors(tmp_path / "async" / "checkpoints" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_deepspeed_with_checkpoints_is_a_clear_error(tmp_path, tiny_dataset) -> None:
-    with pytest.raises(CheckpointError, match=r"not implemented for parallel\.backend=deepspeed"):
-        single(tmp_path, tiny_dataset, "run.name=ds", "parallel.backend=deepspeed", "run.checkpoint_every=2")
+def test_the_best_weights_survive_pruning_and_resume(tmp_path, tiny_dataset) -> None:
+    # a learning rate this high wrecks the model after epoch 2 (13 steps per epoch): the best is early
+    settings = ["train.epochs=4", "train.lr=0.2", "train.patience=9", "run.keep_checkpoints=1"]
+    whole = single(tmp_path, tiny_dataset, "run.name=whole", *settings)
+    assert whole.best_epoch < 3  # precondition: a later resume must bring back older weights
+    single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.stop_after_steps=45")
+    with distributed():
+        manager = CheckpointManager(str(tmp_path / "cut" / "checkpoints"), keep_last=1)
+        kept = [s for s, _ in manager.complete()]
+        best = manager.marker(manager.latest())["best_step"]
+    assert kept[-1] == 45 and best in kept and best < 45  # kept for its weights despite keep_checkpoints=1
+    resumed = single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.resume=auto")
+    assert resumed.best_epoch == whole.best_epoch
+    assert resumed.test_metrics == whole.test_metrics
+
+
+def test_deepspeed_resume_is_exact(tmp_path, tiny_dataset) -> None:
+    # the engine's ZeRO partitions are saved as full tensors (sharding/fmrl.py); see also
+    # test_checkpoint_deepspeed.py for 2 ranks and every stage
+    settings = ["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.epochs=1"]
+    whole = single(tmp_path, tiny_dataset, "run.name=whole", *settings)
+    single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.stop_after_steps=5")
+    resumed = single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.resume=auto")
+    assert resumed.train_losses == whole.train_losses and len(whole.train_losses) == 13
+    assert resumed.test_metrics == whole.test_metrics
 
 
 class _Exploit:
@@ -144,5 +215,10 @@ def test_a_tampered_metadata_pickle_is_refused(tmp_path, tiny_dataset) -> None:
     step = tmp_path / "t" / "checkpoints" / "step-000000002"
     with open(step / ".metadata", "wb") as f:
         pickle.dump(_Exploit(), f)
+    # an attacker who can write the files can rewrite the marker's fingerprint too
+    marker = json.loads((step / COMMIT).read_text())
+    data = (step / ".metadata").read_bytes()
+    marker["files"][".metadata"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / COMMIT).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match=r"\.metadata: the checkpoint metadata refers to posix\.system"):
         single(tmp_path, tiny_dataset, "run.name=t", "run.resume=auto")

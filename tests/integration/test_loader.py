@@ -112,6 +112,62 @@ def test_a_state_from_another_worker_count_is_refused(dataset) -> None:
         make_loader(dataset, num_workers=1).load_state_dict(first.state_dict())
 
 
+@pytest.mark.parametrize(
+    ("saved", "resumed"),
+    [((2, 0), (1, 0)), ((1, 0), (3, 0)), ((2, 2), (3, 1)), ((1, 2), (1, 1))],
+    ids=["2to1", "1to3", "2x2to3x1", "workers2to1"],
+)
+def test_resume_in_another_layout_reads_the_rest_of_the_epoch_once(dataset, saved, resumed) -> None:
+    """(world size, workers) of the job that saved and of the one that resumes."""
+    trainable = {f"{u:09d}" for u in range(NUM_USERS) if len(_sequence(u)) - 2 >= 2}
+    old = [make_loader(dataset, rank=r, world_size=saved[0], num_workers=saved[1]) for r in range(saved[0])]
+    half = old[0].steps_in_epoch(0) // 2
+    read = [k for loader in old for batch in run_keys(loader, 1, stop_after=half) for k in batch]
+    states = json.loads(json.dumps([loader.state_dict() for loader in old]))  # as a checkpoint holds them
+    new = [
+        make_loader(dataset, rank=r, world_size=resumed[0], num_workers=resumed[1]) for r in range(resumed[0])
+    ]
+    assert [loader.resume(states) for loader in new] == [False] * resumed[0]  # not the saving layout
+    steps = {loader.steps_in_epoch(0) for loader in new}
+    rest = []
+    for loader in new:
+        batches = list(loader)  # the rest of epoch 0
+        assert {len(batches)} == steps  # every rank the same count
+        rest += [k for b in batches for k in b.keys]
+    assert len(set(read + rest)) == len(read) + len(rest)  # no sequence twice in the epoch
+    assert set(read + rest) <= trainable
+    # only the tail that equal step counts drop goes unread: less than a batch per reading slot
+    assert len(trainable) - len(read) - len(rest) < 8 * resumed[0] * max(resumed[1], 1) + 8
+    # the next epoch is an ordinary one of the new layout
+    for loader in new:
+        reference = make_loader(dataset, rank=loader.rank, world_size=resumed[0], num_workers=resumed[1])
+        run_keys(reference, 1)
+        assert loader.epoch == reference.epoch == 1
+        assert run_keys(loader, 2) == run_keys(reference, 2)
+
+
+def test_layout_changes_chain_within_one_epoch(dataset) -> None:
+    # 2 ranks read a little, 1 rank takes over and reads some more, then 3 ranks finish the epoch
+    read = []
+    states = None
+    for world, batches in ((2, 2), (1, 3), (3, None)):
+        loaders = [make_loader(dataset, rank=r, world_size=world) for r in range(world)]
+        if states is not None:
+            assert not any([loader.resume(states) for loader in loaders])
+        for loader in loaders:
+            read += [k for b in run_keys(loader, 1, stop_after=batches) for k in b]
+        states = json.loads(json.dumps([loader.state_dict() for loader in loaders]))
+    assert len(set(read)) == len(read) > 50
+
+
+def test_a_resume_in_the_saving_layout_is_exact(dataset) -> None:
+    first = make_loader(dataset, num_workers=2)
+    head = run_keys(first, 2, stop_after=3)
+    resumed = make_loader(dataset, num_workers=2)
+    assert resumed.resume(json.loads(json.dumps([first.state_dict()])))
+    assert head + run_keys(resumed, 2) == run_keys(make_loader(dataset, num_workers=2), 2)
+
+
 def test_every_rank_takes_the_same_number_of_steps(dataset) -> None:
     stats = scan_users(dataset)
     loaders = [make_loader(dataset, rank=r, world_size=3, num_workers=2) for r in range(3)]
