@@ -29,11 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_commands(commands)
     export = commands.add_parser(
-        "export", help="write a standalone model at each nested size of a finished run"
+        "export", help="write a standalone model at each nested size of a finished run or a checkpoint"
     )
-    export.add_argument("run_dir", help="a finished run folder (config.yaml + model.safetensors)")
+    export.add_argument(
+        "source",
+        help="a finished run folder (config.yaml + model.safetensors), a checkpoint (step-N folder, local "
+        "or s3://), or a checkpoint root (its best weights)",
+    )
     export.add_argument("--sizes", required=True, help="comma-separated nested sizes, e.g. 16,64,128")
-    export.add_argument("--out", help="where the export goes (local or s3://; default: <run_dir>/export)")
+    export.add_argument("--out", help="where the export goes (local or s3://; default: <source>/export)")
     features = commands.add_parser(
         "features", help="encode item text and images of a dataset into frozen feature tables"
     )
@@ -174,14 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "export":
         from data_pipeline.storage import StorageError, StorageOptions
-        from trainer.export import ExportError, export_sizes, load_trained_model
+        from trainer.checkpoint import CheckpointError
+        from trainer.export import ExportError, export_sizes, load_model
 
         try:
             sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
             options = StorageOptions.from_env()
-            model = load_trained_model(args.run_dir, options)
-            manifest = export_sizes(model, args.out or f"{args.run_dir.rstrip('/')}/export", sizes, options)
-        except (ExportError, StorageError, ValueError) as error:
+            model = load_model(args.source, options)
+            manifest = export_sizes(model, args.out or f"{args.source.rstrip('/')}/export", sizes, options)
+        except (CheckpointError, ExportError, StorageError, ValueError) as error:
             print(f"fmrl export: {error}", file=sys.stderr)
             return 2
         for size, entry in manifest["sizes"].items():

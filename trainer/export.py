@@ -12,7 +12,10 @@ For each size m the export folder ``size-<m>/`` holds
 ``export.json`` (written last) lists the sizes with their bytes. Everything is safetensors and JSON:
 loading never unpickles. :func:`load_recommender` turns one size back into a :class:`Recommender`.
 
-The input is a finished run folder (its ``config.yaml`` and ``model.safetensors``, the best model).
+The input is a finished run folder (its ``config.yaml`` and ``model.safetensors``, the best model) or a
+sharded checkpoint (:func:`load_checkpoint_model`): one ``step-N`` folder, or a checkpoint root, whose
+newest complete checkpoint names the one holding the best weights. A checkpoint's commit marker carries
+the run's config, so the export needs no run folder; the checkpoint may come from any world size.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from data_pipeline.features import load_feature_tables
-from data_pipeline.storage import StorageOptions, atomic_write, join, open_read
+from data_pipeline.storage import StorageOptions, atomic_write, exists, is_remote, join, open_read
 from models.fmrl import FMRLConfig, FMRLRec, LRUTrunk, slice_state_dict
 
 EXPORT_VERSION = 1
@@ -74,6 +77,52 @@ def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> F
             f"missing {sorted(set(missing) - frozen)[:3]}"
         )
     return model.eval()
+
+
+def load_checkpoint_model(url: str, options: StorageOptions | None = None) -> FMRLRec:
+    """The model held by a sharded checkpoint (a ``step-N`` folder), or, for a checkpoint root, by the
+    checkpoint that its newest complete one names as holding the best weights (else the newest)."""
+    from sharding.fmrl import DenseFMRL
+    from trainer.checkpoint import COMMIT, CheckpointManager
+    from trainer.config import config_from_dict
+
+    url = url.rstrip("/")
+    if not exists(join(url, COMMIT), options):
+        root = CheckpointManager(url, options)
+        latest = root.latest()
+        if latest is None:
+            raise ExportError(
+                f"{url} is neither a finished run folder (config.yaml + model.safetensors) nor a "
+                "complete checkpoint nor a folder of checkpoints"
+            )
+        best = root.marker(latest).get("best_step")
+        url = root.url(best) if best and exists(join(root.url(best), COMMIT), options) else latest
+    manager = CheckpointManager(url.rsplit("/", 1)[0], options)
+    marker = manager.marker(url)
+    if "config" not in marker:
+        raise ExportError(f"{url}/{COMMIT} records no config (an older checkpoint); export its run folder")
+    cfg = config_from_dict(marker["config"])
+    text, image = None, None
+    if cfg.model.use_text_features or cfg.model.use_image_features:
+        text, image, _ = load_feature_tables(cfg.data.features_url, options)
+    model = FMRLRec(cfg.model, int(marker["num_items"]), text, image)
+    state = manager.read_full(url)
+    dense = {k.removeprefix("dense."): v for k, v in state.items() if k.startswith("dense.")}
+    DenseFMRL(model).load_state_dict(dense)  # strict: names the first key that does not fit
+    tables = [v for k, v in state.items() if k.startswith("tables.") and k.endswith(".weight")]
+    if cfg.model.use_id_embedding:
+        if len(tables) != 1:
+            raise ExportError(f"{url} should hold one ID table, found {len(tables)}")
+        with torch.no_grad():
+            model.item_tower.id_embedding.weight.copy_(tables[0])
+    return model.eval()
+
+
+def load_model(url: str, options: StorageOptions | None = None) -> FMRLRec:
+    """A finished run folder (``config.yaml`` present) or a checkpoint: the model to export."""
+    if not is_remote(url) and os.path.exists(os.path.join(url, "config.yaml")):
+        return load_trained_model(url, options)
+    return load_checkpoint_model(url, options)
 
 
 @torch.no_grad()

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager
+from trainer.cli import main
 from trainer.config import load_config
 from trainer.dist import distributed
+from trainer.export import load_recommender
 from trainer.train import train
 
 COMMON = [
@@ -143,6 +145,12 @@ def test_resume_at_another_world_size_reshards_dense_state_tables_and_data(tmp_p
         assert resharded.keys() == reference.keys()
         for key, value in reference.items():
             assert torch.equal(resharded[key], value), key
+    # an export reads any of them in one process, with the same result
+    exports = []
+    for step in (two, one):
+        assert main(["export", str(step), "--sizes", "8,32", "--out", str(step) + "-export"]) == 0
+        exports.append(load_recommender(str(step) + "-export", 32).items)
+    assert torch.equal(exports[0], exports[1])
     # the resharded data position: training goes on to the end on 2 ranks
     torchrun(*base, "run.name=back", "run.resume=auto")
     metrics = json.loads((tmp_path / "back" / "metrics.json").read_text())
@@ -203,6 +211,13 @@ def test_deepspeed_resume_is_exact(tmp_path, tiny_dataset) -> None:
     resumed = single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.resume=auto")
     assert resumed.train_losses == whole.train_losses and len(whole.train_losses) == 13
     assert resumed.test_metrics == whole.test_metrics
+    # its checkpoints export like the run folder (DeepSpeed names the nested weights by their parts)
+    for source in (tmp_path / "cut" / "checkpoints", tmp_path / "cut"):
+        assert main(["export", str(source), "--sizes", "32", "--out", str(tmp_path / source.name)]) == 0
+    assert torch.equal(
+        load_recommender(str(tmp_path / "checkpoints"), 32).items,
+        load_recommender(str(tmp_path / "cut"), 32).items,
+    )
 
 
 class _Exploit:

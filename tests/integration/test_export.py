@@ -59,11 +59,26 @@ def test_each_size_scores_like_the_full_models_prefix(run_dir, tiny_dataset, cap
         assert torch.equal(ids, torch.topk(full[size], 10).indices + 1)
 
 
+def exported_scores(url: str, tokens: torch.Tensor, sizes: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    return {size: load_recommender(url, size).scores(tokens) for size in sizes}
+
+
+def test_a_checkpoint_exports_like_the_run_folder(run_dir, tiny_dataset, tmp_path) -> None:
+    # the checkpoint root names its best checkpoint (1 epoch: the epoch's end) and carries the config
+    assert main(["export", f"{run_dir}/checkpoints", "--sizes", "8,32", "--out", str(tmp_path / "c")]) == 0
+    assert main(["export", run_dir, "--sizes", "8,32", "--out", str(tmp_path / "r")]) == 0
+    batch = next(iter(eval_batches(SequenceDataset.open(tiny_dataset), "test", 40, 50)))
+    from_checkpoint = exported_scores(str(tmp_path / "c"), batch.tokens, (8, 32))
+    from_run = exported_scores(str(tmp_path / "r"), batch.tokens, (8, 32))
+    for size in (8, 32):
+        assert torch.equal(from_checkpoint[size], from_run[size])
+
+
 def test_bad_requests_are_clear_errors(run_dir, tmp_path, capsys) -> None:
     assert main(["export", run_dir, "--sizes", "12", "--out", str(tmp_path / "x")]) == 2
     assert "sizes [12] are not nested sizes" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--sizes", "8"]) == 2
-    assert "not a finished run folder" in capsys.readouterr().err
+    assert "is neither a finished run folder" in capsys.readouterr().err
     main(["export", run_dir, "--sizes", "8", "--out", str(tmp_path / "e")])
     with pytest.raises(ExportError, match=r"has sizes \[8\], not 16"):
         load_recommender(str(tmp_path / "e"), 16)
