@@ -255,6 +255,9 @@ class RunConfig:
     """End the job after this many steps in total (checkpoint, no final test), as a preempted or
     time-limited job would; the schedule is not changed. A job resumed at or past it stops at once,
     after saving its checkpoint in this job's layout. 0 means run to the end."""
+    stop_file: str = ""
+    """If this file appears, every rank stops at the next step boundary after saving a checkpoint (the
+    SLURM template creates it on the preemption warning; SIGUSR1 to a training process does the same)."""
     export: bool = True
     """At the end, write a standalone model at every nested size to <run dir>/export (`fmrl export`)."""
     log_sample_keys: bool = False

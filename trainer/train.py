@@ -44,6 +44,7 @@ from trainer.config import Config, DataConfig, config_to_dict, dump_config
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
 from trainer.evaluate import evaluate, evaluate_popularity
 from trainer.export import export_sizes, load_trained_model
+from trainer.preemption import StopRequest
 from trainer.report import format_size_table, save_size_plot
 
 log = logging.getLogger("fmrl")
@@ -70,6 +71,8 @@ class RunResult:
     """Wall time of the optimisation steps (evaluation excluded)."""
     peak_rss_mib: float = 0.0
     """This rank's peak resident memory."""
+    stopped: bool = False
+    """The job ended early (run.stop_after_steps or a stop request) after saving a checkpoint."""
 
 
 def seed_everything(seed: int) -> None:
@@ -172,11 +175,11 @@ def train(cfg: Config) -> RunResult:
     """Train, early-stop on validation NDCG@10 at the largest size, test the best model, write the report.
 
     Runs as one rank of a torchrun job, or as a job of one rank in a plain process."""
-    with distributed() as (world, device):
-        return _train(cfg, world, device)
+    with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
+        return _train(cfg, world, device, stop_request)
 
 
-def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
+def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRequest) -> RunResult:
     main = world.rank == 0
     seed_everything(cfg.train.seed)  # the same initial model on every rank
     threads = set_cpu_threads(cfg.train.num_threads, world)
@@ -324,19 +327,23 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
     )
 
     def stop_here() -> RunResult:
-        """End the job at run.stop_after_steps: a committed checkpoint of this step, no final test."""
+        """End the job here (run.stop_after_steps or a stop request): a committed checkpoint of this
+        step, no final test."""
         save_checkpoint()  # a no-op when this step's checkpoint exists already
         checkpoints.close()
         if keys_log is not None:
             keys_log.close()
         if main:
-            log.info(
-                "stopping after step %d (run.stop_after_steps); continue with run.resume=auto", result.steps
-            )
+            reason = "stop requested" if stop_requested else "run.stop_after_steps reached"
+            log.info("%s at step %d: checkpoint saved; continue with run.resume=auto", reason, result.steps)
+        result.stopped = True
         return result
 
     def stop_due() -> bool:
-        return bool(cfg.run.stop_after_steps) and result.steps >= cfg.run.stop_after_steps
+        limit = bool(cfg.run.stop_after_steps) and result.steps >= cfg.run.stop_after_steps
+        return limit or stop_requested
+
+    stop_requested = False
 
     parallel.set_training(True)
     if stop_due():  # resumed at the limit: save in this job's layout, then stop
@@ -363,14 +370,17 @@ def _train(cfg: Config, world: World, device: torch.device) -> RunResult:
             loss_sum, positions, per_size = forward_backward(parallel, batch, inputs)
             if keys_log is not None:
                 keys_log.write(" ".join(batch.keys) + "\n")
+                keys_log.flush()  # readable while the run goes on
             parallel.micro_step(boundary)
             window[0] += loss_sum
             window[1] += positions
             epoch_sequences += len(batch.tokens) * world.world_size
             if not boundary:
                 continue
-            total = all_reduce_sum(torch.tensor(window))
+            # one all-reduce per step: the loss, its positions, and whether any rank was asked to stop
+            total = all_reduce_sum(torch.tensor([*window, float(stop_request.local())]))
             loss = float(total[0] / total[1])
+            stop_requested = stop_requested or bool(total[2] > 0)
             window = [0.0, 0.0]
             result.steps += 1
             result.train_losses.append(loss)

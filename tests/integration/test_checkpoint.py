@@ -8,8 +8,11 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -237,3 +240,41 @@ def test_a_tampered_metadata_pickle_is_refused(tmp_path, tiny_dataset) -> None:
     (step / COMMIT).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match=r"\.metadata: the checkpoint metadata refers to posix\.system"):
         single(tmp_path, tiny_dataset, "run.name=t", "run.resume=auto")
+
+
+def test_a_stop_request_checkpoints_at_a_step_boundary_and_resumes_exactly(tmp_path, tiny_dataset) -> None:
+    whole = single(tmp_path, tiny_dataset, "run.name=whole")
+    stop_file = tmp_path / "STOP"
+    stop_file.touch()  # present from the start: the first step boundary stops
+    first = single(tmp_path, tiny_dataset, "run.name=cut", f"run.stop_file={stop_file}")
+    assert first.stopped and first.steps == 1 and not first.test_metrics
+    stop_file.unlink()
+    # SIGUSR1 in the middle of training, once 3 more steps are logged (the handler only sets a flag)
+    keys = tmp_path / "cut" / "sample_keys.rank0.txt"
+    done = threading.Event()
+
+    def signal_after_three_steps() -> None:
+        start = len(keys.read_text().splitlines())
+        while not done.is_set():
+            if len(keys.read_text().splitlines()) >= start + 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=signal_after_three_steps)
+    watcher.start()
+    try:
+        second = single(tmp_path, tiny_dataset, "run.name=cut", "run.resume=auto")
+    finally:
+        done.set()
+        watcher.join()
+    assert second.stopped and 1 < second.steps < len(whole.train_losses)
+    with distributed():
+        assert (
+            CheckpointManager(str(tmp_path / "cut" / "checkpoints"))
+            .latest()
+            .endswith(f"step-{second.steps:09d}")
+        )
+    resumed = single(tmp_path, tiny_dataset, "run.name=cut", "run.resume=auto")
+    assert not resumed.stopped
+    assert resumed.train_losses == whole.train_losses and resumed.test_metrics == whole.test_metrics
