@@ -256,8 +256,9 @@ class RunConfig:
     time-limited job would; the schedule is not changed. A job resumed at or past it stops at once,
     after saving its checkpoint in this job's layout. 0 means run to the end."""
     stop_file: str = ""
-    """If this file appears, every rank stops at the next step boundary after saving a checkpoint (the
-    SLURM template creates it on the preemption warning; SIGUSR1 to a training process does the same)."""
+    """If this file appears, every rank stops at the next step boundary after saving a checkpoint, and
+    rank 0 deletes the file (the SLURM template creates it on the preemption warning and requeues the
+    job if it is gone). SIGUSR1 to a training process stops it the same way."""
     export: bool = True
     """At the end, write a standalone model at every nested size to <run dir>/export (`fmrl export`)."""
     log_sample_keys: bool = False

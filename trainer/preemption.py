@@ -8,8 +8,9 @@ A request comes from either
 
 The signal handler only sets a flag: leaving in the middle of a collective would hang the other ranks.
 Every rank reports its flag with the step's loss all-reduce (no extra collective), so all ranks see the
-request at the same step boundary; the trainer then saves a checkpoint and returns without the final
-test. ``run.resume=auto`` continues from that checkpoint.
+request at the same step boundary; the trainer then saves a checkpoint, rank 0 deletes the stop file
+(so the launcher knows the request was acted on), and it returns without the final test.
+``run.resume=auto`` continues from that checkpoint.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ and a plot of metric against nested size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -333,6 +334,10 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
         checkpoints.close()
         if keys_log is not None:
             keys_log.close()
+        if main and stop_requested and cfg.run.stop_file:
+            # consumed: tells the launcher the trainer did stop early (and a requeued job must not stop)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(cfg.run.stop_file)
         if main:
             reason = "stop requested" if stop_requested else "run.stop_after_steps reached"
             log.info("%s at step %d: checkpoint saved; continue with run.resume=auto", reason, result.steps)

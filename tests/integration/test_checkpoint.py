@@ -248,7 +248,7 @@ def test_a_stop_request_checkpoints_at_a_step_boundary_and_resumes_exactly(tmp_p
     stop_file.touch()  # present from the start: the first step boundary stops
     first = single(tmp_path, tiny_dataset, "run.name=cut", f"run.stop_file={stop_file}")
     assert first.stopped and first.steps == 1 and not first.test_metrics
-    stop_file.unlink()
+    assert not stop_file.exists()  # consumed: the launcher knows the trainer acted on it
     # SIGUSR1 in the middle of training, once 3 more steps are logged (the handler only sets a flag)
     keys = tmp_path / "cut" / "sample_keys.rank0.txt"
     done = threading.Event()
