@@ -113,7 +113,7 @@ class _Item:
     wants_image: bool = False  # images were asked for: a missing one is counted
 
 
-class _Problems:
+class RowProblems:
     """Raise on bad records, or (``on_error="skip"``) count them by reason."""
 
     def __init__(self, on_error: OnError) -> None:
@@ -151,7 +151,7 @@ def convert_movielens(
     if source_dir is None:
         source_dir = _recbole_ml100k_dir()
     inter_url, item_url = join(source_dir, "ml-100k.inter"), join(source_dir, "ml-100k.item")
-    problems = _Problems("raise")  # a packaged file has no bad records to skip; anything odd is a bug
+    problems = RowProblems("raise")  # a packaged file has no bad records to skip; anything odd is a bug
 
     rows = _read_atomic(inter_url, ("user_id", "item_id", "timestamp"), options)
     events: dict[str, list[tuple[float, int, str]]] = {}
@@ -207,7 +207,7 @@ def _read_atomic(
     url: str, required: tuple[str, ...], options: StorageOptions | None
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a RecBole atomic file (TSV, header cells ``name:type``) as ``(line number, {name: value})``."""
-    lines = _iter_lines(url, options, hint=_RECBOLE_HINT)
+    lines = iter_text_lines(url, options, hint=_RECBOLE_HINT)
     try:
         _, header = next(lines)
     except StopIteration:
@@ -245,10 +245,10 @@ def convert_amazon(
     Interactions are ``(reviewerID, asin, unixReviewTime)``; each user's are sorted by time with ties kept
     in file order. Items without a metadata record are dropped before k-core filtering.
     """
-    problems = _Problems(on_error)
+    problems = RowProblems(on_error)
     events: dict[str, list[tuple[int, int, str]]] = {}
     order = 0
-    for lineno, line in _iter_lines(reviews_path, options):
+    for lineno, line in iter_text_lines(reviews_path, options):
         where = f"{reviews_path}:{lineno}"
         try:
             review = json.loads(line)
@@ -292,7 +292,9 @@ def _amazon_name(reviews_path: str) -> str:
     return base
 
 
-def _required(record: Any, keys: tuple[str, ...], where: str, problems: _Problems) -> tuple[Any, ...] | None:
+def _required(
+    record: Any, keys: tuple[str, ...], where: str, problems: RowProblems
+) -> tuple[Any, ...] | None:
     if not isinstance(record, dict):
         problems.bad("malformed_json", f"{where}: expected an object, got {type(record).__name__}")
         return None
@@ -304,11 +306,11 @@ def _required(record: Any, keys: tuple[str, ...], where: str, problems: _Problem
 
 
 def _read_metadata(
-    url: str, wanted: set[str] | None, problems: _Problems, options: StorageOptions | None
+    url: str, wanted: set[str] | None, problems: RowProblems, options: StorageOptions | None
 ) -> dict[str, dict[str, Any]]:
     """asin -> metadata record for the asins in ``wanted`` (all if None), from a Python-literal file."""
     meta: dict[str, dict[str, Any]] = {}
-    for lineno, line in _iter_lines(url, options):
+    for lineno, line in iter_text_lines(url, options):
         where = f"{url}:{lineno}"
         try:
             # literal_eval, never eval: the paper's code evals these lines, which runs any code in them
@@ -392,7 +394,7 @@ def convert_p5(
     and k-core filtering is re-applied, since the drop can break P5's 5-core. With ``images_dir`` the
     photo of each item is ``images_dir/<file>`` for ``item2img.json``'s ``"<folder>/<file>"``.
     """
-    problems = _Problems(on_error)
+    problems = RowProblems(on_error)
     datamaps_url = join(data_dir, "datamaps.json")
     with _open(datamaps_url, options) as f:
         try:
@@ -406,7 +408,7 @@ def convert_p5(
 
     seq_url = join(data_dir, "sequential_data.txt")
     sequences: dict[str, list[str]] = {}
-    for lineno, line in _iter_lines(seq_url, options):
+    for lineno, line in iter_text_lines(seq_url, options):
         tokens = line.decode("utf-8", errors="replace").split()
         if not tokens:
             continue  # a blank line is no record
@@ -468,7 +470,7 @@ def _p5_image_map(data_dir: str, options: StorageOptions | None) -> dict[str, st
 # ----------------------------------------------------------------------------------------- shared steps
 
 
-def _k_core(sequences: dict[str, list[str]], k: int, problems: _Problems) -> dict[str, list[str]]:
+def _k_core(sequences: dict[str, list[str]], k: int, problems: RowProblems) -> dict[str, list[str]]:
     """Keep users and items with at least ``k`` interactions each, repeated until nothing changes."""
     users0 = len(sequences)
     items0 = len({i for seq in sequences.values() for i in seq})
@@ -496,7 +498,7 @@ def _write_dataset(
     name: str,
     items: dict[str, _Item],
     sequences: dict[str, list[str]],
-    problems: _Problems,
+    problems: RowProblems,
     template: str,
     max_samples_per_shard: int,
     options: StorageOptions | None,
@@ -559,7 +561,9 @@ def _write_dataset(
     return summary
 
 
-def _read_image(item: _Item, problems: _Problems, options: StorageOptions | None) -> tuple[str, bytes] | None:
+def _read_image(
+    item: _Item, problems: RowProblems, options: StorageOptions | None
+) -> tuple[str, bytes] | None:
     """``(extension, bytes)`` of the item's image, or None (counted when images were asked for)."""
     if item.image_url is None:
         if item.wants_image:
@@ -607,7 +611,7 @@ def _is_file(url: str, options: StorageOptions | None) -> bool:
         return False
 
 
-def _iter_lines(url: str, options: StorageOptions | None, hint: str = "") -> Iterator[tuple[int, bytes]]:
+def iter_text_lines(url: str, options: StorageOptions | None, hint: str = "") -> Iterator[tuple[int, bytes]]:
     """``(1-based line number, raw line)`` of a text file, gunzipped if it starts with the gzip magic.
 
     Lines stay bytes so that a line that is not UTF-8 is one bad record, not a failed file.

