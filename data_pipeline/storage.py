@@ -293,7 +293,6 @@ def _local_fs() -> LocalFileSystem:
     return LocalFileSystem()
 
 
-@functools.lru_cache(maxsize=16)
 def s3_filesystem_kwargs(options: StorageOptions) -> dict[str, Any]:
     """``s3fs.S3FileSystem`` arguments for ``options`` (also what DCP's fsspec writer/reader take)."""
     client_kwargs: dict[str, Any] = {}
@@ -321,6 +320,7 @@ def s3_filesystem_kwargs(options: StorageOptions) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=16)
 def _s3_fs(options: StorageOptions, pid: int) -> fsspec.AbstractFileSystem:
     import s3fs  # deferred: botocore takes a while to import and local-only runs never need it
 

@@ -56,3 +56,12 @@ def test_scaling_bench_prints_the_table(tmp_path):
     )
     assert "| fsdp2 | 1 | 2 |" in out and "| fsdp2 | 2 | 1 |" in out
     assert "<!-- bench/scaling.py:begin -->" in out and "<!-- bench/scaling.py:end -->" in out
+
+
+def test_checkpoint_bench_prints_the_table(tmp_path):
+    out = run_quick(tmp_path, "checkpoint.py")
+    assert "<!-- bench/checkpoint.py:begin -->" in out and "<!-- bench/checkpoint.py:end -->" in out
+    assert "## Checkpoints: save and load (`bench/checkpoint.py`)" in out
+    assert "| config | ranks | storage | MB (files) | sync save | load |" in out
+    assert "| demo | 1 | local disk |" in out and "| demo | 1 | S3 (moto) |" in out
+    assert "The loaded weights equal the saved ones." in out

@@ -274,3 +274,12 @@ def test_s3_server_down_fails_fast_naming_the_endpoint_not_the_secret(s3_server)
     with atomic_write(join(bucket, "after.bin"), options) as f:
         f.write(b"back")
     assert _read(join(bucket, "after.bin"), options) == b"back"
+
+
+def test_one_s3_filesystem_per_options_and_process(s3_server) -> None:
+    # a new S3FileSystem costs a botocore session (0.2-0.9 s here): every call must reuse the cached one
+    first, _ = filesystem("s3://bucket/a", s3_server.options)
+    second, _ = filesystem("s3://bucket/b/c", s3_server.options)
+    assert first is second
+    other, _ = filesystem("s3://bucket/a", dataclasses.replace(s3_server.options, max_attempts=1))
+    assert other is not first
