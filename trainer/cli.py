@@ -1,6 +1,7 @@
 """The ``fmrl`` command.
 
     fmrl train --config configs/demo.yaml [KEY=VALUE ...]
+    fmrl launch [--nproc N] [--nnodes M --rdzv-endpoint HOST:PORT] [--dry-run] --config ... [KEY=VALUE ...]
     fmrl data prepare-synthetic OUT_URL [--num-items 2000 --num-users 4000 ...]
     fmrl data convert-movielens OUT_URL
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4"
     )
+    _add_launch_command(commands)
     _add_data_commands(commands)
     export = commands.add_parser(
         "export", help="write a standalone model at each nested size of a finished run or a checkpoint"
@@ -53,6 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, default=224, help="pixels (square) the images are resized to; 224 native"
     )
     return parser
+
+
+def _add_launch_command(commands: argparse._SubParsersAction) -> None:
+    launch = commands.add_parser(
+        "launch",
+        help="run `fmrl train` on several processes with torchrun (prints the torchrun and sbatch commands)",
+    )
+    launch.add_argument(
+        "--nproc", type=int, help="processes per node (default: one per GPU; on CPU 2, or 1 on a single core)"
+    )
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes; run the same command on each")
+    launch.add_argument(
+        "--rdzv-endpoint", help="HOST:PORT of the rendezvous on the first node (--nnodes > 1)"
+    )
+    launch.add_argument("--rdzv-id", default="fmrl", help="job id of the rendezvous, the same on all nodes")
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="torchrun restarts of failed workers (with run.resume=auto)",
+    )
+    launch.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    launch.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    launch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for `fmrl train`")
 
 
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
@@ -192,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size, entry in manifest["sizes"].items():
             print(f"size {size:>5}: {entry['bytes'] / 2**20:8.2f} MiB  {entry['folder']}")
         return 0
+    if args.command == "launch":
+        from trainer.launch import launch
+
+        return launch(args)
     if args.command == "data":
         from data_pipeline.converters import ConversionError
         from data_pipeline.storage import StorageError

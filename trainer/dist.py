@@ -6,6 +6,7 @@ there are 64 ranks or one. A plain ``fmrl train`` therefore starts a one-rank gr
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from sharding.world import World
+
+log = logging.getLogger("fmrl")
 
 
 def _free_port() -> int:
@@ -80,6 +83,12 @@ def _restart_safe_agent_store(world: World) -> dist.Store | None:
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) == 0:
+        log.warning(
+            "several torchrun agents share the rendezvous store: a node restarted on its own cannot rejoin "
+            "(its restart count differs); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every agent "
+            "(slurm/train.sbatch and `fmrl launch` do)"
+        )
     store = dist.TCPStore(
         host_name=os.environ["MASTER_ADDR"],
         port=int(os.environ["MASTER_PORT"]),
