@@ -4,6 +4,7 @@
     fmrl launch [--nproc N] [--nnodes M --rdzv-endpoint HOST:PORT] [--dry-run] --config ... [KEY=VALUE ...]
     fmrl data prepare-synthetic OUT_URL [--num-items 2000 --num-users 4000 ...]
     fmrl data convert-movielens OUT_URL
+    fmrl data prepare-synthetic-ctr OUT_URL [--rows 50000]      (DLRM; also convert-criteo, convert-obp)
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
     fmrl data convert-p5 OUT_URL --data-dir data/beauty [--images photos/beauty]
 
@@ -118,6 +119,36 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     )
     p5.add_argument("--images", help="folder of item images (needs item2img.json in --data-dir)")
 
+    # click-through-rate data for DLRM: label, dense features, hashed categorical features
+    criteo = writers.add_parser(
+        "convert-criteo", help="Criteo TSV logs (label, 13 integer, 26 hashed categorical features)"
+    )
+    criteo.add_argument("out_url")
+    criteo.add_argument("sources", nargs="+", help="TSV files, in order (gzip allowed)")
+    criteo.add_argument(
+        "--hash-buckets", required=True, help="rows per categorical table: N for all 26, or N1,...,N26"
+    )
+    criteo.add_argument("--name", default="criteo")
+    criteo.add_argument(
+        "--on-error", choices=["raise", "skip"], default="raise", help="bad rows: stop, or skip and count"
+    )
+    synthetic_ctr = writers.add_parser(
+        "prepare-synthetic-ctr", help="the embedded Criteo-format click data with learnable structure"
+    )
+    synthetic_ctr.add_argument("out_url")
+    synthetic_ctr.add_argument("--rows", type=int, default=50_000)
+    synthetic_ctr.add_argument("--seed", type=int, default=0)
+    synthetic_ctr.add_argument("--hash-buckets", default="1000", help="N for all 26, or N1,...,N26")
+    synthetic_ctr.add_argument("--max-cardinality", type=int, default=100, help="values per feature, at most")
+    obp = writers.add_parser("convert-obp", help="Open Bandit Dataset click logs from the obp wheel")
+    obp.add_argument("out_url")
+    obp.add_argument("--policy", choices=["random", "bts"], default="random")
+    obp.add_argument("--campaign", choices=["all", "men", "women"], default="all")
+    for writer, shard_size in ((criteo, 50_000), (synthetic_ctr, 10_000), (obp, 5_000)):
+        writer.add_argument("--valid-fraction", type=float, default=0.1, help="rows before the test part")
+        writer.add_argument("--test-fraction", type=float, default=0.1, help="the last rows")
+        writer.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard")
+
     for writer in (amazon, p5):
         writer.add_argument("--min-interactions", type=int, default=5, help="k of the k-core filter")
         writer.add_argument("--shard-size", type=int, default=1000)
@@ -160,6 +191,8 @@ def _run_data_command(args: argparse.Namespace) -> None:
             min_interactions=args.min_interactions,
             on_error=args.on_error,
         )
+    elif args.data_command in ("convert-criteo", "prepare-synthetic-ctr", "convert-obp"):
+        summary = _run_ctr_command(args)
     else:
         summary = converters.convert_p5(
             args.out_url,
@@ -170,6 +203,42 @@ def _run_data_command(args: argparse.Namespace) -> None:
             on_error=args.on_error,
         )
     print(summary)
+
+
+def _hash_buckets(text: str) -> int | list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    return values[0] if len(values) == 1 else values
+
+
+def _run_ctr_command(args: argparse.Namespace) -> object:
+    split = {
+        "valid_fraction": args.valid_fraction,
+        "test_fraction": args.test_fraction,
+        "max_samples_per_shard": args.shard_size,
+    }
+    if args.data_command == "convert-obp":
+        from data_pipeline.obp import convert_obp
+
+        return convert_obp(args.out_url, policy=args.policy, campaign=args.campaign, **split)
+    from data_pipeline.criteo import convert_criteo, prepare_synthetic_ctr
+
+    if args.data_command == "convert-criteo":
+        return convert_criteo(
+            args.out_url,
+            args.sources,
+            hash_buckets=_hash_buckets(args.hash_buckets),
+            on_error=args.on_error,
+            name=args.name,
+            **split,
+        )
+    return prepare_synthetic_ctr(
+        args.out_url,
+        rows=args.rows,
+        seed=args.seed,
+        hash_buckets=_hash_buckets(args.hash_buckets),
+        max_cardinality=args.max_cardinality,
+        **split,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

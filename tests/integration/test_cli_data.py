@@ -25,3 +25,18 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     assert "reviews_Beauty_5.json.gz" in capsys.readouterr().err
     assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_ctr_data_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "ctr"
+    assert main(["data", "prepare-synthetic-ctr", str(out), "--rows", "2000", "--shard-size", "500"]) == 0
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["kind"] == "ctr" and len(dataset["hash_buckets"]) == 26
+    # the same rows as TSV go through convert-criteo; OBP's click logs come from the obp wheel
+    tsv = tmp_path / "day.tsv"
+    tsv.write_text("1\t5\t\t3" + "\t" * 10 + "\t68fd1e64" * 26 + "\n0" + "\t" * 13 + "\t" * 26 + "\n")
+    assert main(["data", "convert-criteo", str(tmp_path / "c"), str(tsv), "--hash-buckets", "7"]) == 0
+    assert main(["data", "convert-criteo", str(tmp_path / "bad"), str(tsv), "--hash-buckets", "7,7"]) == 2
+    assert "26" in capsys.readouterr().err
+    assert main(["data", "convert-obp", str(tmp_path / "obp"), "--campaign", "men"]) == 0
+    assert json.loads((tmp_path / "obp" / "dataset.json").read_text())["kind"] == "ctr"
