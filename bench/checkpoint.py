@@ -26,6 +26,7 @@ every object in memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -96,7 +97,7 @@ class _NoLoader:
 def build(cfg: Any, spec: dict, device: torch.device, seed: int, world_size: int) -> Any:
     """The model of ``cfg`` over random frozen tables, sharded as the trainer does."""
     from models.fmrl import FMRLRec
-    from sharding.fmrl import parallelize_fmrl
+    from trainer.train import parallelize_from_config
 
     torch.manual_seed(seed)  # the same model on every rank
     n = spec["num_items"]
@@ -104,24 +105,10 @@ def build(cfg: Any, spec: dict, device: torch.device, seed: int, world_size: int
     text[0] = image[0] = 0
     model = FMRLRec(cfg.model, n, text, image)
     del text, image
-    return parallelize_fmrl(
-        model,
-        backend=cfg.parallel.backend,
-        zero_stage=cfg.parallel.zero_stage,
-        feature_sharding=cfg.parallel.feature_table_sharding,
-        id_sharding=cfg.parallel.id_table_sharding,
-        id_optimizer=cfg.parallel.id_table_optimizer,
-        id_lr=cfg.parallel.id_table_lr or cfg.train.lr,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=cfg.train.warmup_steps,
-        total_steps=1000,
-        grad_clip=cfg.train.grad_clip,
-        grad_accum_steps=1,
-        micro_batch_size=spec["batch"],
-        precision=cfg.parallel.precision,
-        device=device,
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, batch_size=spec["batch"], grad_accum_steps=1)
     )
+    return parallelize_from_config(model, cfg, total_steps=1000, device=device)
 
 
 def slowest(seconds: float) -> float:

@@ -21,6 +21,10 @@ others in a collective). :func:`scan_users` reads all user shards once at start-
 trainable sequences per shard, from which each rank computes every rank's batch count for an epoch
 without communicating; :meth:`TrainLoader.steps_in_epoch` is their minimum and the loader drops the
 rest of the epoch, like ``drop_last`` does for a map-style dataset.
+
+The machinery is :class:`ShardBatchLoader`, which knows nothing of the samples: a subclass turns a
+sample into an example (or skips it) and a list of examples into a batch. :class:`TrainLoader` does
+that for user sequences, :class:`CTRTrainLoader` for click impressions (data_pipeline/criteo.py).
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.criteo import CTRBatch, CTRDataset, collate_ctr, decode_ctr_sample
 from data_pipeline.sequences import EvalBatch, TrainBatch, collate_next_item, left_pad
 from data_pipeline.shards import Manifest, read_manifest
 from data_pipeline.storage import StorageNotFoundError, StorageOptions, join, open_read
 from data_pipeline.stream import Sample, ShardStream, iter_shard
 
 __all__ = [
+    "CTRTrainLoader",
     "DatasetError",
     "SequenceDataset",
+    "ShardBatchLoader",
     "TrainLoader",
     "UserStats",
     "eval_batches",
@@ -137,7 +144,7 @@ def scan_users(dataset: SequenceDataset) -> UserStats:
 
 @dataclass
 class _SlotBatch:
-    batch: TrainBatch
+    batch: Any
     slot: int
     state: dict[str, Any]
     """The slot's stream position after this batch."""
@@ -148,7 +155,7 @@ class _SlotBatches(IterableDataset):
 
     def __init__(
         self,
-        loader: TrainLoader,
+        loader: ShardBatchLoader,
         epoch: int,
         states: list[dict[str, Any] | None],
         rotation: int,
@@ -168,56 +175,54 @@ class _SlotBatches(IterableDataset):
             stream.epoch = self.epoch
         if stream.epoch != self.epoch:
             return
-        num_items, size, max_len = self.loader.dataset.num_items, self.loader.batch_size, self.loader.max_len
-        chosen: list[np.ndarray] = []
+        size = self.loader.batch_size
+        chosen: list[Any] = []
         keys: list[str] = []
         for sample in stream.iter_epoch():
-            train = decode_user(sample, num_items)[:-2]
-            if len(train) < 2:
+            example = self.loader.example(sample)
+            if example is None:
                 continue
-            chosen.append(train)
+            chosen.append(example)
             keys.append(sample["__key__"])
             if len(chosen) == size:
-                yield _SlotBatch(
-                    _with_keys(collate_next_item(chosen, max_len), keys), slot, stream.state_dict()
-                )
+                yield _SlotBatch(self.loader.collate(chosen, keys), slot, stream.state_dict())
                 chosen, keys = [], []
         if chosen:
-            yield _SlotBatch(_with_keys(collate_next_item(chosen, max_len), keys), slot, stream.state_dict())
+            yield _SlotBatch(self.loader.collate(chosen, keys), slot, stream.state_dict())
 
 
-def _with_keys(batch: TrainBatch, keys: list[str]) -> TrainBatch:
-    batch.keys = tuple(keys)
-    return batch
+class ShardBatchLoader:
+    """This rank's training batches of one shard set, epoch by epoch, with an exact resumable position
+    (a DCP Stateful). Subclasses define :meth:`example` and :meth:`collate`.
 
-
-class TrainLoader:
-    """This rank's training batches, epoch by epoch, with an exact resumable position (a DCP Stateful).
-
+    ``examples_per_shard`` (S,) counts the examples (samples that :meth:`example` keeps) of every shard
+    in ``manifest``, from which every rank computes every rank's batch count without communicating.
     ``num_workers`` DataLoader worker processes each read one slot and keep ``prefetch_factor``
     batches ready; ``num_workers=0`` reads one slot in the calling process.
     """
 
     def __init__(
         self,
-        dataset: SequenceDataset,
-        stats: UserStats,
+        url: str,
+        manifest: Manifest,
+        examples_per_shard: np.ndarray,
         *,
         batch_size: int,
-        max_len: int,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
         prefetch_factor: int = 4,
+        options: StorageOptions | None = None,
     ) -> None:
-        if batch_size < 1 or max_len < 2 or num_workers < 0 or prefetch_factor < 1:
+        if batch_size < 1 or num_workers < 0 or prefetch_factor < 1:
             raise ValueError(
-                f"need batch_size >= 1, max_len >= 2, num_workers >= 0, prefetch_factor >= 1; got "
-                f"{batch_size}, {max_len}, {num_workers}, {prefetch_factor}"
+                f"need batch_size >= 1, num_workers >= 0, prefetch_factor >= 1; got "
+                f"{batch_size}, {num_workers}, {prefetch_factor}"
             )
-        self.dataset, self.stats = dataset, stats
-        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        self.url, self.manifest, self.options = url, manifest, options
+        self.examples_per_shard = np.asarray(examples_per_shard)
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.num_slots = max(num_workers, 1)
@@ -229,10 +234,18 @@ class TrainLoader:
         self._next_slot = 0
         self._batches_in_epoch = 0
 
+    def example(self, sample: Sample) -> Any | None:
+        """The training example of one streamed sample, or None to skip it."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[Any], keys: list[str]) -> Any:
+        """One batch of ``examples`` (whose samples' keys are ``keys``)."""
+        raise NotImplementedError
+
     def stream(self, slot: int) -> ShardStream:
         return ShardStream(
-            self.dataset.url,
-            self.dataset.users.prefix,
+            self.url,
+            self.manifest.prefix,
             rank=self.rank,
             world_size=self.world_size,
             num_workers=self.num_slots,
@@ -240,8 +253,8 @@ class TrainLoader:
             seed=self.seed,
             shuffle=True,
             shuffle_samples=True,
-            options=self.dataset.options,
-            manifest=self.dataset.users,
+            options=self.options,
+            manifest=self.manifest,
             consumed=self._consumed,
         )
 
@@ -252,7 +265,7 @@ class TrainLoader:
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Batches every rank takes in ``epoch``: the fewest that any rank has (computed locally)."""
-        per_shard = self.stats.trainable_per_shard
+        per_shard = self.examples_per_shard
         if self._consumed is not None and self._consumed[0] == epoch:
             # trainable users left in partly read shards: at least (trainable - read); a lower bound
             # keeps every rank's count reachable, so no rank waits for a batch that never comes
@@ -270,7 +283,7 @@ class TrainLoader:
             fewest = min(fewest, batches)
         return int(fewest)
 
-    def __iter__(self) -> Iterator[TrainBatch]:
+    def __iter__(self) -> Iterator[Any]:
         """The rest of the current epoch's batches (up to :meth:`steps_in_epoch`), then the next epoch."""
         steps = self.steps_in_epoch(self.epoch)
         if self._batches_in_epoch < steps:
@@ -387,8 +400,8 @@ class TrainLoader:
                     continue
                 slot_state = json.loads(slot_json)
                 stream = ShardStream(
-                    self.dataset.url,
-                    self.dataset.users.prefix,
+                    self.url,
+                    self.manifest.prefix,
                     rank=slot_state["rank"],
                     world_size=slot_state["world_size"],
                     num_workers=slot_state["num_workers"],
@@ -396,21 +409,101 @@ class TrainLoader:
                     seed=self.seed,
                     shuffle=True,
                     shuffle_samples=True,
-                    options=self.dataset.options,
-                    manifest=self.dataset.users,
+                    options=self.options,
+                    manifest=self.manifest,
                 )
                 stream.load_state_dict(slot_state)  # validates it against the saved layout
                 shards = stream.slot_shards(epoch)
                 finished = len(shards) if slot_state["epoch"] > epoch else slot_state["shard_index"]
                 for position, shard in enumerate(shards):
                     if position < finished:
-                        samples = self.dataset.users.shards[shard].samples
+                        samples = self.manifest.shards[shard].samples
                     elif position == finished and slot_state["epoch"] == epoch:
                         samples = slot_state["offset"]
                     else:
                         break
                     read[shard] = max(read.get(shard, 0), samples)
         return {shard: samples for shard, samples in read.items() if samples > 0}
+
+
+class TrainLoader(ShardBatchLoader):
+    """Next-item training batches (:class:`~data_pipeline.sequences.TrainBatch`, with the users' sample
+    keys) of the training parts ``s[:-2]`` of this rank's users; users with fewer than 2 are skipped."""
+
+    def __init__(
+        self,
+        dataset: SequenceDataset,
+        stats: UserStats,
+        *,
+        batch_size: int,
+        max_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
+    ) -> None:
+        if max_len < 2:
+            raise ValueError(f"need max_len >= 2, got {max_len}")
+        self.dataset, self.stats, self.max_len = dataset, stats, max_len
+        super().__init__(
+            dataset.url,
+            dataset.users,
+            stats.trainable_per_shard,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
+            options=dataset.options,
+        )
+
+    def example(self, sample: Sample) -> np.ndarray | None:
+        train = decode_user(sample, self.dataset.num_items)[:-2]
+        return train if len(train) >= 2 else None
+
+    def collate(self, examples: list[np.ndarray], keys: list[str]) -> TrainBatch:
+        batch = collate_next_item(examples, self.max_len)
+        batch.keys = tuple(keys)
+        return batch
+
+
+class CTRTrainLoader(ShardBatchLoader):
+    """Batches (:class:`~data_pipeline.criteo.CTRBatch`) of this rank's part of a CTR data set's ``train``
+    split; every impression is an example."""
+
+    def __init__(
+        self,
+        dataset: CTRDataset,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
+        options: StorageOptions | None = None,
+    ) -> None:
+        manifest = read_manifest(dataset.url, "train", options)
+        super().__init__(
+            dataset.url,
+            manifest,
+            np.array([entry.samples for entry in manifest.shards], dtype=np.int64),
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
+            options=options,
+        )
+
+    def example(self, sample: Sample) -> Any:
+        return decode_ctr_sample(sample)
+
+    def collate(self, examples: list[Any], keys: list[str]) -> CTRBatch:
+        return collate_ctr(examples)
 
 
 def _consumed_from_state(state: dict[str, Any]) -> tuple[int, dict[int, int]] | None:

@@ -174,17 +174,8 @@ class ShardedItemTables(nn.Module):
         self.dmp = DistributedModelParallel(
             tables, device=device, plan=plan, sharders=sharders, init_data_parallel=False
         )
-        self._copy_in({f"{n}.embeddings.{n}.weight": sources[n].weight for n in self.names})
+        fill_shards(self.dmp, {f"{n}.embeddings.{n}.weight": sources[n].weight for n in self.names})
         self.device = device
-
-    def _copy_in(self, full: dict[str, torch.Tensor]) -> None:
-        """Fill every local shard from the full (unsharded) tables, which every rank holds at start-up."""
-        for key, value in self.dmp.state_dict().items():
-            source = full[key.removeprefix("_dmp_wrapped_module.")]
-            for shard in value.local_shards():
-                (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                with torch.no_grad():
-                    shard.tensor.copy_(source[r0 : r0 + rows, c0 : c0 + cols])
 
     @property
     def fused_optimizer(self) -> Any:
@@ -215,6 +206,17 @@ class ShardedItemTables(nn.Module):
         return out if dist.get_rank() == 0 else None
 
 
+def fill_shards(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Fill every local shard of a DistributedModelParallel's tables from the full (unsharded) tables,
+    which every rank holds at start-up (keyed like the unwrapped module's state dict)."""
+    for key, value in dmp.state_dict().items():
+        source = full[key.removeprefix("_dmp_wrapped_module.")]
+        for shard in value.local_shards():
+            (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            with torch.no_grad():
+                shard.tensor.copy_(source[r0 : r0 + rows, c0 : c0 + cols])
+
+
 def _id_optimizer_class(name: str) -> type:
     if name == "rowwise_adagrad":
         from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -227,13 +229,16 @@ def _id_optimizer_class(name: str) -> type:
 
 
 @dataclass
-class ParallelFMRL:
-    """The distributed model: sparse tables, wrapped dense part, and how to step them."""
+class ParallelModel:
+    """A distributed model: TorchRec-sharded tables, the wrapped dense part, and how to step and save
+    them. The model-specific subclasses (:class:`ParallelFMRL`, sharding.dlrm.ParallelDLRM) add the
+    forward and name the trainable tables."""
 
-    model: FMRLRec
-    sparse: ShardedItemTables
+    model: nn.Module
+    sparse: Any
+    """The sharded tables: ``.dmp`` (DistributedModelParallel), ``.fused_optimizer``, ``.device``."""
     dense: nn.Module
-    """The wrapped :class:`DenseFMRL` (FSDP2 module, DDP, or a DeepSpeed engine); call it like DenseFMRL."""
+    """The wrapped dense module (FSDP2 module, DDP, or a DeepSpeed engine); call it like the module."""
     backend: str
     optimizer: torch.optim.Optimizer | None
     """The dense AdamW (None under DeepSpeed, whose engine steps its own)."""
@@ -249,29 +254,9 @@ class ParallelFMRL:
             device, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
         )
 
-    def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states (B, L, D) of ``tokens`` (B, L) and representations (U, D) of ``ids`` (U,),
-        sorted unique ids that include every token id. Collective."""
-        token_index = torch.searchsorted(ids, tokens)  # (B, L) rows of the tokens' items
-        features = self.sparse(ids)
-        with self.autocast():
-            hidden, reps = self.dense(features, token_index, tokens > 0)
-        return hidden.float(), reps.float()
-
-    def item_representations(self, ids: torch.Tensor) -> torch.Tensor:
-        """(U, D) representations of ``ids`` (U,); collective."""
-        features = self.sparse(ids)
-        with self.autocast():
-            return self.dense(features).float()
-
-    def last_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, D) final hidden state of each left-padded history in ``tokens`` (B, L); B may be 0 (the
-        rank still joins the collectives)."""
-        empty = tokens.shape[0] == 0
-        if empty:
-            tokens = torch.zeros(1, 1, dtype=torch.int64, device=tokens.device)
-        hidden, _ = self.forward(tokens, torch.unique(tokens))
-        return hidden[:0, -1] if empty else hidden[:, -1]
+    def trainable_table(self, key: str) -> bool:
+        """Whether the table state-dict entry ``key`` is trained (and so checkpointed); all by default."""
+        return True
 
     def set_training(self, mode: bool) -> None:
         self.dense.train(mode)
@@ -318,11 +303,11 @@ class ParallelFMRL:
         schedule. The frozen feature tables are not included: they come from the feature files."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        tables = {k: v for k, v in self.sparse.dmp.state_dict().items() if k.startswith(f"{ID_TABLE}.")}
+        tables = {k: v for k, v in self.sparse.dmp.state_dict().items() if self.trainable_table(k)}
         fused = {
             k: v
             for k, v in self.sparse.fused_optimizer.state_dict()["state"].items()
-            if k.startswith(f"{ID_TABLE}.") and v
+            if self.trainable_table(k) and v
         }
         state: dict[str, Any]
         if self.backend == "deepspeed":
@@ -377,19 +362,9 @@ class ParallelFMRL:
             else:
                 tensors.append(p.data)
         for key, value in self.sparse.dmp.state_dict().items():
-            if key.removeprefix("_dmp_wrapped_module.").startswith(f"{ID_TABLE}."):
+            if self.trainable_table(key.removeprefix("_dmp_wrapped_module.")):
                 tensors += [shard.tensor for shard in value.local_shards()]
         return tensors
-
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The trainable state as full tensors on rank 0, named like ``FMRLRec.state_dict()``; None on
-        other ranks. Collective."""
-        dense = self._full_dense_state()
-        tables = self.sparse.gather_tables()
-        if dist.get_rank() != 0:
-            return None
-        assert dense is not None and tables is not None
-        return {**{_model_key(k): v for k, v in dense.items()}, **tables}
 
     def _full_dense_state(self) -> dict[str, torch.Tensor] | None:
         if self.backend == "fsdp2":
@@ -410,6 +385,48 @@ class ParallelFMRL:
         else:
             state = {k: v.detach().clone().cpu() for k, v in self.dense.module.state_dict().items()}
         return state if dist.get_rank() == 0 else None
+
+
+@dataclass
+class ParallelFMRL(ParallelModel):
+    """fMRLRec distributed: the item tables (:class:`ShardedItemTables`) and the wrapped :class:`DenseFMRL`."""
+
+    def trainable_table(self, key: str) -> bool:
+        return key.startswith(f"{ID_TABLE}.")  # the frozen feature tables come from the feature files
+
+    def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, L, D) of ``tokens`` (B, L) and representations (U, D) of ``ids`` (U,),
+        sorted unique ids that include every token id. Collective."""
+        token_index = torch.searchsorted(ids, tokens)  # (B, L) rows of the tokens' items
+        features = self.sparse(ids)
+        with self.autocast():
+            hidden, reps = self.dense(features, token_index, tokens > 0)
+        return hidden.float(), reps.float()
+
+    def item_representations(self, ids: torch.Tensor) -> torch.Tensor:
+        """(U, D) representations of ``ids`` (U,); collective."""
+        features = self.sparse(ids)
+        with self.autocast():
+            return self.dense(features).float()
+
+    def last_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, D) final hidden state of each left-padded history in ``tokens`` (B, L); B may be 0 (the
+        rank still joins the collectives)."""
+        empty = tokens.shape[0] == 0
+        if empty:
+            tokens = torch.zeros(1, 1, dtype=torch.int64, device=tokens.device)
+        hidden, _ = self.forward(tokens, torch.unique(tokens))
+        return hidden[:0, -1] if empty else hidden[:, -1]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trainable state as full tensors on rank 0, named like ``FMRLRec.state_dict()``; None on
+        other ranks. Collective."""
+        dense = self._full_dense_state()
+        tables = self.sparse.gather_tables()
+        if dist.get_rank() != 0:
+            return None
+        assert dense is not None and tables is not None
+        return {**{_model_key(k): v for k, v in dense.items()}, **tables}
 
 
 def _model_key(dense_key: str) -> str:
@@ -625,8 +642,6 @@ def parallelize_fmrl(
     """Shard the tables with TorchRec and wrap the dense part with ``backend``. Needs an initialised
     process group (a job of one rank is fine). The model's own item tables are freed afterwards: each
     rank keeps only its shards."""
-    from trainer.optim import build_optimizer, cosine_with_warmup
-
     if not dist.is_initialized():
         raise RuntimeError("parallelize_fmrl needs torch.distributed to be initialised (see trainer.dist)")
     sparse = ShardedItemTables(
@@ -640,7 +655,45 @@ def parallelize_fmrl(
     )
     _free_tables(model.item_tower)
     dense = DenseFMRL(model).to(device)
+    wrapped, optimizer, scheduler = wrap_dense(
+        dense,
+        list(dense.trunk.blocks),
+        backend=backend,
+        zero_stage=zero_stage,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        grad_clip=grad_clip,
+        grad_accum_steps=grad_accum_steps,
+        micro_batch_size=micro_batch_size,
+        device=device,
+    )
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    return ParallelFMRL(
+        model, sparse, wrapped, backend, optimizer, scheduler, grad_clip, autocast_dtype, grad_accum_steps
+    )
+
+
+def wrap_dense(
+    dense: nn.Module,
+    blocks: list[nn.Module],
+    *,
+    backend: str,
+    zero_stage: int,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    grad_clip: float,
+    grad_accum_steps: int,
+    micro_batch_size: int,
+    device: torch.device,
+) -> tuple[nn.Module, torch.optim.Optimizer | None, Any]:
+    """Wrap a model's dense part with ``backend`` and give it AdamW with a cosine schedule: FSDP2
+    (``fully_shard`` per module of ``blocks``, then the root), a DeepSpeed ZeRO engine (which owns the
+    optimizer: None is returned for it) or DDP. Returns (wrapped module, optimizer, scheduler)."""
+    from trainer.optim import build_optimizer, cosine_with_warmup
 
     def schedule(optimizer: torch.optim.Optimizer) -> Any:
         return cosine_with_warmup(optimizer, warmup_steps, total_steps)
@@ -664,14 +717,12 @@ def parallelize_fmrl(
         engine, _, _, scheduler = deepspeed.initialize(
             model=dense, optimizer=optimizer, lr_scheduler=schedule, config=config, dist_init_required=False
         )
-        return ParallelFMRL(
-            model, sparse, engine, backend, None, scheduler, grad_clip, autocast_dtype, grad_accum_steps
-        )
+        return engine, None, scheduler
 
     if backend == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for block in dense.trunk.blocks:
+        for block in blocks:
             fully_shard(block)
         fully_shard(dense)
         wrapped: nn.Module = dense
@@ -682,17 +733,7 @@ def parallelize_fmrl(
     else:
         raise ValueError(f"unknown backend {backend!r}: fsdp2, deepspeed or ddp")
     optimizer = build_optimizer(wrapped, lr, weight_decay)
-    return ParallelFMRL(
-        model,
-        sparse,
-        wrapped,
-        backend,
-        optimizer,
-        schedule(optimizer),
-        grad_clip,
-        autocast_dtype,
-        grad_accum_steps,
-    )
+    return wrapped, optimizer, schedule(optimizer)
 
 
 def _forget_deepspeed_groups() -> None:

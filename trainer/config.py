@@ -25,11 +25,14 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from models.dlrm.config import DLRMConfig
 from models.fmrl.config import FMRLConfig
 
 __all__ = [
+    "TASKS",
     "Config",
     "ConfigError",
+    "DLRMSection",
     "DataConfig",
     "EvalConfig",
     "RunConfig",
@@ -197,10 +200,12 @@ class ParallelConfig:
     feature_table_sharding: str = "auto"
     """TorchRec sharding of the frozen text and image tables; "auto": table_wise on CPU, row_wise on GPU."""
     id_table_sharding: str = "auto"
-    """TorchRec sharding of the learnable ID table; "auto": column_wise on CPU (shard widths on nested
-    sizes), row_wise on GPU. Row-wise sharding needs CUDA (TorchRec has no CPU kernel for it)."""
+    """TorchRec sharding of the learnable ID table (task dlrm: of every categorical feature's table);
+    "auto": column_wise on CPU (shard widths on nested sizes; dlrm: table_wise), row_wise on GPU.
+    Row-wise sharding needs CUDA (TorchRec has no CPU kernel for it)."""
     id_table_optimizer: str = "adagrad"
-    """Fused in-backward optimizer of the ID table: "adagrad", "rowwise_adagrad", "adam" or "sgd".
+    """Fused in-backward optimizer of the ID table (task dlrm: of the categorical tables): "adagrad",
+    "rowwise_adagrad", "adam" or "sgd".
     Row-wise Adagrad keeps one statistic per row *per shard*: under column-wise sharding it depends on
     the number of shards, so a run on 2 ranks no longer matches 1 rank and its state cannot be resharded."""
     id_table_lr: float = 0.0
@@ -272,12 +277,70 @@ class RunConfig:
         _at_least("run.stop_after_steps", self.stop_after_steps, 0)
 
 
+def _dlrm_default(name: str) -> Any:
+    return getattr(DLRMConfig(), name)
+
+
+@dataclass(kw_only=True)
+class DLRMSection:
+    """DLRM hyperparameters (models.dlrm.config.DLRMConfig) for ``task: dlrm``, except what the data set
+    fixes: the number of dense features and the categorical features' names and table sizes come from
+    its dataset.json."""
+
+    embedding_dim: int = _dlrm_default("embedding_dim")
+    """Width D of every embedding row (and of the bottom MLP's output)."""
+    bottom_mlp: list[int] = field(default_factory=lambda: _dlrm_default("bottom_mlp"))
+    """Output widths of the bottom (dense) MLP's layers; the last must be embedding_dim."""
+    top_mlp: list[int] = field(default_factory=lambda: _dlrm_default("top_mlp"))
+    """Output widths of the top (over) MLP's layers; the last must be 1 (the logit)."""
+    interaction: str = _dlrm_default("interaction")
+    """"dot" (pairwise dot products, DLRM) or "dcn" (low-rank cross layers, DCN-v2 / MLPerf DLRMv2)."""
+    dcn_num_layers: int = _dlrm_default("dcn_num_layers")
+    """Cross layers of the "dcn" interaction."""
+    dcn_low_rank_dim: int = _dlrm_default("dcn_low_rank_dim")
+    """Rank of each cross layer's factorisation."""
+
+    def __post_init__(self) -> None:
+        try:  # DLRMConfig's own checks, on a stand-in data set
+            self.model_config(num_dense=1, hash_buckets=[2], feature_names=None)
+        except ValueError as exc:
+            text = str(exc)
+            names = _init_fields(type(self))
+            if text.split(" ", 1)[0] in names:
+                raise ConfigError(f"dlrm.{text}") from None
+            raise ConfigError(f"dlrm: {text}") from None
+
+    def model_config(
+        self, *, num_dense: int, hash_buckets: list[int], feature_names: list[str] | None
+    ) -> DLRMConfig:
+        """The model's config for a data set with these features."""
+        return DLRMConfig(
+            num_dense=num_dense,
+            hash_buckets=list(hash_buckets),
+            feature_names=feature_names,
+            embedding_dim=self.embedding_dim,
+            bottom_mlp=list(self.bottom_mlp),
+            top_mlp=list(self.top_mlp),
+            interaction=self.interaction,  # type: ignore[arg-type]  # checked by DLRMConfig
+            dcn_num_layers=self.dcn_num_layers,
+            dcn_low_rank_dim=self.dcn_low_rank_dim,
+        )
+
+
+TASKS = ("fmrl", "dlrm")
+
+
 @dataclass(kw_only=True)
 class Config:
     """The whole run configuration: one section per concern."""
 
+    task: str = "fmrl"
+    """What is trained: "fmrl" (fMRLRec on user sequences; section model) or "dlrm" (DLRM on a CTR data
+    set written by `fmrl data prepare-synthetic-ctr` / `convert-criteo` / `convert-obp`; section dlrm)."""
     model: FMRLConfig = field(default_factory=FMRLConfig)
     """Model hyperparameters (defined and validated in models.fmrl.config)."""
+    dlrm: DLRMSection = field(default_factory=DLRMSection)
+    """DLRM hyperparameters (task dlrm)."""
     data: DataConfig = field(default_factory=DataConfig)
     """The dataset."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -288,6 +351,16 @@ class Config:
     """Distribution over ranks: dense backend, table sharding, precision."""
     run: RunConfig = field(default_factory=RunConfig)
     """Outputs and logging."""
+
+    def __post_init__(self) -> None:
+        _one_of("task", self.task, TASKS)
+        # the other task's model section would be silently ignored: refuse it, as an unknown key is
+        unused = "dlrm" if self.task == "fmrl" else "model"
+        if getattr(self, unused) != type(getattr(self, unused))():
+            raise ConfigError(
+                f"section '{unused}' configures the {'DLRM' if unused == 'dlrm' else 'fMRLRec'} model, "
+                f"but task is {self.task!r}: remove it or set task={'dlrm' if unused == 'dlrm' else 'fmrl'}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------

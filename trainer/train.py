@@ -177,6 +177,10 @@ def train(cfg: Config) -> RunResult:
 
     Runs as one rank of a torchrun job, or as a job of one rank in a plain process."""
     with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
+        if cfg.task == "dlrm":
+            from trainer.train_dlrm import train_dlrm  # imports this module's helpers
+
+            return train_dlrm(cfg, world, device, stop_request)  # type: ignore[return-value]
         return _train(cfg, world, device, stop_request)
 
 
@@ -220,24 +224,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
     total_steps = sum(loader.steps_in_epoch(epoch) for epoch in range(cfg.train.epochs)) // accum
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    parallel = parallelize_fmrl(
-        model,
-        backend=cfg.parallel.backend,
-        zero_stage=cfg.parallel.zero_stage,
-        feature_sharding=cfg.parallel.feature_table_sharding,
-        id_sharding=cfg.parallel.id_table_sharding,
-        id_optimizer=cfg.parallel.id_table_optimizer,
-        id_lr=cfg.parallel.id_table_lr or cfg.train.lr,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=cfg.train.warmup_steps,
-        total_steps=max(total_steps, 1),
-        grad_clip=cfg.train.grad_clip,
-        grad_accum_steps=accum,
-        micro_batch_size=cfg.train.batch_size,
-        precision=cfg.parallel.precision,
-        device=device,
-    )
+    parallel = parallelize_from_config(model, cfg, total_steps=max(total_steps, 1), device=device)
     loss_kind = resolve_loss(cfg.train.loss, dataset.num_items, cfg.train.full_softmax_max_items)
     sampler = None
     if loss_kind == "sampled":
@@ -491,6 +478,30 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
     return result
 
 
+def parallelize_from_config(
+    model: FMRLRec, cfg: Config, *, total_steps: int, device: torch.device
+) -> ParallelFMRL:
+    """``parallelize_fmrl`` with the settings of ``cfg`` (the trainer's and the benchmarks' one way)."""
+    return parallelize_fmrl(
+        model,
+        backend=cfg.parallel.backend,
+        zero_stage=cfg.parallel.zero_stage,
+        feature_sharding=cfg.parallel.feature_table_sharding,
+        id_sharding=cfg.parallel.id_table_sharding,
+        id_optimizer=cfg.parallel.id_table_optimizer,
+        id_lr=cfg.parallel.id_table_lr or cfg.train.lr,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps,
+        total_steps=total_steps,
+        grad_clip=cfg.train.grad_clip,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        micro_batch_size=cfg.train.batch_size,
+        precision=cfg.parallel.precision,
+        device=device,
+    )
+
+
 @dataclass
 class Progress:
     """Early-stopping state that a checkpoint carries besides the steps and losses."""
@@ -604,6 +615,9 @@ def incompatible(marker: dict[str, Any], identity: dict[str, Any]) -> list[str]:
     saved = marker.get("config")
     if saved is None:  # written before configs were recorded
         return []
+    saved_task = saved.get("task", "fmrl")
+    if saved_task != identity["config"]["task"]:
+        return [f"task was {saved_task!r}, now {identity['config']['task']!r}"]
     problems = []
     if marker.get("num_items") != identity["num_items"]:
         problems.append(

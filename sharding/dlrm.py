@@ -1,0 +1,182 @@
+"""Distribute a DLRM over the ranks of a job: TorchRec-sharded embedding tables, and FSDP2, DeepSpeed ZeRO
+or DDP for the dense part.
+
+The model (models/dlrm) stays single-device PyTorch. :func:`parallelize_dlrm` applies two named steps:
+
+1. **shard the tables**: ``model.sparse_arch`` (one EmbeddingBagCollection, a table per categorical
+   feature) is rebuilt on the meta device with a fused in-backward optimizer (``parallel.id_table_optimizer``,
+   Adagrad by default), placed by the TorchRec planner with ``ParameterConstraints`` that pin the sharding
+   type (``parallel.id_table_sharding``; "auto": table-wise on CPU, row-wise on GPU), and wrapped in
+   ``DistributedModelParallel(init_data_parallel=False)``, which materialises only this rank's shards.
+   They are filled from the model's own tables, so every layout starts from the same weights.
+2. **wrap the dense part**: bottom MLP, interaction and top MLP as one :class:`DenseDLRM`, wrapped by
+   :func:`sharding.fmrl.wrap_dense` (``fully_shard`` per MLP then the root, a DeepSpeed ZeRO engine, or DDP).
+
+One training step on every backend (see :class:`ParallelDLRM`)::
+
+    parallel = parallelize_dlrm(DLRM(cfg), backend="fsdp2", ...)
+    logits = parallel.forward(batch.dense, batch.sparse)   # (B,): (B, N_d) floats, (B, F) ids
+    parallel.backward(ctr_loss(logits, batch.labels)); parallel.micro_step(True)
+
+The parameters are shared with the original model object, so :meth:`ParallelDLRM.full_state_dict` names
+everything as ``DLRM.state_dict()`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.dlrm import DLRM, DLRMConfig, SparseArch, ids_to_kjt
+from sharding.fmrl import ParallelModel, _id_optimizer_class, _sharding_type, fill_shards, wrap_dense
+
+
+class DenseDLRM(nn.Module):
+    """The dense part of DLRM (shared with the model): ``forward(dense (B, N_d), embedded (B, F, D))``
+    returns the logits (B,)."""
+
+    def __init__(self, model: DLRM) -> None:
+        super().__init__()
+        self.dense_arch = model.dense_arch
+        self.inter_arch = model.inter_arch
+        self.over_arch = model.over_arch
+
+    def forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        x = self.dense_arch(dense)  # (B, D)
+        interactions = self.inter_arch(x, embedded)  # (B, W)
+        return self.over_arch(interactions).squeeze(-1)  # (B,)
+
+
+class ShardedSparseArch(nn.Module):
+    """The embedding tables as a TorchRec-sharded :class:`~models.dlrm.SparseArch`: ``forward(ids (B, F))``
+    returns the pooled rows (B, F, D). Collective: every rank calls it once per step (any B >= 1)."""
+
+    def __init__(
+        self,
+        arch: SparseArch,
+        cfg: DLRMConfig,
+        *,
+        device: torch.device,
+        sharding: str,
+        optimizer: str,
+        lr: float,
+    ) -> None:
+        super().__init__()
+        from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+        tables = SparseArch(cfg, device="meta")  # only this rank's shards are ever allocated
+        apply_optimizer_in_backward(_id_optimizer_class(optimizer), tables.parameters(), {"lr": lr})
+        kind = _sharding_type(sharding, device, "table_wise")
+        constraints = {f"t_{name}": ParameterConstraints(sharding_types=[kind]) for name in cfg.sparse_names}
+        world_size = dist.get_world_size()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        topology = Topology(world_size=world_size, local_world_size=local_world, compute_device=device.type)
+        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+        sharders = [EmbeddingBagCollectionSharder()]
+        self.plan = planner.collective_plan(tables, sharders, dist.GroupMember.WORLD)
+        self.dmp = DistributedModelParallel(
+            tables, device=device, plan=self.plan, sharders=sharders, init_data_parallel=False
+        )
+        fill_shards(self.dmp, arch.state_dict())
+        self.feature_names = cfg.sparse_names
+        self.device = device
+
+    @property
+    def fused_optimizer(self) -> Any:
+        return self.dmp.fused_optimizer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dmp(ids_to_kjt(ids.to(self.device), self.feature_names))  # (B, F, D)
+
+    def gather_tables(self) -> dict[str, torch.Tensor] | None:
+        """The full tables on rank 0 (None elsewhere), keyed like ``DLRM.state_dict()``. Collective."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.dmp.state_dict().items():
+            full = torch.empty(value.size()) if dist.get_rank() == 0 else None
+            value.gather(dst=0, out=full)
+            out["sparse_arch." + key.removeprefix("_dmp_wrapped_module.")] = full
+        return out if dist.get_rank() == 0 else None
+
+
+@dataclass
+class ParallelDLRM(ParallelModel):
+    """DLRM distributed: sharded tables (:class:`ShardedSparseArch`) and the wrapped :class:`DenseDLRM`.
+    Stepping, checkpoint state (``state_dict`` / ``load_state_dict`` for DCP), snapshots for early
+    stopping: see :class:`sharding.fmrl.ParallelModel`; every table is trainable, so all are saved."""
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) of dense features (B, N_d) and categorical ids (B, F). Collective."""
+        embedded = self.sparse(sparse)  # (B, F, D)
+        with self.autocast():
+            return self.dense(dense.to(self.sparse.device), embedded).float()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model as full tensors on rank 0, named like ``DLRM.state_dict()``; None on other
+        ranks. Collective."""
+        dense = self._full_dense_state()
+        tables = self.sparse.gather_tables()
+        if dist.get_rank() != 0:
+            return None
+        assert dense is not None and tables is not None
+        return {**dense, **tables}
+
+
+def parallelize_dlrm(
+    model: DLRM,
+    *,
+    backend: str,
+    zero_stage: int = 2,
+    table_sharding: str = "auto",
+    table_optimizer: str = "adagrad",
+    table_lr: float,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+    grad_clip: float,
+    grad_accum_steps: int = 1,
+    micro_batch_size: int,
+    precision: str = "fp32",
+    device: torch.device,
+) -> ParallelDLRM:
+    """Shard the tables with TorchRec, then wrap the dense part with ``backend``. Needs an initialised
+    process group (a job of one rank is fine). The model's own tables are freed afterwards (moved to the
+    meta device): each rank keeps only its shards."""
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize_dlrm needs torch.distributed to be initialised (see trainer.dist)")
+    sparse = ShardedSparseArch(
+        model.sparse_arch,
+        model.cfg,
+        device=device,
+        sharding=table_sharding,
+        optimizer=table_optimizer,
+        lr=table_lr,
+    )
+    model.sparse_arch.to_empty(device=torch.device("meta"))
+    dense = DenseDLRM(model).to(device)
+    wrapped, optimizer, scheduler = wrap_dense(
+        dense,
+        [dense.dense_arch, dense.over_arch],
+        backend=backend,
+        zero_stage=zero_stage,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        grad_clip=grad_clip,
+        grad_accum_steps=grad_accum_steps,
+        micro_batch_size=micro_batch_size,
+        device=device,
+    )
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    return ParallelDLRM(
+        model, sparse, wrapped, backend, optimizer, scheduler, grad_clip, autocast_dtype, grad_accum_steps
+    )
