@@ -97,7 +97,7 @@ class _NoLoader:
 def build(cfg: Any, spec: dict, device: torch.device, seed: int, world_size: int) -> Any:
     """The model of ``cfg`` over random frozen tables, sharded as the trainer does."""
     from models.fmrl import FMRLRec
-    from trainer.train import parallelize_from_config
+    from trainer.fmrl_task import parallelize_from_config
 
     torch.manual_seed(seed)  # the same model on every rank
     n = spec["num_items"]
@@ -130,7 +130,8 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
     from trainer.checkpoint import CheckpointManager
     from trainer.config import config_to_dict, load_config
     from trainer.dist import distributed
-    from trainer.train import Progress, RunResult, StepInputs, forward_backward, training_state
+    from trainer.fmrl_task import StepInputs, forward_backward
+    from trainer.train import Progress, RunResult, training_state
 
     r = REPEATS[mode]
     spec = CONFIGS[config_name]
@@ -158,7 +159,7 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
             )
             for _ in range(4)
         ]
-        result = RunResult(run_dir="", best_epoch=0, steps=0)
+        result = RunResult(run_dir="")
         identity = {"config": config_to_dict(cfg), "num_items": n, "best_step": 0}
 
         def step() -> float:
@@ -170,7 +171,8 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
             return time.perf_counter() - start
 
         def state_of(model: Any) -> dict[str, Any]:
-            return training_state(model, _NoLoader(), inputs, result, Progress(), world)  # type: ignore[arg-type]
+            rank_state = {"negatives_rng": inputs.generator.get_state().tolist()}  # as FMRLTask saves it
+            return training_state(model, _NoLoader(), rank_state, result, Progress(), world)
 
         parallel.set_training(True)
         for _ in range(r["warm_up"]):

@@ -60,7 +60,7 @@ def worker(backend: str, warm_up: int, steps: int) -> dict | None:
     from sharding.fmrl import parallelize_fmrl
     from trainer.config import load_config
     from trainer.dist import distributed
-    from trainer.train import StepInputs, forward_backward
+    from trainer.fmrl_task import StepInputs, forward_backward
 
     with distributed() as (world, device):
         threads = max(1, CORES // world.world_size)

@@ -677,6 +677,8 @@ class CTRBatch:
     dense: torch.Tensor
     sparse: torch.Tensor
     labels: torch.Tensor
+    keys: tuple[str, ...] = ()
+    """Sample keys of the impressions, in row order, when they come from shards (for logging)."""
 
     def kjt(self, keys: list[str]) -> Any:
         """The sparse ids as a KeyedJaggedTensor (one id per sample and feature) with ``keys``."""
@@ -685,14 +687,15 @@ class CTRBatch:
         return ids_to_kjt(self.sparse, keys)
 
 
-def collate_ctr(records: Sequence[CTRRecord]) -> CTRBatch:
-    """Stack records into a :class:`CTRBatch`."""
+def collate_ctr(records: Sequence[CTRRecord], keys: Sequence[str] = ()) -> CTRBatch:
+    """Stack records (with their sample ``keys``, if known) into a :class:`CTRBatch`."""
     if not records:
         raise ValueError("cannot collate an empty batch")
     return CTRBatch(
         dense=torch.from_numpy(np.stack([r.dense for r in records])),
         sparse=torch.from_numpy(np.stack([r.sparse for r in records])),
         labels=torch.tensor([float(r.label) for r in records], dtype=torch.float32),
+        keys=tuple(keys),
     )
 
 

@@ -503,7 +503,7 @@ class CTRTrainLoader(ShardBatchLoader):
         return decode_ctr_sample(sample)
 
     def collate(self, examples: list[Any], keys: list[str]) -> CTRBatch:
-        return collate_ctr(examples)
+        return collate_ctr(examples, keys)
 
 
 def _consumed_from_state(state: dict[str, Any]) -> tuple[int, dict[int, int]] | None:

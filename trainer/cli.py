@@ -32,14 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_command(commands)
     _add_data_commands(commands)
     export = commands.add_parser(
-        "export", help="write a standalone model at each nested size of a finished run or a checkpoint"
+        "export",
+        help="write a standalone model (fMRL: at each nested size; DLRM: whole) of a finished run or a "
+        "checkpoint",
     )
     export.add_argument(
         "source",
         help="a finished run folder (config.yaml + model.safetensors), a checkpoint (step-N folder, local "
         "or s3://), or a checkpoint root (its best weights)",
     )
-    export.add_argument("--sizes", required=True, help="comma-separated nested sizes, e.g. 16,64,128")
+    export.add_argument(
+        "--sizes", help="comma-separated nested sizes of an fMRL model, e.g. 16,64,128 (DLRM: leave out)"
+    )
     export.add_argument("--out", help="where the export goes (local or s3://; default: <source>/export)")
     features = commands.add_parser(
         "features", help="encode item text and images of a dataset into frozen feature tables"
@@ -274,17 +278,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         from data_pipeline.storage import StorageError, StorageOptions
         from trainer.checkpoint import CheckpointError
-        from trainer.export import ExportError, export_sizes, load_model
+        from trainer.export import ExportError, export_model, load_model
 
         try:
-            sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+            sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes else None
             options = StorageOptions.from_env()
             model = load_model(args.source, options)
-            manifest = export_sizes(model, args.out or f"{args.source.rstrip('/')}/export", sizes, options)
+            out = args.out or f"{args.source.rstrip('/')}/export"
+            manifest = export_model(model, out, sizes, options)
         except (CheckpointError, ExportError, StorageError, ValueError) as error:
             print(f"fmrl export: {error}", file=sys.stderr)
             return 2
-        for size, entry in manifest["sizes"].items():
+        if manifest.get("task") == "dlrm":
+            print(f"DLRM: {manifest['bytes'] / 2**20:.2f} MiB in {out}")
+        for size, entry in manifest.get("sizes", {}).items():
             print(f"size {size:>5}: {entry['bytes'] / 2**20:8.2f} MiB  {entry['folder']}")
         return 0
     if args.command == "launch":

@@ -1,6 +1,8 @@
-"""Nested-size exports: one training run, a standalone recommender at every Matryoshka size.
+"""Exports: one training run, a standalone recommender at every Matryoshka size (fMRLRec), or the
+standalone click model (DLRM).
 
     fmrl export runs/demo --sizes 16,64,128 [--out URL]
+    fmrl export runs/dlrm-synthetic [--out URL]                  # a DLRM run: no sizes
 
 For each size m the export folder ``size-<m>/`` holds
 
@@ -16,6 +18,10 @@ The input is a finished run folder (its ``config.yaml`` and ``model.safetensors`
 sharded checkpoint (:func:`load_checkpoint_model`): one ``step-N`` folder, or a checkpoint root, whose
 newest complete checkpoint names the one holding the best weights. A checkpoint's commit marker carries
 the run's config, so the export needs no run folder; the checkpoint may come from any world size.
+
+A DLRM (``task: dlrm``) has no nested sizes: :func:`export_dlrm` writes ``model.safetensors`` (the whole
+model, tables included), ``config.json`` (its :class:`~models.dlrm.DLRMConfig`) and ``export.json``, and
+:func:`load_click_model` turns them into a :class:`ClickModel` that predicts click probabilities.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from safetensors.torch import save as st_save
 
 from data_pipeline.features import load_feature_tables
 from data_pipeline.storage import StorageOptions, atomic_write, exists, is_remote, join, open_read
+from models.dlrm import DLRM, DLRMConfig, ids_to_kjt
 from models.fmrl import FMRLConfig, FMRLRec, LRUTrunk, slice_state_dict
 
 EXPORT_VERSION = 1
@@ -52,8 +59,9 @@ def _write(url: str, data: bytes, options: StorageOptions | None) -> int:
     return len(data)
 
 
-def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> FMRLRec:
-    """The best model of a finished run: its config, the dataset's frozen features, its weights."""
+def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> FMRLRec | DLRM:
+    """The best model of a finished run: its config, the dataset's frozen features (fMRL) or its feature
+    list (DLRM), its weights."""
     from trainer.config import load_config
 
     config_path = os.path.join(run_dir, "config.yaml")
@@ -62,6 +70,22 @@ def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> F
         if not os.path.exists(path):
             raise ExportError(f"{path} is missing: {run_dir!r} is not a finished run folder")
     cfg = load_config(config_path)
+    if cfg.task == "dlrm":
+        from data_pipeline.criteo import CTRDataset
+
+        try:
+            dataset = CTRDataset.open(cfg.data.path, options)
+        except (OSError, ValueError) as error:
+            raise ExportError(
+                f"the DLRM run {run_dir!r} needs its data set's feature list ({cfg.data.path}): {error}; "
+                "export one of its checkpoints instead (their markers carry the list)"
+            ) from error
+        model_cfg = cfg.dlrm.model_config(
+            num_dense=len(dataset.dense_features),
+            hash_buckets=dataset.hash_buckets,
+            feature_names=dataset.sparse_features,
+        )
+        return _dlrm_with_weights(model_cfg, st_load(_read(weights_path, options)), weights_path)
     needs_features = cfg.model.use_text_features or cfg.model.use_image_features
     text, image, info = (None, None, None)
     if needs_features:
@@ -79,7 +103,7 @@ def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> F
     return model.eval()
 
 
-def load_checkpoint_model(url: str, options: StorageOptions | None = None) -> FMRLRec:
+def load_checkpoint_model(url: str, options: StorageOptions | None = None) -> FMRLRec | DLRM:
     """The model held by a sharded checkpoint (a ``step-N`` folder), or, for a checkpoint root, by the
     checkpoint that its newest complete one names as holding the best weights (else the newest)."""
     from sharding.fmrl import DenseFMRL
@@ -102,11 +126,23 @@ def load_checkpoint_model(url: str, options: StorageOptions | None = None) -> FM
     if "config" not in marker:
         raise ExportError(f"{url}/{COMMIT} records no config (an older checkpoint); export its run folder")
     cfg = config_from_dict(marker["config"])
+    state = manager.read_full(url)
+    if cfg.task == "dlrm":
+        model_cfg = cfg.dlrm.model_config(
+            num_dense=int(marker["num_dense"]),
+            hash_buckets=list(marker["hash_buckets"]),
+            feature_names=list(marker["sparse_features"]),
+        )
+        weights = {k.removeprefix("dense."): v for k, v in state.items() if k.startswith("dense.")}
+        prefix = "tables."
+        weights.update(
+            {"sparse_arch." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
+        return _dlrm_with_weights(model_cfg, weights, url)
     text, image = None, None
     if cfg.model.use_text_features or cfg.model.use_image_features:
         text, image, _ = load_feature_tables(cfg.data.features_url, options)
     model = FMRLRec(cfg.model, int(marker["num_items"]), text, image)
-    state = manager.read_full(url)
     dense = {k.removeprefix("dense."): v for k, v in state.items() if k.startswith("dense.")}
     DenseFMRL(model).load_state_dict(dense)  # strict: names the first key that does not fit
     tables = [v for k, v in state.items() if k.startswith("tables.") and k.endswith(".weight")]
@@ -118,7 +154,7 @@ def load_checkpoint_model(url: str, options: StorageOptions | None = None) -> FM
     return model.eval()
 
 
-def load_model(url: str, options: StorageOptions | None = None) -> FMRLRec:
+def load_model(url: str, options: StorageOptions | None = None) -> FMRLRec | DLRM:
     """A finished run folder (``config.yaml`` present) or a checkpoint: the model to export."""
     if not is_remote(url) and os.path.exists(os.path.join(url, "config.yaml")):
         return load_trained_model(url, options)
@@ -189,3 +225,77 @@ def load_recommender(url: str, size: int, options: StorageOptions | None = None)
             f"{folder}/items.safetensors has shape {tuple(items.shape)}, expected ({config['num_items'] + 1}, {size})"
         )
     return Recommender(size, trunk.eval(), items)
+
+
+# ------------------------------------------------------------------------------------------------ DLRM
+
+
+def _dlrm_with_weights(cfg: DLRMConfig, weights: dict[str, torch.Tensor], source: str) -> DLRM:
+    """A DLRM of ``cfg`` holding ``weights`` (named like ``DLRM.state_dict()``); every key must fit."""
+    model = DLRM(cfg)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ExportError(
+            f"{source} does not hold this DLRM: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"other shapes {wrong[:3]}"
+        )
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def export_dlrm(model: DLRM, out_url: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """Write the whole DLRM (``model.safetensors``, ``config.json``), then ``export.json``."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    written = _write(join(out_url, "model.safetensors"), st_save(state), options)
+    config = {"task": "dlrm", "model": dataclasses.asdict(model.cfg)}
+    written += _write(join(out_url, "config.json"), json.dumps(config, indent=1).encode(), options)
+    manifest = {"version": EXPORT_VERSION, "task": "dlrm", "bytes": written}
+    _write(join(out_url, "export.json"), json.dumps(manifest, indent=1).encode(), options)  # last
+    return manifest
+
+
+@dataclass
+class ClickModel:
+    """An exported DLRM: click probabilities of impressions."""
+
+    model: DLRM
+
+    @torch.no_grad()
+    def predict(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """(B, N_d) dense features (log1p-scaled as in the data set) and (B, F) hashed ids -> (B,)
+        click probabilities."""
+        cfg = self.model.cfg
+        if dense.ndim != 2 or dense.shape[1] != cfg.num_dense or sparse.shape != (len(dense), cfg.num_sparse):
+            raise ValueError(
+                f"expected dense (B, {cfg.num_dense}) and sparse (B, {cfg.num_sparse}), got "
+                f"{tuple(dense.shape)} and {tuple(sparse.shape)}"
+            )
+        too_big = sparse >= torch.tensor(cfg.hash_buckets)
+        if bool((sparse < 0).any() or too_big.any()):
+            raise ValueError(f"ids must lie in [0, hash_buckets) per feature {cfg.hash_buckets}")
+        return torch.sigmoid(self.model(dense.float(), ids_to_kjt(sparse.long(), cfg.sparse_names)))
+
+
+def load_click_model(url: str, options: StorageOptions | None = None) -> ClickModel:
+    """Load a DLRM export (safetensors and JSON only)."""
+    manifest = json.loads(_read(join(url, "export.json"), options))
+    if manifest.get("task") != "dlrm":
+        raise ExportError(f"{url} is not a DLRM export (use load_recommender for fMRL exports)")
+    config = json.loads(_read(join(url, "config.json"), options))
+    weights = st_load(_read(join(url, "model.safetensors"), options))
+    return ClickModel(_dlrm_with_weights(DLRMConfig(**config["model"]), weights, url))
+
+
+def export_model(
+    model: FMRLRec | DLRM, out_url: str, sizes: list[int] | None, options: StorageOptions | None = None
+) -> dict[str, Any]:
+    """Export any trained model: fMRL at ``sizes`` (required), DLRM whole (``sizes`` must be None)."""
+    if isinstance(model, DLRM):
+        if sizes:
+            raise ExportError("a DLRM has no nested sizes: leave out --sizes")
+        return export_dlrm(model, out_url, options)
+    if not sizes:
+        raise ExportError(f"name the nested sizes to export (--sizes), some of {model.cfg.nested_sizes}")
+    return export_sizes(model, out_url, sizes, options)

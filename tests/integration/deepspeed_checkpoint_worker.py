@@ -32,7 +32,7 @@ from models.fmrl import FMRLConfig, FMRLRec
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import World, all_reduce_sum, distributed
-from trainer.train import StepInputs, forward_backward
+from trainer.fmrl_task import StepInputs, forward_backward
 
 SIZES = [8, 16, 32]
 

@@ -27,7 +27,7 @@ from models.fmrl import FMRLConfig, FMRLRec, NegativeSampler
 from sharding.fmrl import parallelize_fmrl
 from trainer.dist import all_reduce_sum, distributed
 from trainer.evaluate import evaluate
-from trainer.train import StepInputs, forward_backward
+from trainer.fmrl_task import StepInputs, forward_backward
 
 
 def main() -> None:

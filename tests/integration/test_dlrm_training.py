@@ -1,7 +1,8 @@
-"""DLRM through the fMRL trainer (``task: dlrm``): it learns the synthetic CTR data better than a logistic
+"""DLRM through the shared trainer (``task: dlrm``): it learns the synthetic CTR data better than a logistic
 regression, 2 gloo ranks follow 1 rank step for step on the same global batches (FSDP2 and DeepSpeed,
-table-wise sharded tables), a run stopped mid-epoch resumes exactly, and checkpoints of the other task or
-of another DLRM are refused with the reason.
+table-wise sharded tables), a run stopped mid-epoch resumes exactly, a 2-rank checkpoint resumes on 1 rank
+(resharded tables, optimizer state and data position), and checkpoints of the other task or of another
+DLRM are refused with the reason.
 
     .venv/bin/python -m pytest -q tests/integration/test_dlrm_training.py
 
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -23,8 +25,10 @@ import torch
 from data_pipeline.criteo import CTRDataset, iter_ctr_batches, prepare_synthetic_ctr
 from models.dlrm import roc_auc
 from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.cli import main
 from trainer.config import config_to_dict, load_config
 from trainer.dist import distributed
+from trainer.export import load_click_model
 from trainer.train import incompatible, train
 
 COMMON = [
@@ -116,7 +120,7 @@ def worker() -> None:
     from models.dlrm import DLRM
     from sharding.dlrm import parallelize_dlrm
     from trainer.dist import all_reduce_sum
-    from trainer.train_dlrm import evaluate_ctr, forward_backward
+    from trainer.dlrm_task import evaluate_ctr, forward_backward
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -243,18 +247,67 @@ def test_resume_mid_epoch_is_exact_and_other_checkpoints_are_refused(tmp_path, s
             "dlrm.embedding_dim=16",
             "dlrm.bottom_mlp=[32,16]",
         )
-    # an fMRL run refuses a DLRM checkpoint (trainer.train.incompatible is its check) and vice versa
+    # an fMRL run refuses a DLRM checkpoint and vice versa (trainer.train.incompatible, one check for both)
     with distributed():
         url = CheckpointManager(str(tmp_path / "cut" / "checkpoints")).latest()
         assert url is not None
         marker = CheckpointManager(str(tmp_path / "cut" / "checkpoints")).marker(url)
     fmrl = {"config": config_to_dict(load_config(None, [])), "num_items": 150}
-    assert incompatible(marker, fmrl) == ["task was 'dlrm', now 'fmrl'"]
-    from trainer.train_dlrm import incompatible as incompatible_dlrm
-
+    assert incompatible(marker, fmrl, "model") == ["task was 'dlrm', now 'fmrl'"]
     dlrm = {**marker, "config": config_to_dict(load_config(None, COMMON))}
     fmrl_marker = {**fmrl, "step": 3, "world_size": 1}
-    assert incompatible_dlrm(fmrl_marker, dlrm) == ["task was 'fmrl', now 'dlrm'"]
+    assert incompatible(fmrl_marker, dlrm, "dlrm") == ["task was 'fmrl', now 'dlrm'"]
+    # a data set with other tables: named with both values
+    other = {**dlrm, "hash_buckets": [7] * len(marker["hash_buckets"])}
+    assert incompatible(marker, other, "dlrm") == [
+        f"the data set has hash_buckets {other['hash_buckets']}, the checkpoint {marker['hash_buckets']}"
+    ]
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, small) -> None:
+    settings = [*COMMON, f"data.path={small}", f"run.out_dir={tmp_path}", "train.epochs=2"]
+    settings += ["train.batch_size=100", "run.log_sample_keys=true"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "trainer.cli", "train", *settings, "run.name=two", "run.stop_after_steps=5"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    two = tmp_path / "two" / "checkpoints" / "step-000000005"
+    # resume at step 5 on one rank and stop at once: the checkpoint it writes holds what it loaded
+    one = train(load_config(None, [*settings, "run.name=one", f"run.resume={two}", "run.stop_after_steps=5"]))
+    assert one.stopped and one.steps == 5
+    saved, resharded = (
+        CheckpointManager(str(step.parent)).read_full(str(step))
+        for step in (two, tmp_path / "one" / "checkpoints" / "step-000000005")
+    )
+    tensors = [k for k, v in saved.items() if isinstance(v, torch.Tensor)]
+    # the table-wise tables and their fused Adagrad state, the FSDP2 MLPs and their AdamW moments
+    assert sum(k.startswith("tables.") for k in tensors) == 26  # one per categorical feature
+    assert sum(k.startswith("tables_optimizer.") and "momentum" in k for k in tensors) == 26
+    assert any("exp_avg" in k for k in tensors)
+    assert all(torch.equal(saved[k], resharded[k]) for k in tensors)
+    # either checkpoint exports the same click model in one process, whatever layout wrote it
+    test = next(iter_ctr_batches(small, "test", 300))
+    predictions = []
+    for step in (two, tmp_path / "one" / "checkpoints" / "step-000000005"):
+        assert main(["export", str(step), "--out", str(step) + "-export"]) == 0
+        predictions.append(load_click_model(str(step) + "-export").predict(test.dense, test.sparse))
+    assert torch.equal(predictions[0], predictions[1]) and predictions[0].shape == (300,)
+    assert main(["export", str(two), "--sizes", "8", "--out", str(tmp_path / "x")]) == 2  # no sizes
+
+    # the data position: the rest of epoch 1 reads exactly the impressions the 2 ranks had not
+    finished = train(load_config(None, [*settings, "run.name=one", "run.resume=auto", "run.export=true"]))
+    assert not finished.stopped and finished.test_metrics["auc"] > 0.5
+    lines = [(tmp_path / "two" / f"sample_keys.rank{r}.txt").read_text().split() for r in range(2)]
+    lines.append((tmp_path / "one" / "sample_keys.rank0.txt").read_text().split())
+    reads = Counter(key for keys in lines for key in keys)
+    assert len(reads) == 2400 and set(reads.values()) == {2}, Counter(reads.values())
+    # the run's export (its best model) reproduces the run's test AUC
+    clicks = load_click_model(str(tmp_path / "one" / "export")).predict(test.dense, test.sparse)
+    assert roc_auc(clicks, test.labels) == pytest.approx(finished.test_metrics["auc"], abs=1e-9)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def test_model_learns_and_beats_most_popular(tmp_path):
     losses = result.train_losses
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3
     model_ndcg = result.test_metrics[64]["NDCG@10"]
-    popular_ndcg = result.popularity_metrics["NDCG@10"]
+    popular_ndcg = result.baseline_metrics["NDCG@10"]
     assert model_ndcg > 1.5 * popular_ndcg, (model_ndcg, popular_ndcg)
     # the nested series: more width, better ranking
     assert result.test_metrics[64]["NDCG@10"] > result.test_metrics[8]["NDCG@10"]

@@ -1,0 +1,298 @@
+"""fMRLRec in the shared training loop (``task: fmrl``, the default): Matryoshka training of the nested
+LRU model, evaluation at every nested size, early stopping on NDCG@10 at the largest size, the per-size
+report against the most-popular baseline.
+
+TorchRec shards the item tables, the dense trunk runs under ``parallel.backend`` (sharding/fmrl.py), every
+rank reads its own part of the user shards, and evaluation ranks against item representations sharded
+over the ranks. The loop itself is :func:`trainer.train.train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.features import load_feature_tables
+from data_pipeline.loader import SequenceDataset, TrainLoader, scan_users
+from data_pipeline.sequences import TrainBatch
+from data_pipeline.storage import StorageOptions
+from models.fmrl import FMRLRec, NegativeSampler, candidate_set, matryoshka_loss, sampled_matryoshka_loss
+from sharding.fmrl import ParallelFMRL, parallelize_fmrl
+from sharding.world import World
+from trainer.config import Config, DataConfig
+from trainer.dist import all_reduce_sum
+from trainer.evaluate import evaluate, evaluate_popularity
+from trainer.export import export_model, load_trained_model
+from trainer.report import format_size_table, save_size_plot
+from trainer.train import RunResult, TrainingTask, total_training_steps, write_json
+
+log = logging.getLogger("fmrl")
+
+EARLY_STOPPING_METRIC = "NDCG@10"
+
+
+def open_features(
+    cfg: DataConfig, dataset: SequenceDataset, options: StorageOptions, needed: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The frozen (N + 1, D) text and image tables, checked against the dataset (None, None if the model
+    uses neither)."""
+    if not needed:
+        return None, None
+    text, image, info = load_feature_tables(cfg.features_url, options)
+    if info["num_items"] != dataset.num_items:
+        raise ValueError(
+            f"the features at {cfg.features_url} cover {info['num_items']} items but the dataset at "
+            f"{dataset.url} has {dataset.num_items}: run `fmrl features {dataset.url}` again"
+        )
+    log.info(
+        "features from %s: text %s, image %s",
+        cfg.features_url,
+        info.get("text_model"),
+        info.get("image_model"),
+    )
+    return text, image
+
+
+def resolve_loss(kind: str, num_items: int, full_max: int) -> str:
+    if kind == "auto":
+        return "full" if num_items <= full_max else "sampled"
+    return kind
+
+
+@dataclass
+class StepInputs:
+    """Everything a training step needs besides the batch."""
+
+    sizes: list[int]
+    num_items: int
+    loss_kind: str
+    chunk_mb: int
+    sampler: NegativeSampler | None
+    generator: torch.Generator
+    device: torch.device
+
+
+def forward_backward(
+    parallel: ParallelFMRL, batch: TrainBatch, inputs: StepInputs
+) -> tuple[float, int, torch.Tensor]:
+    """Forward and backward of one micro-batch. Returns this rank's sum of position losses, its number of
+    target positions, and its (K,) per-size mean losses.
+
+    The loss is normalised by the positions of *all* ranks, so that averaging the gradients over ranks
+    (DDP, FSDP2, ZeRO) gives exactly the gradient of the mean over the global batch: the same as one rank
+    holding every sequence."""
+    tokens, labels = batch.tokens.to(inputs.device), batch.labels.to(inputs.device)
+    positions = int((labels > 0).sum())
+    global_positions = float(all_reduce_sum(torch.tensor([positions]))[0])
+    if inputs.loss_kind == "full":
+        ids = torch.arange(inputs.num_items + 1, device=inputs.device)
+        hidden, reps = parallel.forward(tokens, ids)  # (B, L, D), (N + 1, D)
+        loss, per_size = matryoshka_loss(hidden, reps, labels, inputs.sizes, inputs.chunk_mb)
+    else:
+        assert inputs.sampler is not None
+        negatives = inputs.sampler.sample(inputs.generator).to(inputs.device)  # (M,)
+        ids = torch.unique(torch.cat([tokens.flatten(), labels.flatten(), negatives]))  # (U,), sorted
+        hidden, reps = parallel.forward(tokens, ids)
+        candidates, _ = candidate_set(labels, negatives)  # (C,) sorted, every target included
+        rows = torch.searchsorted(ids, candidates)
+        log_q = inputs.sampler.log_q(candidates.cpu()).to(inputs.device)
+        loss, per_size = sampled_matryoshka_loss(hidden, labels, reps[rows], candidates, log_q, inputs.sizes)
+    world = dist.get_world_size()
+    parallel.backward(loss * (positions * world / global_positions))
+    return float(loss.detach()) * positions, positions, per_size
+
+
+def parallelize_from_config(
+    model: FMRLRec, cfg: Config, *, total_steps: int, device: torch.device
+) -> ParallelFMRL:
+    """``parallelize_fmrl`` with the settings of ``cfg`` (the trainer's and the benchmarks' one way)."""
+    return parallelize_fmrl(
+        model,
+        backend=cfg.parallel.backend,
+        zero_stage=cfg.parallel.zero_stage,
+        feature_sharding=cfg.parallel.feature_table_sharding,
+        id_sharding=cfg.parallel.id_table_sharding,
+        id_optimizer=cfg.parallel.id_table_optimizer,
+        id_lr=cfg.parallel.id_table_lr or cfg.train.lr,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps,
+        total_steps=total_steps,
+        grad_clip=cfg.train.grad_clip,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        micro_batch_size=cfg.train.batch_size,
+        precision=cfg.parallel.precision,
+        device=device,
+    )
+
+
+class FMRLTask(TrainingTask):
+    """fMRLRec on a sequence data set (``data.path``) with its frozen feature tables (``data.features_url``)."""
+
+    name = "fMRL-LRU"
+    sample_unit = "seq"
+    model_section = "model"
+    early_stopping = f"valid {EARLY_STOPPING_METRIC} at the largest size"
+
+    def __init__(
+        self, cfg: Config, world: World, device: torch.device, run_dir: str, options: StorageOptions
+    ) -> None:
+        self.cfg, self.world, self.device, self.options = cfg, world, device, options
+        dataset = self.dataset = SequenceDataset.open(cfg.data.path, options)
+        uses_features = cfg.model.use_text_features or cfg.model.use_image_features
+        text_features, image_features = open_features(cfg.data, dataset, options, uses_features)
+        self.stats = scan_users(dataset)
+        self.loader = TrainLoader(
+            dataset,
+            self.stats,
+            batch_size=cfg.train.batch_size,
+            max_len=cfg.train.max_len,
+            seed=cfg.train.seed,
+            rank=world.rank,
+            world_size=world.world_size,
+            num_workers=cfg.data.num_workers,
+            prefetch_factor=cfg.data.prefetch_factor,
+        )
+        model = FMRLRec(cfg.model, dataset.num_items, text_features, image_features)
+        del text_features, image_features
+        self.sizes, self.largest = list(cfg.model.nested_sizes), cfg.model.nested_sizes[-1]
+        trainable = model.num_parameters()
+        self.total_steps = total_training_steps(self.loader, cfg.train)
+        self.parallel = parallelize_from_config(model, cfg, total_steps=self.total_steps, device=device)
+        loss_kind = resolve_loss(cfg.train.loss, dataset.num_items, cfg.train.full_softmax_max_items)
+        sampler = None
+        if loss_kind == "sampled":
+            counts = torch.from_numpy(self.stats.train_item_counts[1:].astype(np.float64))
+            sampler = NegativeSampler(
+                dataset.num_items,
+                cfg.train.num_negatives,
+                cfg.train.negative_sampling,
+                counts if cfg.train.negative_sampling == "popularity" else None,
+            )
+        self.inputs = StepInputs(
+            sizes=self.sizes,
+            num_items=dataset.num_items,
+            loss_kind=loss_kind,
+            chunk_mb=cfg.model.loss_chunk_mb,
+            sampler=sampler,
+            # different negatives on every rank, the same on a rerun
+            generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + world.rank),
+            device=device,
+        )
+        self.identity = {"num_items": dataset.num_items}
+        self._per_size = torch.zeros(len(self.sizes))
+        if world.rank == 0:
+            log.info(
+                "dataset %s: %d items, %d users; model %s: %.2fM trainable parameters; %s softmax; "
+                "dense backend %s on %d rank(s); table plan:\n%s",
+                dataset.url,
+                dataset.num_items,
+                dataset.num_users,
+                self.sizes,
+                trainable / 1e6,
+                loss_kind,
+                cfg.parallel.backend,
+                world.world_size,
+                self.parallel.sparse.plan,
+            )
+
+    def train_step(self, batch: TrainBatch) -> tuple[float, float, int]:
+        loss_sum, positions, self._per_size = forward_backward(self.parallel, batch, self.inputs)
+        return loss_sum, positions, len(batch.tokens)
+
+    def train_scalars(self) -> dict[str, float]:
+        return {f"train/loss_size_{s}": v for s, v in zip(self.sizes, self._per_size.tolist())}
+
+    def evaluate(self, split: str) -> dict[int, dict[str, float]]:
+        cfg = self.cfg
+        return evaluate(
+            self.parallel,
+            self.dataset,
+            split,
+            self.sizes,
+            cfg.eval.ks,
+            exclude_history=cfg.eval.exclude_history,
+            batch_size=cfg.eval.batch_size,
+            max_len=cfg.train.max_len,
+            max_users=cfg.eval.max_users,
+            device=self.device,
+        )
+
+    def score(self, metrics: dict[int, dict[str, float]]) -> float:
+        return metrics[self.largest][EARLY_STOPPING_METRIC]
+
+    def describe(self, metrics: dict[int, dict[str, float]]) -> str:
+        return f"{EARLY_STOPPING_METRIC} at size {self.largest} = {self.score(metrics):.4f}"
+
+    def scalars(self, split: str, metrics: dict[int, dict[str, float]]) -> dict[str, float]:
+        return {
+            f"{split}_size_{size}/{name}": value
+            for size, values in metrics.items()
+            for name, value in values.items()
+        }
+
+    def metrics_from_json(self, metrics: dict[str, Any]) -> dict[int, dict[str, float]]:
+        return {int(size): values for size, values in metrics.items()}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"negatives_rng": self.inputs.generator.get_state().tolist()}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self.inputs.generator.set_state(torch.tensor(state["negatives_rng"], dtype=torch.uint8))
+
+    def test(self) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+        cfg = self.cfg
+        test = self.evaluate("test")
+        popularity = torch.from_numpy(self.stats.train_item_counts[1:].astype(np.float64))  # (N,)
+        most_popular = evaluate_popularity(
+            popularity,
+            self.dataset,
+            cfg.eval.ks,
+            exclude_history=cfg.eval.exclude_history,
+            batch_size=cfg.eval.batch_size,
+            max_len=cfg.train.max_len,
+            max_users=cfg.eval.max_users,
+        )
+        return test, most_popular
+
+    def report(self, result: RunResult, options: StorageOptions) -> None:
+        """The per-size test table (printed and saved), metrics.json, the plot; the export if asked."""
+        ks, largest = self.cfg.eval.ks, self.largest
+        table = format_size_table(result.test_metrics, ks, result.baseline_metrics)
+        with open(os.path.join(result.run_dir, "test_metrics.txt"), "w") as f:
+            f.write(table + "\n")
+        write_json(
+            {
+                "best_epoch": result.best_epoch,
+                "steps": result.steps,
+                "train_losses": result.train_losses,
+                "test": {str(k): v for k, v in result.test_metrics.items()},
+                "valid": {str(k): v for k, v in result.valid_metrics.items()},
+                "most_popular": result.baseline_metrics,
+            },
+            os.path.join(result.run_dir, "metrics.json"),
+        )
+        plot = os.path.join(result.run_dir, "metrics_by_size.png")
+        save_size_plot(
+            result.test_metrics, ks, plot, "fMRL-LRU test metrics by nested size", result.baseline_metrics
+        )
+        model_ndcg = result.test_metrics[largest][EARLY_STOPPING_METRIC]
+        popular_ndcg = result.baseline_metrics[EARLY_STOPPING_METRIC]
+        print(f"\nTest metrics of the best model (epoch {result.best_epoch}), full ranking over all items:\n")
+        print(table)
+        print(
+            f"\ntest {EARLY_STOPPING_METRIC}: fMRL-LRU (size {largest}) {model_ndcg:.4f}"
+            f" vs most-popular {popular_ndcg:.4f} ({model_ndcg / max(popular_ndcg, 1e-12):.1f}x)"
+        )
+        print(f"plot: {plot}\nrun directory: {result.run_dir}")
+        if self.cfg.run.export:
+            out = os.path.join(result.run_dir, "export")
+            manifest = export_model(load_trained_model(result.run_dir, options), out, self.sizes, options)
+            total = sum(entry["bytes"] for entry in manifest["sizes"].values())
+            print(f"export: sizes {self.sizes} ({total / 2**20:.1f} MiB) in {out}")
