@@ -17,6 +17,7 @@ shown only if it differs from torchrun's 1-rank job.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -37,10 +38,10 @@ CORES = 2
 """The cores the rows share out (the VM's); threads per rank = CORES // ranks."""
 GLOBAL_BATCH = 64
 BACKENDS = {  # row label -> (parallelize_fmrl backend, ZeRO stage)
-    "fsdp2": ("fsdp2", 0),
+    "fsdp2": ("fsdp2", 2),  # (the ZeRO stage is unused outside DeepSpeed)
     "deepspeed-zero2": ("deepspeed", 2),
     "deepspeed-zero3": ("deepspeed", 3),
-    "ddp": ("ddp", 0),
+    "ddp": ("ddp", 2),
 }
 STEPS = {"full": (8, 24), "quick": (2, 3)}
 """(warm-up, timed) steps per job: the first steps on CPU are slow (allocator, optimizer state)."""
@@ -57,10 +58,9 @@ def worker(backend: str, warm_up: int, steps: int) -> dict | None:
 
     from data_pipeline.sequences import collate_next_item
     from models.fmrl import FMRLRec
-    from sharding.fmrl import parallelize_fmrl
     from trainer.config import load_config
     from trainer.dist import distributed
-    from trainer.fmrl_task import StepInputs, forward_backward
+    from trainer.fmrl_task import StepInputs, forward_backward, parallelize_from_config
 
     with distributed() as (world, device):
         threads = max(1, CORES // world.world_size)
@@ -74,24 +74,14 @@ def worker(backend: str, warm_up: int, steps: int) -> dict | None:
         del text, image
         trainable = model.num_parameters()
         name, zero_stage = BACKENDS[backend]
-        parallel = parallelize_fmrl(
-            model,
-            backend=name,
-            zero_stage=zero_stage,
-            feature_sharding=cfg.parallel.feature_table_sharding,
-            id_sharding=cfg.parallel.id_table_sharding,
-            id_optimizer=cfg.parallel.id_table_optimizer,
-            id_lr=cfg.parallel.id_table_lr or cfg.train.lr,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            warmup_steps=cfg.train.warmup_steps,
-            total_steps=warm_up + steps,
-            grad_clip=cfg.train.grad_clip,
-            grad_accum_steps=1,
-            micro_batch_size=GLOBAL_BATCH // world.world_size,
-            precision="fp32",
-            device=device,
+        cfg = dataclasses.replace(
+            cfg,
+            parallel=dataclasses.replace(cfg.parallel, backend=name, zero_stage=zero_stage, precision="fp32"),
+            train=dataclasses.replace(
+                cfg.train, grad_accum_steps=1, batch_size=GLOBAL_BATCH // world.world_size
+            ),
         )
+        parallel = parallelize_from_config(model, cfg, total_steps=warm_up + steps, device=device)
         inputs = StepInputs(
             sizes=list(cfg.model.nested_sizes),
             num_items=DEMO_ITEMS,

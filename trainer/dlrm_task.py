@@ -34,7 +34,7 @@ from sharding.world import World
 from trainer.config import Config
 from trainer.dist import all_reduce_sum
 from trainer.export import export_model, load_trained_model
-from trainer.train import RunResult, TrainingTask, total_training_steps, write_json
+from trainer.train import RunResult, TrainingTask, dense_settings, total_training_steps, write_json
 
 log = logging.getLogger("fmrl")
 
@@ -215,20 +215,10 @@ def parallelize_from_config(
     """``parallelize_dlrm`` with the settings of ``cfg`` (the trainer's and the benchmarks' one way)."""
     return parallelize_dlrm(
         model,
-        backend=cfg.parallel.backend,
-        zero_stage=cfg.parallel.zero_stage,
         table_sharding=cfg.parallel.id_table_sharding,
         table_optimizer=cfg.parallel.id_table_optimizer,
         table_lr=cfg.parallel.id_table_lr or cfg.train.lr,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=cfg.train.warmup_steps,
-        total_steps=total_steps,
-        grad_clip=cfg.train.grad_clip,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        micro_batch_size=cfg.train.batch_size,
-        precision=cfg.parallel.precision,
-        device=device,
+        **dense_settings(cfg, total_steps=total_steps, device=device),
     )
 
 

@@ -199,6 +199,24 @@ def total_training_steps(loader: ShardBatchLoader, cfg: TrainConfig) -> int:
     return max(steps, 1)
 
 
+def dense_settings(cfg: Config, *, total_steps: int, device: torch.device) -> dict[str, Any]:
+    """The keyword arguments that ``parallelize_fmrl`` and ``parallelize_dlrm`` share, from ``cfg``: the
+    dense backend and its optimizer and schedule."""
+    return {
+        "backend": cfg.parallel.backend,
+        "zero_stage": cfg.parallel.zero_stage,
+        "lr": cfg.train.lr,
+        "weight_decay": cfg.train.weight_decay,
+        "warmup_steps": cfg.train.warmup_steps,
+        "total_steps": total_steps,
+        "grad_clip": cfg.train.grad_clip,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "micro_batch_size": cfg.train.batch_size,
+        "precision": cfg.parallel.precision,
+        "device": device,
+    }
+
+
 def train(cfg: Config) -> RunResult:
     """Train the model of ``cfg.task``, early-stop on its validation score, test the best model, write the
     report. Runs as one rank of a torchrun job, or as a job of one rank in a plain process."""
