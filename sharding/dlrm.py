@@ -33,7 +33,14 @@ import torch.distributed as dist
 from torch import nn
 
 from models.dlrm import DLRM, DLRMConfig, SparseArch, ids_to_kjt
-from sharding.fmrl import ParallelModel, _id_optimizer_class, _sharding_type, fill_shards, wrap_dense
+from sharding.fmrl import (
+    ParallelModel,
+    _id_optimizer_class,
+    _sharding_type,
+    fill_shards,
+    nested_min_partition,
+    wrap_dense,
+)
 
 
 class DenseDLRM(nn.Module):
@@ -50,6 +57,32 @@ class DenseDLRM(nn.Module):
         x = self.dense_arch(dense)  # (B, D)
         interactions = self.inter_arch(x, embedded)  # (B, W)
         return self.over_arch(interactions).squeeze(-1)  # (B,)
+
+
+def plan_tables(tables: SparseArch, topology: Any, sharding_type: str, *, collective: bool = False) -> Any:
+    """The TorchRec ``ShardingPlan`` of DLRM's tables on ``topology`` (a ``torchrec.distributed.planner.
+    Topology``), every table pinned to ``sharding_type`` ("table_wise", "column_wise", "row_wise", ...).
+
+    ``collective=True`` makes the ranks of the job agree on one plan (every rank calls it); otherwise it
+    plans offline, for any topology: e.g. a simulated 64-GPU cluster on a laptop, to check the row-wise
+    plan and the memory per rank before a job is launched. Column-wise shards are the narrowest multiple
+    of 4 columns that divides D and needs at most one shard per rank."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+
+    # column-wise: split every table over the ranks (the planner would otherwise keep a small table whole)
+    dim = tables.embedding_dim
+    width = nested_min_partition(dim, list(range(4, dim + 1, 4)), topology.world_size)
+    min_partition = width if sharding_type == "column_wise" else None
+    constraints = {
+        table: ParameterConstraints(sharding_types=[sharding_type], min_partition=min_partition)
+        for table in tables.embedding_bag_collection.embedding_bags
+    }
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders: list[Any] = [EmbeddingBagCollectionSharder()]
+    if collective:
+        return planner.collective_plan(tables, sharders, dist.GroupMember.WORLD)
+    return planner.plan(tables, sharders)
 
 
 class ShardedSparseArch(nn.Module):
@@ -70,20 +103,22 @@ class ShardedSparseArch(nn.Module):
         from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+        from torchrec.distributed.planner import Topology
 
         tables = SparseArch(cfg, device="meta")  # only this rank's shards are ever allocated
         apply_optimizer_in_backward(_id_optimizer_class(optimizer), tables.parameters(), {"lr": lr})
-        kind = _sharding_type(sharding, device, "table_wise")
-        constraints = {f"t_{name}": ParameterConstraints(sharding_types=[kind]) for name in cfg.sparse_names}
         world_size = dist.get_world_size()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         topology = Topology(world_size=world_size, local_world_size=local_world, compute_device=device.type)
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-        sharders = [EmbeddingBagCollectionSharder()]
-        self.plan = planner.collective_plan(tables, sharders, dist.GroupMember.WORLD)
+        self.plan = plan_tables(
+            tables, topology, _sharding_type(sharding, device, "table_wise"), collective=True
+        )
         self.dmp = DistributedModelParallel(
-            tables, device=device, plan=self.plan, sharders=sharders, init_data_parallel=False
+            tables,
+            device=device,
+            plan=self.plan,
+            sharders=[EmbeddingBagCollectionSharder()],
+            init_data_parallel=False,
         )
         fill_shards(self.dmp, arch.state_dict())
         self.feature_names = cfg.sparse_names

@@ -126,6 +126,7 @@ def worker() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--backend", default="fsdp2")
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--table-sharding", default="auto")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--out", required=True)
@@ -143,6 +144,7 @@ def worker() -> None:
             DLRM(cfg),
             backend=args.backend,
             zero_stage=args.zero_stage,
+            table_sharding=args.table_sharding,
             table_lr=0.05,
             lr=2e-3,
             weight_decay=0.0,
@@ -206,8 +208,11 @@ def one_rank(small, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize(
     "backend_args",
-    [("--backend", "fsdp2"), ("--backend", "deepspeed", "--zero-stage", "2")],
-    ids=["fsdp2", "zero2"],
+    [
+        ("--backend", "fsdp2"),  # table-wise tables ("auto" on CPU)
+        ("--backend", "deepspeed", "--zero-stage", "2", "--table-sharding", "column_wise"),
+    ],
+    ids=["fsdp2-table_wise", "zero2-column_wise"],
 )
 def test_two_ranks_follow_one_rank(small, one_rank, tmp_path, backend_args) -> None:
     two = run_worker(small, str(tmp_path / "two.json"), 2, *backend_args)

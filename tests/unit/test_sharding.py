@@ -45,3 +45,52 @@ def test_popularity_ranks_equal_full_ranking(exclude: bool) -> None:
     scores = popularity.expand(25, -1)
     expected = target_ranks(scores, targets, history if exclude else None)
     assert torch.equal(popularity_ranks(popularity, targets, history if exclude else None), expected)
+
+
+# the Criteo Terabyte tables as MLPerf's DLRM-DCNv2 caps them (40M rows), D = 128
+MLPERF_ROWS = [40_000_000, 39_060, 17_295, 7_424, 20_265, 3, 7_122, 1_543, 63, 40_000_000, 3_067_956]
+MLPERF_ROWS += [405_282, 10, 2_209, 11_938, 155, 4, 976, 14, 40_000_000, 40_000_000, 40_000_000, 590_152]
+MLPERF_ROWS += [12_973, 108, 36]
+
+
+def _table_plans(cfg, topology, sharding_type: str) -> dict:
+    from models.dlrm import SparseArch
+    from sharding.dlrm import plan_tables
+
+    plan = plan_tables(SparseArch(cfg, device="meta"), topology, sharding_type)
+    return plan.get_plan_for_module("embedding_bag_collection")
+
+
+def test_dlrm_tables_plan_row_wise_on_a_simulated_64_gpu_cluster() -> None:
+    from torchrec.distributed.planner import Topology
+
+    from models.dlrm import DLRMConfig
+
+    cfg = DLRMConfig(hash_buckets=MLPERF_ROWS, embedding_dim=128, bottom_mlp=[512, 256, 128])
+    topology = Topology(world_size=64, local_world_size=8, compute_device="cuda", hbm_cap=80 * 2**30)
+    plans = _table_plans(cfg, topology, _sharding_type("auto", torch.device("cuda", 0), "table_wise"))
+    assert len(plans) == 26
+    for i, rows in enumerate(MLPERF_ROWS):
+        plan = plans[f"t_cat_{i}"]
+        shards = plan.sharding_spec.shards
+        assert plan.sharding_type == "row_wise" and len(shards) == 64
+        assert sum(s.shard_sizes[0] for s in shards) == rows and all(s.shard_sizes[1] == 128 for s in shards)
+        assert sorted(s.placement.rank() for s in shards) == list(range(64))  # one row block per GPU
+
+
+@pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise"])
+def test_dlrm_tables_plan_on_two_cpu_ranks(sharding_type: str) -> None:
+    from torchrec.distributed.planner import Topology
+
+    from models.dlrm import DLRMConfig
+
+    cfg = DLRMConfig(hash_buckets=[1000] * 6, embedding_dim=16, bottom_mlp=[16])
+    plans = _table_plans(cfg, Topology(world_size=2, compute_device="cpu"), sharding_type)
+    ranks = set()
+    for plan in plans.values():
+        shards = plan.sharding_spec.shards
+        assert plan.sharding_type == sharding_type
+        assert all(s.shard_sizes[0] == 1000 for s in shards)  # whole rows: table- or column-split
+        assert [s.shard_sizes[1] for s in shards] == ([16] if sharding_type == "table_wise" else [8, 8])
+        ranks.update(s.placement.rank() for s in shards)
+    assert ranks == {0, 1}  # both ranks hold tables
