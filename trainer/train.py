@@ -98,7 +98,7 @@ class TrainingTask:
     name: str
     """Shown in logs ("fMRL-LRU", "DLRM")."""
     sample_unit: str
-    """What a training sample is, for throughput ("seq", "impressions")."""
+    """What a training sample is, for throughput and logs ("sequences", "impressions")."""
     model_section: str
     """The config section that shapes the model's tensors: a checkpoint needs it unchanged."""
     early_stopping: str
