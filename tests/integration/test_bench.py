@@ -65,3 +65,18 @@ def test_checkpoint_bench_prints_the_table(tmp_path):
     assert "| config | ranks | storage | MB (files) | sync save | load |" in out
     assert "| demo | 1 | local disk |" in out and "| demo | 1 | S3 (moto) |" in out
     assert "The loaded weights equal the saved ones." in out
+
+
+def test_dlrm_bench_prints_the_tables(tmp_path):
+    out = run_quick(tmp_path, "dlrm.py")
+    assert "<!-- bench/dlrm.py:begin -->" in out and "<!-- bench/dlrm.py:end -->" in out
+    assert (
+        "| implementation | ranks | threads/rank | ms/step, median (range) | samples/s | peak RSS per rank (MiB) |"
+        in out
+    )
+    assert "| implementation | ranks | train loss, last pass | test AUC | test log loss | NE |" in out
+    section = out[out.index("<!-- bench/dlrm.py:begin -->") :]
+    for implementation in ("ours (FSDP2)", "TorchRec DLRM (DDP)"):
+        for ranks, threads in ((1, 2), (2, 1)):
+            assert f"| {implementation} | {ranks} | {threads} |" in section, (implementation, ranks)  # speed
+            assert section.count(f"| {implementation} | {ranks} |") == 2, (implementation, ranks)  # + AUC
