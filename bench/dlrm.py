@@ -36,7 +36,6 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from scaling import QUIET_CORES, busy_cpu_seconds, wait_quiet  # bench/ is on sys.path
+from scaling import QUIET_CORES, run_job  # bench/ is on sys.path
 from trunk import machine, write_section
 
 if TYPE_CHECKING:
@@ -344,20 +343,7 @@ def launch(impl: str, ranks: int, data_dir: str, quick: bool) -> dict:
     best, attempts = None, 0
     while attempts < (1 if quick else ATTEMPTS):
         attempts += 1
-        idle_before = 0.0 if quick else wait_quiet(QUIET_LIMIT_S)
-        busy, children = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-        wall = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        ours = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        result = json.loads(lines[-1])
-        # the job's whole life (start-up included), so only a rough measure of what competed with its steps
-        result["others_cores"] = max(0.0, (busy_cpu_seconds() - busy - ours) / wall)
-        result["others_cores_before"] = idle_before
+        result = run_job(command, env, 0.0 if quick else QUIET_LIMIT_S)
         result["scores"] = np.load(os.path.join(data_dir, f"scores-{impl}-{ranks}.npy"))
         if best is None or result["others_cores"] < best["others_cores"]:
             best = result

@@ -160,16 +160,10 @@ def wait_quiet(limit_s: float) -> float:
     return load
 
 
-def launch(backend: str, ranks: int, quick: bool, torchrun: bool = True) -> dict:
-    """Run one job in a subprocess and return rank 0's JSON line."""
-    args = [__file__, "--worker", "--backend", backend] + (["--quick"] if quick else [])
-    if torchrun:
-        runner = os.path.join(os.path.dirname(sys.executable), "torchrun")
-        command = [runner, "--standalone", f"--nproc_per_node={ranks}", *args]
-    else:
-        command = [sys.executable, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, CORES // ranks)), "DS_ACCELERATOR": "cpu"}
-    idle_before = 0.0 if quick else wait_quiet(QUIET_WAIT_S)
+def run_job(command: list[str], env: dict[str, str], quiet_wait_s: float) -> dict:
+    """Run one bench job (after waiting up to ``quiet_wait_s`` for a quiet machine; 0: no wait) and
+    return rank 0's JSON line, with ``others_cores``: the cores other processes kept busy meanwhile."""
+    idle_before = wait_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
     busy, children = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
@@ -180,10 +174,23 @@ def launch(backend: str, ranks: int, quick: bool, torchrun: bool = True) -> dict
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1])
-    result["launcher"] = "torchrun" if torchrun else "python"
     # the job's whole life (start-up included), so only a rough measure of what competed with its steps
     result["others_cores"] = max(0.0, (busy_cpu_seconds() - busy - ours) / wall)
     result["others_cores_before"] = idle_before
+    return result
+
+
+def launch(backend: str, ranks: int, quick: bool, torchrun: bool = True) -> dict:
+    """Run one job in a subprocess and return rank 0's JSON line."""
+    args = [__file__, "--worker", "--backend", backend] + (["--quick"] if quick else [])
+    if torchrun:
+        runner = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        command = [runner, "--standalone", f"--nproc_per_node={ranks}", *args]
+    else:
+        command = [sys.executable, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, CORES // ranks)), "DS_ACCELERATOR": "cpu"}
+    result = run_job(command, env, 0.0 if quick else QUIET_WAIT_S)
+    result["launcher"] = "torchrun" if torchrun else "python"
     return result
 
 
