@@ -361,6 +361,12 @@ def measure_generation(out_dir: str) -> dict:
 # ------------------------------------------------------------------------------------------------- report
 
 
+def threads_text(demo_threads: int) -> str:
+    if demo_threads:
+        return f"sets {demo_threads} torch threads per rank"
+    return "splits the cores evenly between its ranks (train.num_threads: 0; 1 thread each for 2 ranks here)"
+
+
 def render(r: dict, command: str) -> str:
     s = r["sizes"]
     lines = [
@@ -433,9 +439,9 @@ def render(r: dict, command: str) -> str:
         "text and (N + 1, 1280) image tables; a step = forward, full-softmax Matryoshka loss, backward, "
         f"clipping, AdamW, on batches of {t['batch']} demo-like sequences (training parts of users of length "
         f"5..30: {t['mean_len']:.1f} real positions on average, batch width {t['width']:.0f}); median of "
-        f"{t['steps']} steps. The demo sets {t['demo_threads']} torch threads; 1 thread is shown too because "
-        "2 threads on a VM whose other core is busy (another process, or the loader's worker) can be many "
-        "times slower than 1.",
+        f"{t['steps']} steps. The demo {threads_text(t['demo_threads'])}; both 2 and 1 threads are shown "
+        "because 2 threads on a VM whose other core is busy (another process, or the loader's worker) can "
+        "be many times slower than 1.",
         "",
         "| torch threads | ms per step | sequences/s |",
         "|---|---|---|",
