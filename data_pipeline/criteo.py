@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from data_pipeline.converters import ConversionError, OnError, RowProblems, iter_text_lines
-from data_pipeline.shards import ShardWriter, read_manifest
+from data_pipeline.shards import ShardEntry, ShardWriter, read_manifest
 from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read
 from data_pipeline.stream import Sample, iter_shard
 
@@ -77,6 +77,7 @@ __all__ = [
     "CTRSummary",
     "ConversionError",
     "collate_ctr",
+    "split_shards",
     "convert_criteo",
     "decode_ctr_sample",
     "encode_ctr_record",
@@ -699,28 +700,47 @@ def collate_ctr(records: Sequence[CTRRecord], keys: Sequence[str] = ()) -> CTRBa
     )
 
 
-def iter_ctr_samples(url: str, split: str, options: StorageOptions | None = None) -> Iterator[CTRRecord]:
-    """The records of one split in file (= position) order, every shard checked against its manifest.
+def split_shards(
+    url: str, split: str, options: StorageOptions | None = None, *, rank: int = 0, world_size: int = 1
+) -> list[ShardEntry]:
+    """The manifest entries of ``split`` that rank ``rank`` of ``world_size`` reads: shards
+    ``rank, rank + world_size, ...`` in file order (all of them for one rank)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return read_manifest(url, split, options).shards[rank::world_size]
+
+
+def iter_ctr_samples(
+    url: str, split: str, options: StorageOptions | None = None, *, rank: int = 0, world_size: int = 1
+) -> Iterator[CTRRecord]:
+    """The records of one split (of this rank's shards, see :func:`split_shards`) in file (= position)
+    order, every shard checked against its manifest.
 
     For training across ranks and workers, stream the split with :class:`data_pipeline.stream.ShardStream`
     (prefix = split) and decode its samples with :func:`decode_ctr_sample`.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    manifest = read_manifest(url, split, options)
-    for entry in manifest.shards:
+    for entry in split_shards(url, split, options, rank=rank, world_size=world_size):
         for sample in iter_shard(join(url, entry.name), entry, options):
             yield decode_ctr_sample(sample)
 
 
 def iter_ctr_batches(
-    url: str, split: str, batch_size: int, *, drop_last: bool = False, options: StorageOptions | None = None
+    url: str,
+    split: str,
+    batch_size: int,
+    *,
+    drop_last: bool = False,
+    options: StorageOptions | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[CTRBatch]:
     """:func:`iter_ctr_samples` in batches of ``batch_size`` (the last one smaller unless ``drop_last``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch: list[CTRRecord] = []
-    for record in iter_ctr_samples(url, split, options):
+    for record in iter_ctr_samples(url, split, options, rank=rank, world_size=world_size):
         batch.append(record)
         if len(batch) == batch_size:
             yield collate_ctr(batch)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.criteo import CTRBatch, CTRDataset, iter_ctr_batches
+from data_pipeline.criteo import CTRBatch, CTRDataset, iter_ctr_batches, split_shards
 from data_pipeline.loader import CTRTrainLoader
 from data_pipeline.storage import StorageOptions
 from models.dlrm import DLRM, ctr_loss, roc_auc
@@ -63,21 +63,33 @@ def evaluate_ctr(
     world: World,
     options: StorageOptions | None = None,
 ) -> dict[str, float]:
-    """ROC AUC and mean log loss of ``split``, exact over all its impressions. Every rank reads the split
-    in order and scores rows r, r+W, ... of each global batch (the lookups are collective); the scores
-    are gathered. The AUC is NaN if the split has one class only."""
+    """ROC AUC and mean log loss of ``split``, exact over all its impressions, in batches of ``batch_size``
+    impressions over all ranks. Rank r reads shards r, r+R, ... of the split (:func:`split_shards`), so
+    the split is read once in all. The table lookups are collective: every rank makes as many forward
+    calls as the rank with the most batches, a rank with no rows left looking up one dummy row. The
+    scores are gathered on every rank. The AUC is NaN if the split has one class only."""
+    per_rank = max(1, batch_size // world.world_size)
+    rows = sum(
+        e.samples for e in split_shards(url, split, options, rank=world.rank, world_size=world.world_size)
+    )
+    calls = torch.tensor([math.ceil(rows / per_rank)])
+    dist.all_reduce(calls, op=dist.ReduceOp.MAX)
+    batches = iter_ctr_batches(
+        url, split, per_rank, options=options, rank=world.rank, world_size=world.world_size
+    )
     scores, labels = [], []
     parallel.set_training(False)
     with torch.no_grad():
-        for batch in iter_ctr_batches(url, split, batch_size * world.world_size, options=options):
-            rows = torch.arange(world.rank, len(batch.labels), world.world_size)
-            empty = len(rows) == 0
-            if empty:  # the last global batch may leave a rank without rows: it still joins the lookup
-                rows = torch.zeros(1, dtype=torch.int64)
-            logits = parallel.forward(batch.dense[rows], batch.sparse[rows]).cpu()
-            if not empty:
-                scores.append(logits)
-                labels.append(batch.labels[rows])
+        for _ in range(int(calls[0])):
+            batch = next(batches, None)
+            if batch is None:  # this rank is done: it still joins the lookup, with one row
+                parallel.forward(
+                    torch.zeros(1, parallel.model.cfg.num_dense),
+                    torch.zeros(1, parallel.model.cfg.num_sparse, dtype=torch.int64),
+                )
+                continue
+            scores.append(parallel.forward(batch.dense, batch.sparse).cpu())
+            labels.append(batch.labels)
     parallel.set_training(True)
     mine = (torch.cat(scores).numpy(), torch.cat(labels).numpy()) if scores else None
     parts: list[Any] = [None] * world.world_size

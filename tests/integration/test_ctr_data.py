@@ -30,6 +30,7 @@ from data_pipeline.criteo import (
     iter_ctr_batches,
     iter_ctr_samples,
     prepare_synthetic_ctr,
+    split_shards,
     synthetic_criteo_lines,
 )
 from data_pipeline.shards import read_manifest
@@ -281,6 +282,16 @@ def test_reader_batches_kjt_and_stream(tmp_path: Any) -> None:
     assert [r.label for r in from_stream] == [r.label for r in records[100:200]]
     with pytest.raises(ValueError, match="split must be one of"):
         list(iter_ctr_samples(out, "dev"))
+    # evaluation reads: rank r of R takes shards r, r+R, ...; together the ranks read the split once
+    per_rank = [list(iter_ctr_samples(out, "train", rank=r, world_size=2)) for r in range(2)]
+    assert [len(p) for p in per_rank] == [140, 100]  # shards of 100, 100, 40: 0 and 2 to rank 0
+    as_bytes = [(r.label, r.dense.tobytes(), r.sparse.tobytes()) for r in records]
+    read = per_rank[0][:100] + per_rank[1] + per_rank[0][100:]
+    assert [(r.label, r.dense.tobytes(), r.sparse.tobytes()) for r in read] == as_bytes
+    assert [s.samples for s in split_shards(out, "train", rank=1, world_size=2)] == [100]
+    assert split_shards(out, "valid", rank=1, world_size=2) == []  # one shard: rank 1 has none
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
+        split_shards(out, "train", rank=2, world_size=2)
 
 
 def test_ctr_dataset_open_errors(tmp_path: Any) -> None:

@@ -66,9 +66,10 @@ def learnable(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> str:
-    """3,000 impressions (2,400 train in 3 shards of 800, 300 valid, 300 test)."""
+    """3,000 impressions (2,400 train in 12 shards of 200; 300 valid and 300 test, each in shards of 200 and
+    100, so that 2 ranks evaluate different amounts)."""
     out = str(tmp_path_factory.mktemp("ctr") / "small")
-    prepare_synthetic_ctr(out, rows=3000, seed=1, hash_buckets=100, max_samples_per_shard=800)
+    prepare_synthetic_ctr(out, rows=3000, seed=1, hash_buckets=100, max_samples_per_shard=200)
     return out
 
 
