@@ -118,7 +118,6 @@ def _score(metrics: dict[str, float]) -> float:
 class DLRMTask(TrainingTask):
     """DLRM on a CTR data set (``data.path``, written by ``fmrl data convert-criteo`` and friends)."""
 
-    name = "DLRM"
     sample_unit = "impressions"
     model_section = "dlrm"
     early_stopping = "valid AUC"

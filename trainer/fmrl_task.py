@@ -125,7 +125,6 @@ def parallelize_from_config(
 class FMRLTask(TrainingTask):
     """fMRLRec on a sequence data set (``data.path``) with its frozen feature tables (``data.features_url``)."""
 
-    name = "fMRL-LRU"
     sample_unit = "sequences"
     model_section = "model"
     early_stopping = f"valid {EARLY_STOPPING_METRIC} at the largest size"

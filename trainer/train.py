@@ -95,8 +95,6 @@ class TrainingTask:
     options)`` opens the data set, builds the loader and the distributed model, and sets the attributes
     below; the methods are the loop's per-family steps."""
 
-    name: str
-    """Shown in logs ("fMRL-LRU", "DLRM")."""
     sample_unit: str
     """What a training sample is, for throughput and logs ("sequences", "impressions")."""
     model_section: str
