@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from data_pipeline.converters import ConversionError, OnError, RowProblems, iter_text_lines
-from data_pipeline.shards import ShardEntry, ShardWriter, read_manifest
+from data_pipeline.shards import ShardEntry, ShardWriter, generated_dataset, read_manifest
 from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read
 from data_pipeline.stream import Sample, iter_shard
 
@@ -612,23 +612,8 @@ def prepare_synthetic_ctr(
 def _existing_synthetic(
     out_url: str, generator: dict[str, Any], options: StorageOptions | None
 ) -> CTRSummary | None:
-    url = join(out_url, "dataset.json")
-    if not exists(url, options):
-        return None
-    with open_read(url, options) as f:
-        doc = json.loads(f.read())
-    found = doc.get("generator", {})
-    if found != generator:
-        differ = ", ".join(
-            f"{k}={found.get(k)!r} (asked {generator.get(k)!r})"
-            for k in sorted(generator.keys() | found.keys())
-            if found.get(k) != generator.get(k)
-        )
-        raise ValueError(
-            f"{out_url} already holds a data set made with other settings ({differ}); "
-            "write to another location or delete it first"
-        )
-    return _summary(out_url, doc, reused=True)
+    doc = generated_dataset(out_url, generator, options)
+    return None if doc is None else _summary(out_url, doc, reused=True)
 
 
 # --------------------------------------------------------------------------------------------- reader

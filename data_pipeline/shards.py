@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from data_pipeline.storage import StorageNotFoundError, StorageOptions, atomic_write, join, open_read
+from data_pipeline.storage import StorageNotFoundError, StorageOptions, atomic_write, exists, join, open_read
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -206,6 +206,31 @@ class ShardWriter:
         payload = json.dumps(dataclasses.asdict(manifest), indent=1, sort_keys=True).encode()
         with atomic_write(manifest_url(self.base_url, self.prefix), self.options) as f:
             f.write(payload)
+
+
+def generated_dataset(
+    out_url: str, generator: dict[str, Any], options: StorageOptions | None = None
+) -> dict[str, Any] | None:
+    """The ``dataset.json`` of a complete generated data set at ``out_url`` if its ``generator`` settings
+    equal ``generator`` (so it can be reused), None if there is none; ValueError naming every setting
+    that differs otherwise (never overwrite a data set made differently)."""
+    url = join(out_url, "dataset.json")
+    if not exists(url, options):
+        return None
+    with open_read(url, options) as f:
+        doc = json.loads(f.read())
+    found = doc.get("generator", {})
+    if found != generator:
+        differ = ", ".join(
+            f"{k}={found.get(k)!r} (asked {generator.get(k)!r})"
+            for k in sorted(generator.keys() | found.keys())
+            if found.get(k) != generator.get(k)
+        )
+        raise ValueError(
+            f"{out_url} already holds a data set made with other settings ({differ}); "
+            "write to another location or delete it first"
+        )
+    return doc
 
 
 def read_manifest(base_url: str, prefix: str, options: StorageOptions | None = None) -> Manifest:

@@ -49,8 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_pipeline.shards import ShardWriter, read_manifest
-from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read
+from data_pipeline.shards import ShardWriter, generated_dataset, read_manifest
+from data_pipeline.storage import StorageOptions, atomic_write, join
 
 __all__ = ["ITEM_TEXT_TEMPLATE", "SyntheticShardsSummary", "prepare_synthetic"]
 
@@ -366,23 +366,9 @@ def _existing_dataset(
     out_url: str, meta: dict, max_samples_per_shard: int, options: StorageOptions | None
 ) -> SyntheticShardsSummary | None:
     """The summary of a complete dataset at ``out_url`` made with the same settings; ValueError if other."""
-    url = join(out_url, "dataset.json")
-    if not exists(url, options):
+    dataset = generated_dataset(out_url, {**meta, "max_samples_per_shard": max_samples_per_shard}, options)
+    if dataset is None:
         return None
-    with open_read(url, options) as f:
-        dataset = json.loads(f.read())
-    wanted = {**meta, "max_samples_per_shard": max_samples_per_shard}
-    found = dataset.get("generator", {})
-    if found != wanted:
-        differ = ", ".join(
-            f"{k}={found.get(k)!r} (asked {wanted.get(k)!r})"
-            for k in sorted(wanted.keys() | found.keys())
-            if found.get(k) != wanted.get(k)
-        )
-        raise ValueError(
-            f"{out_url} already holds a dataset made with other settings ({differ}); "
-            "write to another location or delete it first"
-        )
     return SyntheticShardsSummary(
         out_url=out_url,
         num_items=dataset["num_items"],
