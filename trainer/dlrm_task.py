@@ -122,9 +122,7 @@ class DLRMTask(TrainingTask):
     model_section = "dlrm"
     early_stopping = "valid AUC"
 
-    def __init__(
-        self, cfg: Config, world: World, device: torch.device, run_dir: str, options: StorageOptions
-    ) -> None:
+    def __init__(self, cfg: Config, world: World, device: torch.device, options: StorageOptions) -> None:
         self.cfg, self.world, self.options = cfg, world, options
         dataset = self.dataset = CTRDataset.open(cfg.data.path, options)
         self.loader = CTRTrainLoader(
@@ -192,7 +190,7 @@ class DLRMTask(TrainingTask):
         test["ne"] = test["logloss"] / baseline
         return test, {"auc": 0.5, "logloss": baseline, "ne": 1.0}
 
-    def report(self, result: RunResult, options: StorageOptions) -> None:
+    def report(self, result: RunResult) -> None:
         """Print and save the test table and metrics.json."""
         table = format_ctr_table(result)
         with open(os.path.join(result.run_dir, "test_metrics.txt"), "w") as f:
@@ -216,7 +214,7 @@ class DLRMTask(TrainingTask):
         print(f"\nrun directory: {result.run_dir}")
         if self.cfg.run.export:
             out = os.path.join(result.run_dir, "export")
-            manifest = export_model(load_trained_model(result.run_dir, options), out, None, options)
+            manifest = export_model(load_trained_model(result.run_dir, self.options), out, None, self.options)
             print(f"export: DLRM ({manifest['bytes'] / 2**20:.1f} MiB) in {out}")
 
 

@@ -129,10 +129,8 @@ class FMRLTask(TrainingTask):
     model_section = "model"
     early_stopping = f"valid {EARLY_STOPPING_METRIC} at the largest size"
 
-    def __init__(
-        self, cfg: Config, world: World, device: torch.device, run_dir: str, options: StorageOptions
-    ) -> None:
-        self.cfg, self.world, self.device, self.options = cfg, world, device, options
+    def __init__(self, cfg: Config, world: World, device: torch.device, options: StorageOptions) -> None:
+        self.cfg, self.device, self.options = cfg, device, options
         dataset = self.dataset = SequenceDataset.open(cfg.data.path, options)
         uses_features = cfg.model.use_text_features or cfg.model.use_image_features
         text_features, image_features = open_features(cfg.data, dataset, options, uses_features)
@@ -250,7 +248,7 @@ class FMRLTask(TrainingTask):
         )
         return test, most_popular
 
-    def report(self, result: RunResult, options: StorageOptions) -> None:
+    def report(self, result: RunResult) -> None:
         """The per-size test table (printed and saved), metrics.json, the plot; the export if asked."""
         ks, largest = self.cfg.eval.ks, self.largest
         table = format_size_table(result.test_metrics, ks, result.baseline_metrics)
@@ -282,6 +280,8 @@ class FMRLTask(TrainingTask):
         print(f"plot: {plot}\nrun directory: {result.run_dir}")
         if self.cfg.run.export:
             out = os.path.join(result.run_dir, "export")
-            manifest = export_model(load_trained_model(result.run_dir, options), out, self.sizes, options)
+            manifest = export_model(
+                load_trained_model(result.run_dir, self.options), out, self.sizes, self.options
+            )
             total = sum(entry["bytes"] for entry in manifest["sizes"].values())
             print(f"export: sizes {self.sizes} ({total / 2**20:.1f} MiB) in {out}")

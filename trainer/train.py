@@ -91,9 +91,9 @@ class Progress:
 
 
 class TrainingTask:
-    """One model family in the shared loop. A subclass's constructor ``(cfg, world, device, run_dir,
-    options)`` opens the data set, builds the loader and the distributed model, and sets the attributes
-    below; the methods are the loop's per-family steps."""
+    """One model family in the shared loop. A subclass's constructor ``(cfg, world, device, options)``
+    opens the data set, builds the loader and the distributed model, and sets the attributes below; the
+    methods are the loop's per-family steps."""
 
     sample_unit: str
     """What a training sample is, for throughput and logs ("sequences", "impressions")."""
@@ -148,7 +148,7 @@ class TrainingTask:
         """Test metrics of the current (best) weights and of the task's baseline. Collective."""
         raise NotImplementedError
 
-    def report(self, result: RunResult, options: StorageOptions) -> None:
+    def report(self, result: RunResult) -> None:
         """Print and save the final report (rank 0 only)."""
         raise NotImplementedError
 
@@ -238,7 +238,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
         run_dir,
     )
     options = storage_options(cfg.data)
-    task = task_class(cfg.task)(cfg, world, device, run_dir, options)
+    task = task_class(cfg.task)(cfg, world, device, options)
     parallel, loader = task.parallel, task.loader
     if main:
         with open(os.path.join(run_dir, "sharding_plan.txt"), "w") as f:
@@ -426,7 +426,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
         result.peak_rss_mib,
     )
     if main:
-        task.report(result, options)
+        task.report(result)
     return result
 
 
