@@ -1,11 +1,12 @@
 """Convert real recommendation data sets into the trainer's shard layout (local or S3).
 
-Three sources, one output format::
+Four sources, one output format::
 
-    from data_pipeline.converters import convert_amazon, convert_movielens, convert_p5
+    from data_pipeline.converters import convert_amazon, convert_movielens, convert_p5, convert_seqrec
     convert_movielens("data/ml-100k")  # needs: pip install --no-deps recbole==1.2.1
     convert_amazon("s3://bucket/beauty", "reviews_Beauty_5.json.gz", "meta_Beauty.json.gz", images_dir="photos")
     convert_p5("data/beauty-p5", "VIP5/data/beauty", images_dir="VIP5/photos/beauty")
+    convert_seqrec("data/beauty", "Beauty.txt", attributes_path="Beauty_item2attributes.json")
 
 Sources:
 
@@ -23,6 +24,11 @@ Sources:
   ``sequential_data.txt`` (``user i1 i2 ...``, 1-indexed, already chronological), ``meta.json.gz``
   (Python literals) and the item-to-photo map. VIP5 ships that map as ``item2img_dict.pkl``; unpickling
   runs arbitrary code, so only a JSON copy (``item2img.json``: asin -> ``"<folder>/<file>"``) is read.
+
+* **The plain sequential-recommendation format** of the SASRec / S3-Rec / FMLP-Rec / LRURec releases:
+  ``user item item ...`` per line (whitespace-separated integer ids, items chronological), optionally with
+  S3-Rec's attribute file ``{"item": [attribute, ...]}`` (brand and category ids). Items carry no text;
+  their attribute ids (made dense, 1..A) are stored in the item records for the model's attribute table.
 
 Every source gets chronological sequences and k-core filtering (users and items with at least
 ``min_interactions`` interactions, 5 in the paper) iterated to a fixed point, since dropping an item can
@@ -73,6 +79,7 @@ __all__ = [
     "convert_amazon",
     "convert_movielens",
     "convert_p5",
+    "convert_seqrec",
 ]
 
 AMAZON_TEXT_TEMPLATE = "Title: {title}\nPrice: {price}\nBrand: {brand}\nCategories: {categories}"
@@ -101,6 +108,10 @@ class ConversionSummary:
     num_images: int
     skipped: dict[str, int] = field(default_factory=dict)
     """Records skipped or filtered, by reason (e.g. ``malformed_json``, ``no_metadata``, ``kcore_users``)."""
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    """The first few skipped records per reason, each as ``file:line: what is wrong``."""
+    skip_log: str | None = None
+    """Where every skipped record is listed (``<out_url>/skipped.log``), if any was skipped."""
 
 
 @dataclass
@@ -114,18 +125,45 @@ class _Item:
 
 
 class RowProblems:
-    """Raise on bad records, or (``on_error="skip"``) count them by reason."""
+    """Raise on bad records, or (``on_error="skip"``) count them by reason and keep where they are: the
+    first :attr:`EXAMPLES` per reason for the summary, every one for the skip log."""
+
+    EXAMPLES = 3
+    LOG_LIMIT = 1_000_000
+    """Skipped records kept for the log; beyond it the log says how many more there were."""
 
     def __init__(self, on_error: OnError) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
         self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.messages: list[str] = []
 
     def bad(self, reason: str, message: str) -> None:
+        """A bad record; ``message`` names it (``file:line: what is wrong``)."""
         if self.on_error == "raise":
             raise ConversionError(f"{message} (pass on_error='skip' to skip and count such records)")
         self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self.EXAMPLES:
+            examples.append(message)
+        if len(self.messages) < self.LOG_LIMIT:
+            self.messages.append(f"{reason}\t{message}")
+
+    def write_log(self, out_url: str, options: StorageOptions | None) -> str | None:
+        """Write every skipped record to ``<out_url>/skipped.log`` (reason, tab, place and problem per
+        line); returns its URL, or None when nothing was skipped."""
+        total = sum(self.counts[reason] for reason in self.examples)
+        if not total:
+            return None
+        lines = list(self.messages)
+        if total > len(lines):
+            lines.append(f"... and {total - len(lines)} more skipped records (not listed)")
+        url = join(out_url, "skipped.log")
+        with atomic_write(url, options) as f:
+            f.write(("\n".join(lines) + "\n").encode())
+        return url
 
     def note(self, reason: str, n: int = 1) -> None:
         """Count something that is never an error (items without metadata, k-core removals)."""
@@ -467,6 +505,125 @@ def _p5_image_map(data_dir: str, options: StorageOptions | None) -> dict[str, st
         raise ConversionError(f"{json_url}: malformed item-to-image map ({type(e).__name__}: {e})") from e
 
 
+# ------------------------------------------------------------------- plain sequential-recommendation
+
+
+def convert_seqrec(
+    out_url: str,
+    sequences_path: str,
+    attributes_path: str | None = None,
+    max_samples_per_shard: int = 1000,
+    min_interactions: int = 5,
+    on_error: OnError = "raise",
+    name: str | None = None,
+    options: StorageOptions | None = None,
+) -> ConversionSummary:
+    """Convert a ``user item item ...`` file (and optionally its item-to-attributes JSON) to shards.
+
+    Ids are integers as written; items keep their order (chronological in these releases). The k-core
+    filter is applied like for every source (the S3-Rec releases are 5-core already, so it removes
+    nothing there). Item ids become dense 1..N in numeric order of the source ids, so a file whose ids
+    are already 1..N keeps them; attribute ids become dense 1..A the same way (0 is the padding id of
+    the attribute table). An item that the attribute file does not list gets no attributes (counted as
+    ``no_attributes``); attribute entries of items that are not in the data are ignored.
+    """
+    problems = RowProblems(on_error)
+    sequences: dict[str, list[str]] = {}
+    first_line: dict[str, int] = {}
+    for lineno, line in iter_text_lines(sequences_path, options):
+        where = f"{sequences_path}:{lineno}"
+        try:
+            tokens = line.decode("utf-8").split()
+        except UnicodeDecodeError:
+            problems.bad("malformed_line", f"{where}: not UTF-8 text")
+            continue
+        bad = next((t for t in tokens if not t.isdigit()), None)
+        if bad is not None:
+            problems.bad(
+                "malformed_line",
+                f"{where}: {bad!r} is not a non-negative integer id (expected 'user item item ...')",
+            )
+            continue
+        user, items = tokens[0], tokens[1:]
+        if not items:
+            problems.bad("empty_sequence", f"{where}: user {user} has no items")
+            continue
+        if user in sequences:
+            problems.bad(
+                "duplicate_user", f"{where}: user {user} already has a sequence (line {first_line[user]})"
+            )
+            continue
+        sequences[user], first_line[user] = items, lineno
+    if not sequences:
+        raise ConversionError(f"{sequences_path}: no user sequences in the file")
+    sequences = _k_core(sequences, min_interactions, problems)
+
+    item_ids = _sorted_ids({i for seq in sequences.values() for i in seq})
+    attributes: dict[str, list[int]] = {}
+    num_attributes = 0
+    if attributes_path is not None:
+        raw_attributes = _read_item_attributes(attributes_path, problems, options)
+        present = {a for item in item_ids for a in raw_attributes.get(item, [])}
+        dense_attribute = {a: n for n, a in enumerate(_sorted_ids(present), start=1)}
+        num_attributes = len(dense_attribute)
+        attributes = {
+            item: [dense_attribute[a] for a in raw_attributes[item]]
+            for item in item_ids
+            if item in raw_attributes
+        }
+        problems.note("no_attributes", sum(item not in raw_attributes for item in item_ids))
+    items = {}
+    for source_id in item_ids:
+        raw: dict[str, Any] = {"attributes": attributes.get(source_id, [])} if attributes_path else {}
+        items[source_id] = _Item(source_id=source_id, text=UNTITLED, title="", raw=raw)
+    base = posixpath.basename(sequences_path.rstrip("/")).removesuffix(".gz")
+    name = name or posixpath.splitext(base)[0] or "seqrec"
+    extra = {"num_attributes": num_attributes} if attributes_path is not None else {}
+    return _write_dataset(
+        out_url, name, items, sequences, problems, "", max_samples_per_shard, options, extra
+    )
+
+
+def _read_item_attributes(
+    url: str, problems: RowProblems, options: StorageOptions | None
+) -> dict[str, list[str]]:
+    """``{item id: [attribute id, ...]}`` from S3-Rec's JSON (gzipped or not), every id a non-negative
+    integer (as text)."""
+    with _open(url, options) as f:
+        data = f.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise ConversionError(f"{url}: unreadable or truncated gzip file ({e})") from e
+    try:
+        mapping = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{url}: not valid JSON ({e})") from e
+    if not isinstance(mapping, dict):
+        raise ConversionError(
+            f"{url}: expected an object {{item id: [attribute ids]}}, got {type(mapping).__name__}"
+        )
+    out: dict[str, list[str]] = {}
+    for item, values in mapping.items():
+        item = str(item).strip()
+        if not item.isdigit():
+            problems.bad("malformed_attributes", f"{url}: key {item!r} is not an integer item id")
+            continue
+        ok = isinstance(values, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+        )
+        if not ok:
+            problems.bad(
+                "malformed_attributes",
+                f"{url}: item {item}: expected a list of non-negative integer attribute ids, got {values!r}",
+            )
+            continue
+        # order kept, repeats dropped: a repeated attribute would weigh twice in the pooled mean
+        out[item] = [str(v) for v in dict.fromkeys(values)]
+    return out
+
+
 # ----------------------------------------------------------------------------------------- shared steps
 
 
@@ -502,10 +659,18 @@ def _write_dataset(
     template: str,
     max_samples_per_shard: int,
     options: StorageOptions | None,
+    extra: dict[str, Any] | None = None,
 ) -> ConversionSummary:
-    """Write item shards, user shards and finally ``dataset.json``; items get dense ids 1..N in dict order."""
+    """Write item shards, user shards and finally ``dataset.json`` (plus the ``extra`` facts); items get
+    dense ids 1..N in dict order."""
     dense = {source_id: n for n, source_id in enumerate(items, start=1)}
-    meta = {"dataset": name, "num_items": len(items), "num_users": len(sequences), "split": SPLIT}
+    meta = {
+        "dataset": name,
+        "num_items": len(items),
+        "num_users": len(sequences),
+        "split": SPLIT,
+        **(extra or {}),
+    }
     # images are read (and checked) while writing, so their counts are known only afterwards: the
     # manifests get them through the meta dicts, which ShardWriter serialises at exit
     item_meta: dict[str, Any] = dict(meta)
@@ -542,6 +707,8 @@ def _write_dataset(
         num_interactions=sum(len(seq) for seq in sequences.values()),
         num_images=num_images,
         skipped=skipped,
+        skipped_examples=dict(problems.examples),
+        skip_log=problems.write_log(out_url, options),
     )
     top = {
         "name": name,
@@ -553,7 +720,9 @@ def _write_dataset(
         "users_prefix": "users",
         "split": SPLIT,
         "skipped": skipped,
+        "skipped_examples": summary.skipped_examples,
         "item_text_template": template,
+        **(extra or {}),
     }
     # last: dataset.json present means both shard sets (and their manifests) are complete
     with atomic_write(join(out_url, "dataset.json"), options) as f:

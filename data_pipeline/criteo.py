@@ -49,6 +49,7 @@ binary record would be, and readable with ``tar -xOf train-000000.tar | head``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -135,6 +136,10 @@ class CTRSummary:
     hash_buckets: list[int]
     skipped: dict[str, int] = field(default_factory=dict)
     """Bad rows skipped, by reason (``on_error="skip"``)."""
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    """The first few skipped rows per reason, each as ``file:line: what is wrong``."""
+    skip_log: str | None = None
+    """Where every skipped row is listed (``<out_url>/skipped.log``), if any was skipped."""
     reused: bool = False
     """True when a complete data set with the same settings was already there and nothing was written."""
 
@@ -421,7 +426,11 @@ def convert_criteo(
     )
     with writer:
         _write_criteo_lines(writer, lines(), problems)
-    return writer.finish(dict(problems.counts), {"sources": paths})
+    log_url = problems.write_log(out_url, options)
+    summary = writer.finish(
+        dict(problems.counts), {"sources": paths, "skipped_examples": dict(problems.examples)}
+    )
+    return dataclasses.replace(summary, skipped_examples=dict(problems.examples), skip_log=log_url)
 
 
 # ------------------------------------------------------------------------------------------ synthetic

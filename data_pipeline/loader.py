@@ -48,11 +48,14 @@ from data_pipeline.stream import Sample, ShardStream, iter_shard
 __all__ = [
     "CTRTrainLoader",
     "DatasetError",
+    "ItemAttributes",
     "SequenceDataset",
     "ShardBatchLoader",
     "TrainLoader",
     "UserStats",
     "eval_batches",
+    "read_item_attributes",
+    "read_item_source_ids",
     "scan_users",
 ]
 
@@ -94,6 +97,82 @@ class SequenceDataset:
                 raise DatasetError(f"{info_url}: {key!r} must be a positive integer, got {info.get(key)!r}")
         users = read_manifest(url, info.get("users_prefix", USERS_PREFIX), options)
         return cls(url, info["num_items"], info["num_users"], info, users, options)
+
+
+@dataclass(frozen=True)
+class ItemAttributes:
+    """Every item's attribute ids (brand, categories ...) as bags in CSR form: item i's attributes are
+    ``values[offsets[i]:offsets[i + 1]]``, ids in 1..num_attributes; row 0 (padding) has none."""
+
+    offsets: np.ndarray
+    """(N + 2,) int64, offsets[0] = offsets[1] = 0."""
+    values: np.ndarray
+    """(nnz,) int64 attribute ids."""
+    num_attributes: int
+
+
+def read_item_attributes(dataset: SequenceDataset) -> ItemAttributes:
+    """The attribute bags of a data set whose ``dataset.json`` has ``num_attributes`` (written by
+    ``fmrl data convert-seqrec --attributes``), read from its item shards and checked."""
+    info_url = join(dataset.url, "dataset.json")
+    num_attributes = dataset.info.get("num_attributes")
+    if not isinstance(num_attributes, int) or num_attributes < 1:
+        raise DatasetError(
+            f"{info_url} records no item attributes ('num_attributes'): model.use_attributes needs a data "
+            "set converted with attributes, e.g. `fmrl data convert-seqrec OUT Beauty.txt --attributes "
+            "Beauty_item2attributes.json`"
+        )
+    manifest = read_manifest(dataset.url, dataset.info.get("items_prefix", "items"), dataset.options)
+    bags: list[list[int] | None] = [None] * (dataset.num_items + 1)
+    bags[0] = []
+    for entry in manifest.shards:
+        for sample in iter_shard(join(dataset.url, entry.name), entry, dataset.options):
+            where = f"{sample.get('__url__')} record {sample.get('__key__')!r}"
+            try:
+                record = json.loads(sample["json"])
+                item, attributes = int(record["item_id"]), record["attributes"]
+            except (KeyError, ValueError, TypeError) as e:
+                raise DatasetError(
+                    f"{where}: not an item record with 'item_id' and 'attributes' ({e})"
+                ) from None
+            if not 1 <= item <= dataset.num_items:
+                raise DatasetError(f"{where}: item id {item} is outside 1..{dataset.num_items}")
+            ok = isinstance(attributes, list) and all(
+                isinstance(a, int) and not isinstance(a, bool) and 1 <= a <= num_attributes
+                for a in attributes
+            )
+            if not ok:
+                raise DatasetError(
+                    f"{where}: attributes must be a list of ids in 1..{num_attributes}, got {attributes!r}"
+                )
+            bags[item] = attributes
+    missing = [i for i, bag in enumerate(bags) if bag is None]
+    if missing:
+        raise DatasetError(f"{dataset.url}: item shards lack items {missing[:5]} ({len(missing)} in all)")
+    lengths = np.array([len(bag) for bag in bags], dtype=np.int64)  # type: ignore[arg-type]
+    offsets = np.zeros(len(bags) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter((a for bag in bags for a in bag), dtype=np.int64, count=int(offsets[-1]))  # type: ignore[union-attr]
+    return ItemAttributes(offsets, values, num_attributes)
+
+
+def read_item_source_ids(dataset: SequenceDataset) -> list[str]:
+    """The source id (the id in the original data: ASIN, MovieLens id ...) of every item, indexed by
+    internal id; entry 0 (padding) is "". Read from the item shards."""
+    manifest = read_manifest(dataset.url, dataset.info.get("items_prefix", "items"), dataset.options)
+    ids = [""] * (dataset.num_items + 1)
+    for entry in manifest.shards:
+        for sample in iter_shard(join(dataset.url, entry.name), entry, dataset.options):
+            where = f"{sample.get('__url__')} record {sample.get('__key__')!r}"
+            try:
+                record = json.loads(sample["json"])
+                item = int(record["item_id"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise DatasetError(f"{where}: not an item record with an 'item_id' ({e})") from None
+            if not 1 <= item <= dataset.num_items:
+                raise DatasetError(f"{where}: item id {item} is outside 1..{dataset.num_items}")
+            ids[item] = str(record.get("source_id", item))
+    return ids
 
 
 def decode_user(sample: Sample, num_items: int) -> np.ndarray:

@@ -26,13 +26,22 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from data_pipeline.storage import StorageNotFoundError, StorageOptions, atomic_write, exists, join, open_read
+from data_pipeline.storage import (
+    StorageNotFoundError,
+    StorageOptions,
+    atomic_write,
+    exists,
+    join,
+    list_dir,
+    open_read,
+)
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -48,6 +57,7 @@ __all__ = [
 ]
 
 MANIFEST_VERSION = 1
+log = logging.getLogger("fmrl")
 
 _CHUNK = 1 << 20
 # shards are built in a spooled temp file: in memory while small, on local disk once larger
@@ -212,8 +222,9 @@ def generated_dataset(
     out_url: str, generator: dict[str, Any], options: StorageOptions | None = None
 ) -> dict[str, Any] | None:
     """The ``dataset.json`` of a complete generated data set at ``out_url`` if its ``generator`` settings
-    equal ``generator`` (so it can be reused), None if there is none; ValueError naming every setting
-    that differs otherwise (never overwrite a data set made differently)."""
+    equal ``generator`` and every shard still matches its manifest (so it can be reused); None if there
+    is none, or if a shard is damaged (it is then written again); ValueError naming every setting that
+    differs otherwise (never overwrite a data set made differently)."""
     url = join(out_url, "dataset.json")
     if not exists(url, options):
         return None
@@ -230,6 +241,17 @@ def generated_dataset(
             f"{out_url} already holds a data set made with other settings ({differ}); "
             "write to another location or delete it first"
         )
+    for manifest_file in list_dir(out_url, options):
+        name = manifest_file.rstrip("/").rsplit("/", 1)[-1]
+        if not name.endswith(".manifest.json"):
+            continue
+        try:
+            manifest = read_manifest(out_url, name.removesuffix(".manifest.json"), options)
+            for shard in manifest.shards:
+                verify_shard(out_url, shard, options)
+        except (CorruptShardError, ManifestError, StorageNotFoundError) as e:
+            log.warning("%s is damaged (%s): writing it again", out_url, e)
+            return None
     return doc
 
 

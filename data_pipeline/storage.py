@@ -21,12 +21,16 @@ import io
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+_T = TypeVar("_T")
 
 __all__ = [
     "StorageError",
@@ -75,6 +79,11 @@ class StorageOptions:
     read_timeout: float = 60.0
     block_size: int | None = None
     """Bytes per S3 multipart part and per read-ahead block; None keeps s3fs's 50 MiB. At least 5 MiB."""
+    deadline: float = 300.0
+    """Most seconds one object-storage call (an open, a read or write call, a listing, an upload's
+    completion) may take, retries included, before it fails with a StorageError: an endpoint that
+    accepts connections but never answers (a hung server) is not waited for forever.
+    Environment: FMRL_STORAGE_DEADLINE."""
 
     @classmethod
     def from_env(cls) -> StorageOptions:
@@ -88,6 +97,7 @@ class StorageOptions:
             secret=env("AWS_SECRET_ACCESS_KEY"),
             region=env("AWS_DEFAULT_REGION") or env("AWS_REGION"),
             token=env("AWS_SESSION_TOKEN"),
+            deadline=float(env("FMRL_STORAGE_DEADLINE") or cls.deadline),
         )
 
     def __repr__(self) -> str:
@@ -160,7 +170,7 @@ def open_read(url: str, options: StorageOptions | None = None) -> io.RawIOBase |
     fs, path = filesystem(url, options)
     with _translated("open", url, options):
         # s3fs asks for the object's size and ETag here, so a missing key or a dead endpoint fails now
-        f = fs.open(path, "rb")
+        f = _bounded("open", url, options, lambda: fs.open(path, "rb"))
     return _S3Stream(f, url, options)
 
 
@@ -199,7 +209,7 @@ def atomic_write(
     fs, path = filesystem(url, options)
     with _translated("write", url, options):
         # autocommit: closing the file completes the upload; we only close it on success
-        f = fs.open(path, "wb", autocommit=True)
+        f = _bounded("write", url, options, lambda: fs.open(path, "wb", autocommit=True))
     stream = _S3Stream(f, url, options)
     try:
         yield stream
@@ -214,7 +224,7 @@ def atomic_write(
     stream.close()
     with _translated("write", url, options):
         try:
-            f.close()
+            _bounded("write", url, options, f.close)
         except BaseException:
             # the completion failed: free the uploaded parts rather than leave them billed
             with contextlib.suppress(Exception):
@@ -232,9 +242,10 @@ def exists(url: str, options: StorageOptions | None = None) -> bool:
     """
     if not is_remote(url):
         return os.path.exists(_local_path(url))
+    options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
     with _translated("exists", url, options):
-        return fs.exists(path)
+        return _bounded("check", url, options, lambda: fs.exists(path))
 
 
 def list_dir(url: str, options: StorageOptions | None = None) -> list[str]:
@@ -243,10 +254,11 @@ def list_dir(url: str, options: StorageOptions | None = None) -> list[str]:
         with _translated("list", url, None):
             names = os.listdir(_local_path(url))
         return sorted(join(url, name) for name in names)
+    options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
     with _translated("list", url, options):
         # s3fs returns "bucket/prefix/name" without the protocol and may include the prefix itself
-        entries = fs.ls(path, detail=False)
+        entries = _bounded("list", url, options, lambda: fs.ls(path, detail=False))
     base = path.rstrip("/")
     return sorted(f"s3://{entry.rstrip('/')}" for entry in entries if entry.rstrip("/") != base)
 
@@ -264,12 +276,17 @@ def remove(url: str, options: StorageOptions | None = None, *, recursive: bool =
             else:
                 os.remove(path)
         return
+    options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
-    with _translated("remove", url, options):
+
+    def delete() -> None:
         if not fs.exists(path):
             # s3fs deletes a missing key without complaint; be as strict as the local disk
             raise FileNotFoundError(url)
         fs.rm(path, recursive=recursive)
+
+    with _translated("remove", url, options):
+        _bounded("remove", url, options, delete)
 
 
 def makedirs(url: str, options: StorageOptions | None = None) -> None:
@@ -336,6 +353,27 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     from fsspec.exceptions import FSTimeoutError
 
     return (BotoConnectionError, HTTPClientError, FSTimeoutError, TimeoutError, ConnectionError)
+
+
+_CALLS: ThreadPoolExecutor | None = None
+
+
+def _bounded(action: str, url: str, options: StorageOptions, call: Callable[[], _T]) -> _T:
+    """``call()`` (an object-storage operation), failing with StorageError after ``options.deadline``
+    seconds. It runs on a helper thread; a call that never returns is left there (its connection is
+    hung) while the caller goes on with the error."""
+    global _CALLS
+    if _CALLS is None:
+        _CALLS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="storage")
+    future = _CALLS.submit(call)
+    try:
+        return future.result(timeout=options.deadline)
+    except FutureTimeout:
+        endpoint = options.endpoint_url or "the default AWS endpoint"
+        raise StorageError(
+            f"cannot {action} {url}: object storage at {endpoint} did not answer within "
+            f"{options.deadline:.0f} s (a hung or overloaded server?)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -422,18 +460,21 @@ class _S3Stream(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         with self._guard("read"):
-            return self._f.read(-1 if size is None else size)
+            return _bounded(
+                "read", self._url, self._options, lambda: self._f.read(-1 if size is None else size)
+            )
 
     def readall(self) -> bytes:
         return self.read(-1)
 
     def readinto(self, buffer: Any) -> int:
         with self._guard("read"):
-            return self._f.readinto(buffer)
+            return _bounded("read", self._url, self._options, lambda: self._f.readinto(buffer))
 
     def write(self, data: Any) -> int:
         with self._guard("write"):
-            return self._f.write(data)
+            # a write may upload a multipart part (every block_size bytes)
+            return _bounded("write", self._url, self._options, lambda: self._f.write(data))
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         with self._guard("seek"):

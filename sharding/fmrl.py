@@ -54,6 +54,13 @@ def _options() -> Any:
 
 
 ID_TABLE = "id"
+ATTRIBUTE_TABLE = "attribute"
+LEARNABLE_TABLES = (ID_TABLE, ATTRIBUTE_TABLE)
+# where each learnable table lives in FMRLRec.state_dict()
+MODEL_TABLE_KEYS = {
+    ID_TABLE: "item_tower.id_embedding.weight",
+    ATTRIBUTE_TABLE: "item_tower.attributes.weight",
+}
 
 
 class DenseFMRL(nn.Module):
@@ -108,7 +115,8 @@ def nested_min_partition(dim: int, sizes: list[int], world_size: int) -> int:
 
 
 class ShardedItemTables(nn.Module):
-    """The item tower's tables as TorchRec-sharded EmbeddingCollections: ``forward(ids (U,))`` returns the
+    """The item tower's tables as TorchRec-sharded EmbeddingCollections (the attribute table: an
+    EmbeddingBagCollection that mean-pools each item's attribute bag): ``forward(ids (U,))`` returns the
     rows of every table, (U, F_t) each, in the tower's table order. Collective: every rank must call it
     the same number of times (with its own ids, any count including zero)."""
 
@@ -125,29 +133,47 @@ class ShardedItemTables(nn.Module):
     ) -> None:
         super().__init__()
         from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
-        from torchrec import EmbeddingCollection, EmbeddingConfig
+        from torchrec import (
+            EmbeddingBagCollection,
+            EmbeddingBagConfig,
+            EmbeddingCollection,
+            EmbeddingConfig,
+            PoolingType,
+        )
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 
         self.names = tower.table_names()
         sources = dict(zip(self.names, tower.tables()))
+        self.attribute_bags = tower.attribute_bags
         world_size = dist.get_world_size()
         frozen = [n for n in self.names if n in FROZEN_TABLES]
-        learnable = [n for n in self.names if n == ID_TABLE]
+        learnable = [n for n in self.names if n in LEARNABLE_TABLES]
 
         # one collection per table: an EmbeddingCollection needs equal widths, and the frozen ones are
         # looked up without autograd
         tables = nn.ModuleDict()
         for n in self.names:
             source = sources[n]
-            config = EmbeddingConfig(
-                name=n,
-                embedding_dim=source.embedding_dim,
-                num_embeddings=source.num_embeddings,
-                feature_names=[n],
-            )
-            tables[n] = EmbeddingCollection(tables=[config], device=torch.device("meta"))
+            if n == ATTRIBUTE_TABLE:
+                bag_config = EmbeddingBagConfig(
+                    name=n,
+                    embedding_dim=source.embedding_dim,
+                    num_embeddings=source.num_embeddings,
+                    feature_names=[n],
+                    pooling=PoolingType.MEAN,
+                )
+                tables[n] = EmbeddingBagCollection(tables=[bag_config], device=torch.device("meta"))
+            else:
+                config = EmbeddingConfig(
+                    name=n,
+                    embedding_dim=source.embedding_dim,
+                    num_embeddings=source.num_embeddings,
+                    feature_names=[n],
+                )
+                tables[n] = EmbeddingCollection(tables=[config], device=torch.device("meta"))
             if n in frozen:
                 # never stepped: the lookup runs under no_grad. TorchRec's CPU kernels are all fused, so a
                 # frozen table still needs some fused optimizer; plain SGD at lr 0 keeps no state.
@@ -161,20 +187,20 @@ class ShardedItemTables(nn.Module):
         for n in frozen:
             kind = _sharding_type(feature_sharding, device, "table_wise")
             constraints[n] = ParameterConstraints(sharding_types=[kind])
-        for n in learnable:
+        for n in learnable:  # the ID and attribute tables follow parallel.id_table_*
             kind = _sharding_type(id_sharding, device, "column_wise")
             width = nested_min_partition(sources[n].embedding_dim, nested_sizes, world_size)
             constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         topology = Topology(world_size=world_size, local_world_size=local_world, compute_device=device.type)
         planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-        sharders = [EmbeddingCollectionSharder()]
+        sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
         plan = planner.collective_plan(tables, sharders, dist.GroupMember.WORLD)
         self.plan = plan
         self.dmp = DistributedModelParallel(
             tables, device=device, plan=plan, sharders=sharders, init_data_parallel=False
         )
-        fill_shards(self.dmp, {f"{n}.embeddings.{n}.weight": sources[n].weight for n in self.names})
+        fill_shards(self.dmp, {f"{_collection_key(n)}.weight": sources[n].weight for n in self.names})
         self.device = device
 
     @property
@@ -188,22 +214,39 @@ class ShardedItemTables(nn.Module):
         lengths = torch.tensor([len(ids)], dtype=torch.int32, device=ids.device)
         rows = []
         for name in self.names:
-            kjt = KeyedJaggedTensor.from_lengths_sync(keys=[name], values=ids, lengths=lengths)
             with torch.set_grad_enabled(torch.is_grad_enabled() and name not in FROZEN_TABLES):
-                rows.append(self.dmp.module[name](kjt)[name].values())  # (U, F_name)
+                if name == ATTRIBUTE_TABLE:
+                    assert self.attribute_bags is not None
+                    values, bag_lengths = self.attribute_bags.select(ids.cpu())
+                    kjt = KeyedJaggedTensor.from_lengths_sync(
+                        keys=[name],
+                        values=values.to(self.device),
+                        lengths=bag_lengths.to(self.device, torch.int32),
+                    )
+                    rows.append(self.dmp.module[name](kjt)[name])  # (U, F_name), pooled
+                else:
+                    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[name], values=ids, lengths=lengths)
+                    rows.append(self.dmp.module[name](kjt)[name].values())  # (U, F_name)
         return rows
 
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
         """The full trainable tables on rank 0 (None elsewhere), keyed like the model's state dict."""
         out: dict[str, torch.Tensor] = {}
         for key, value in self.dmp.state_dict().items():
-            name = key.removeprefix("_dmp_wrapped_module.")
-            if not name.startswith(f"{ID_TABLE}."):
+            name = key.removeprefix("_dmp_wrapped_module.").split(".", 1)[0]
+            if name not in LEARNABLE_TABLES:
                 continue
             full = torch.empty(value.size()) if dist.get_rank() == 0 else None
             value.gather(dst=0, out=full)
-            out["item_tower.id_embedding.weight"] = full
+            out[MODEL_TABLE_KEYS[name]] = full
         return out if dist.get_rank() == 0 else None
+
+
+def _collection_key(name: str) -> str:
+    """Where table ``name`` sits in the state dict of its (unsharded) collection module."""
+    if name == ATTRIBUTE_TABLE:
+        return f"{name}.embedding_bags.{name}"
+    return f"{name}.embeddings.{name}"
 
 
 def fill_shards(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
@@ -392,7 +435,8 @@ class ParallelFMRL(ParallelModel):
     """fMRLRec distributed: the item tables (:class:`ShardedItemTables`) and the wrapped :class:`DenseFMRL`."""
 
     def trainable_table(self, key: str) -> bool:
-        return key.startswith(f"{ID_TABLE}.")  # the frozen feature tables come from the feature files
+        # the frozen feature tables come from the feature files
+        return key.split(".", 1)[0] in LEARNABLE_TABLES
 
     def forward(self, tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (B, L, D) of ``tokens`` (B, L) and representations (U, D) of ``ids`` (U,),

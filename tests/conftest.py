@@ -7,6 +7,7 @@ object storage get a real S3-compatible server (moto's standalone server) on 127
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -129,6 +130,17 @@ class S3Server:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections are still accepted by the kernel, but nothing is
+        answered, as with a hung server."""
+        assert self._process is not None and self._process.poll() is None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def unpause(self) -> None:
+        """Let a paused server go on (SIGCONT)."""
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGCONT)
 
     def make_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique one if no name is given) and return ``"s3://name"``."""

@@ -17,6 +17,16 @@ corrupted file is named before DCP reads it. The newest ``keep_last`` complete c
 ``save(..., blocking=False)`` copies the state to CPU memory and writes it from a background thread,
 on a gloo process group of its own, while training continues; the commit follows in that thread.
 
+Storage that stops answering never holds a job forever. Every save runs on that thread (a blocking save
+waits for it), with a deadline (``timeout``): while a save is slow a warning is logged every
+``slow_warning`` seconds, and a save that misses the deadline on any rank is *abandoned* by all ranks
+together: it is never committed (its thread checks before writing the marker), its folder is removed as
+debris by a later save, and training goes on, trying again at the next checkpoint. A run stops with a
+:class:`CheckpointError` only after ``max_abandoned`` abandoned saves in a row. A save that fails with
+an error (storage refusing, a full disk) raises at once, naming the checkpoint, the cause and, on a local
+disk, the free space. Loading has the same deadline. Uncommitted step folders (a save that died with its
+job, an abandoned one) are removed by the next save.
+
 What goes into a checkpoint is assembled by the trainer (:func:`trainer.train.training_state`): the
 dense model and optimizer (FSDP2 DTensors or DDP tensors, through
 ``torch.distributed.checkpoint.state_dict``), the TorchRec item tables and their fused optimizer state
@@ -31,14 +41,21 @@ strings) are loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import re
+import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,6 +106,44 @@ _METADATA_CLASSES = {
         )
     ),
 }
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path.removeprefix("file://"))
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _mentions_enospc(error: BaseException) -> bool:
+    """Whether a full disk caused ``error`` (directly, chained, or inside a DCP failure)."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            return True
+        # torch.save's zip writer reports a short write as "unexpected pos ..." rather than ENOSPC
+        if "unexpected pos" in str(e):
+            return True
+        stack += [x for x in (e.__cause__, e.__context__) if x is not None]
+        stack += [_unwrapped(x) for x in getattr(e, "failures", {}).values()]
+    return False
+
+
+def _unwrapped(failure: Any) -> BaseException:
+    """DCP reports each rank's failure as (exception, traceback)."""
+    return failure[0] if isinstance(failure, tuple) else failure
+
+
+def _describe_failure(failure: Any) -> str:
+    error = _unwrapped(failure)
+    if _mentions_enospc(error):
+        return f"No space left on device ({type(error).__name__}: {error})"
+    return f"{type(error).__name__}: {error}"
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -158,16 +213,37 @@ def _fsspec_kwargs(options: StorageOptions | None) -> dict[str, Any]:
     return {} if options is None else s3_filesystem_kwargs(options)
 
 
+@dataclass
+class _Save:
+    """A save in flight."""
+
+    url: str
+    future: Future[None]
+    start: float
+    cancelled: threading.Event
+
+
 class CheckpointManager:
     """Save, list and load sharded checkpoints under ``root``. Collective: every rank calls save/load."""
 
-    def __init__(self, root: str, options: StorageOptions | None = None, keep_last: int = 3) -> None:
+    def __init__(
+        self,
+        root: str,
+        options: StorageOptions | None = None,
+        keep_last: int = 3,
+        *,
+        timeout: float = 600.0,
+        slow_warning: float = 60.0,
+        max_abandoned: int = 3,
+    ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root, self.options, self.keep_last = root.rstrip("/"), options, keep_last
+        self.timeout, self.slow_warning, self.max_abandoned = timeout, slow_warning, max_abandoned
         self._group: Any = None
         self._executor: ThreadPoolExecutor | None = None
-        self._pending: tuple[str, Future[None]] | None = None
+        self._pending: _Save | None = None
+        self._abandoned_in_a_row = 0
 
     def url(self, step: int) -> str:
         return join(self.root, f"step-{step:09d}")
@@ -201,36 +277,84 @@ class CheckpointManager:
         ``blocking=False`` copies ``state`` to fresh CPU memory on this thread (so training may change
         the live tensors right away) and writes, verifies and commits in a background thread; the next
         :meth:`save` or :meth:`wait` waits for it and re-raises its error. At most one save is in flight.
+        A save that misses its deadline is abandoned (see the module docstring).
         """
         self.wait()
         url, start = self.url(step), time.monotonic()
-        if exists(join(url, COMMIT), self.options):  # e.g. a job resumed at this step stops again
-            log.info("checkpoint %s exists already; not overwritten", url)
-            return url
         group = self._process_group()
-        if blocking:
-            self._write_and_commit(url, step, state, info or {}, group, start)
-            return url
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        staged = _copy_to_cpu(state)
-        log.info("checkpoint %s staged in %.2f s; writing in the background", url, time.monotonic() - start)
-        assert self._executor is not None
-        self._pending = (
-            url,
-            self._executor.submit(self._write_and_commit, url, step, staged, info or {}, group, start),
+        staged = state
+        if not blocking:
+            staged = _copy_to_cpu(state)
+            log.info(
+                "checkpoint %s staged in %.2f s; writing in the background", url, time.monotonic() - start
+            )
+        cancelled = threading.Event()
+        future = self._executor.submit(
+            self._write_and_commit, url, step, staged, info or {}, group, start, cancelled
         )
+        self._pending = _Save(url, future, start, cancelled)
+        if blocking:
+            self.wait()
         return url
 
     def wait(self) -> str | None:
-        """Wait for the asynchronous save in flight, if any; its URL once committed. Its failure is
-        raised here (as CheckpointError), and the checkpoint is not committed."""
+        """Wait for the save in flight, if any (at most until its deadline); its URL once committed, None
+        if it was abandoned. Its failure is raised here (as CheckpointError), and the checkpoint is not
+        committed. Collective."""
         if self._pending is None:
             return None
-        url, future = self._pending
-        self._pending = None
-        future.result()
-        return url
+        pending, self._pending = self._pending, None
+        finished = self._wait_for(pending)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # all ranks abandon it, or none does
+            flag = torch.tensor([0 if finished else 1])
+            dist.all_reduce(flag)
+            finished = int(flag) == 0
+        if finished:
+            pending.future.result()
+            self._abandoned_in_a_row = 0
+            return pending.url
+        pending.cancelled.set()  # should its writes ever finish, the marker is not written
+        # its thread and process group may stay stuck in the hung connection: the next save gets new ones
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        self._executor, self._group = None, None
+        self._abandoned_in_a_row += 1
+        message = (
+            f"checkpoint {pending.url} did not finish within {self.timeout:.0f} s (storage not answering?): "
+            f"abandoned, not committed ({self._abandoned_in_a_row} in a row)"
+        )
+        if self._abandoned_in_a_row >= self.max_abandoned:
+            raise CheckpointError(
+                f"{message}; giving up after {self.max_abandoned} abandoned saves in a row. The newest "
+                f"committed checkpoint is {self.latest_or_unknown()}; resume from it once {self.root} answers"
+            )
+        log.error("%s; training goes on and the next checkpoint tries again", message)
+        return None
+
+    def _wait_for(self, pending: _Save) -> bool:
+        """Whether the save finished (with or without an error) before its deadline; logs while slow."""
+        while True:
+            left = pending.start + self.timeout - time.monotonic()
+            try:
+                pending.future.exception(timeout=max(0.0, min(left, self.slow_warning)))
+                return True
+            except FutureTimeout:
+                if time.monotonic() >= pending.start + self.timeout:
+                    return False
+                log.warning(
+                    "checkpoint %s: still saving after %.0f s (gives up after %.0f s)",
+                    pending.url,
+                    time.monotonic() - pending.start,
+                    self.timeout,
+                )
+
+    def latest_or_unknown(self) -> str:
+        try:
+            return self.latest() or "(none)"
+        except Exception:  # the storage that just failed may not answer this either
+            return "(unknown: the storage does not answer)"
 
     def close(self) -> None:
         """Finish the save in flight and stop the background thread."""
@@ -253,15 +377,38 @@ class CheckpointManager:
         return self._group
 
     def _write_and_commit(
-        self, url: str, step: int, state: dict[str, Any], info: dict[str, Any], group: Any, start: float
+        self,
+        url: str,
+        step: int,
+        state: dict[str, Any],
+        info: dict[str, Any],
+        group: Any,
+        start: float,
+        cancelled: threading.Event,
     ) -> None:
+        rank = dist.get_rank(group) if group is not None else 0
+        # every rank must take the same branch: rank 0 looks, all follow
+        done = [exists(join(url, COMMIT), self.options)] if rank == 0 else [None]
+        if group is not None:
+            dist.broadcast_object_list(done, src=0, group=group)
+        if done[0]:  # e.g. a job resumed at this step stops again
+            log.info("checkpoint %s exists already; not overwritten", url)
+            return
+        if rank == 0:
+            self._remove_debris(keep=url)
         try:
             dcp.save(state, storage_writer=self._writer(url), process_group=group)
         except CheckpointException as e:  # no marker is written: the previous checkpoint stays the latest
             causes = self._redact(
-                "; ".join(f"rank {rank}: {type(x).__name__}: {x}" for rank, x in e.failures.items())
+                "; ".join(f"rank {r}: {_describe_failure(x)}" for r, x in e.failures.items())
             )
-            raise CheckpointError(f"saving checkpoint {url} failed (it is not committed): {causes}") from e
+            if rank == 0:  # every rank has stopped writing (DCP gathered the failures): drop the part
+                with contextlib.suppress(Exception):
+                    if exists(url, self.options):
+                        remove(url, self.options, recursive=True)
+            raise CheckpointError(
+                f"saving checkpoint {url} failed (it is not committed): {causes}{self._space_note(e)}"
+            ) from e
         # each rank fingerprints the files it wrote; rank 0 records them all in the marker
         mine: dict[str, Any] | str
         try:
@@ -276,7 +423,7 @@ class CheckpointManager:
                 self._redact(f"saving checkpoint {url} failed (it is not committed): " + "; ".join(failed))
             )
         files = {name: record for part in gathered for name, record in part.items()}
-        if dist.get_rank(group) == 0:
+        if dist.get_rank(group) == 0 and not cancelled.is_set():
             marker = {
                 "step": step,
                 "world_size": dist.get_world_size(group),
@@ -290,6 +437,35 @@ class CheckpointManager:
             self._prune()
         dist.barrier(group=group)
         log.info("checkpoint %s saved in %.1f s", url, time.monotonic() - start)
+
+    def remove_debris(self) -> None:
+        """Delete uncommitted step folders left by saves that did not finish (call it on one rank, with
+        no save in flight, e.g. when a job starts)."""
+        self._remove_debris(keep="")
+
+    def _remove_debris(self, keep: str) -> None:
+        """Delete step folders without a commit marker (a save that died, an abandoned one), except
+        ``keep`` (the save starting now): they hold no usable checkpoint and only fill the storage."""
+        if not exists(self.root, self.options):
+            return
+        for name in list_dir(self.root, self.options):
+            if not _STEP_DIR.match(name.rstrip("/").rsplit("/", 1)[-1]) or name.rstrip("/") == keep:
+                continue
+            if not exists(join(name, COMMIT), self.options):
+                remove(name, self.options, recursive=True)
+                log.warning("removed the uncommitted checkpoint folder %s (a save that did not finish)", name)
+
+    def _space_note(self, error: BaseException) -> str:
+        """For a failed local save: whether the disk is full, and how much space is left."""
+        if is_remote(self.root):
+            return ""
+        try:
+            free = shutil.disk_usage(_existing_parent(self.root)).free
+        except OSError:
+            return ""
+        full = _mentions_enospc(error) or free < 16 * 2**20
+        prefix = "; No space left on device" if full else ""
+        return f"{prefix} ({self.root} has {free / 2**20:.1f} MiB free)"
 
     def _fingerprints(self, url: str, rank: int) -> dict[str, dict[str, Any]]:
         """Size and sha256 of the files ``rank`` wrote (DCP names them ``__<rank>_<n>.distcp``; rank 0
@@ -361,13 +537,21 @@ class CheckpointManager:
         self.verify(url, marker)
         if only:
             state = {key: value for key, value in state.items() if key in only}
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-load")
+        future = loader.submit(dcp.load, state, storage_reader=self._reader(url), planner=_SafeLoadPlanner())
+        loader.shutdown(wait=False)
         try:
-            dcp.load(state, storage_reader=self._reader(url), planner=_SafeLoadPlanner())
+            try:
+                future.result(timeout=self.timeout)
+            except FutureTimeout:
+                raise CheckpointError(
+                    f"loading checkpoint {url} did not finish within {self.timeout:.0f} s (storage not answering?)"
+                ) from None
         except CheckpointError:
             raise
         except CheckpointException as e:  # a BaseException: DCP's wrapper of every rank's failure
             causes = self._redact(
-                "; ".join(f"rank {rank}: {type(x).__name__}: {x}" for rank, x in e.failures.items())
+                "; ".join(f"rank {rank}: {_describe_failure(x)}" for rank, x in e.failures.items())
             )
             raise CheckpointError(f"loading checkpoint {url} failed: {causes}") from e
         except Exception as e:
@@ -395,7 +579,7 @@ class CheckpointManager:
         try:
             dcp.load(state, storage_reader=self._reader(url), planner=_SafeLoadPlanner(), no_dist=True)
         except CheckpointException as e:
-            causes = self._redact("; ".join(f"{type(x).__name__}: {x}" for x in e.failures.values()))
+            causes = self._redact("; ".join(_describe_failure(x) for x in e.failures.values()))
             raise CheckpointError(f"reading checkpoint {url} failed: {causes}") from e
         return state
 

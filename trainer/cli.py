@@ -7,6 +7,7 @@
     fmrl data prepare-synthetic-ctr OUT_URL [--rows 50000]      (DLRM; also convert-criteo, convert-obp)
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
     fmrl data convert-p5 OUT_URL --data-dir data/beauty [--images photos/beauty]
+    fmrl data convert-seqrec OUT_URL Beauty.txt [--attributes Beauty_item2attributes.json]
 
 OUT_URL is a local path or an s3:// URL (endpoint and credentials from the environment, docs/storage.md).
 """
@@ -45,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes", help="comma-separated nested sizes of an fMRL model, e.g. 16,64,128 (DLRM: leave out)"
     )
     export.add_argument("--out", help="where the export goes (local or s3://; default: <source>/export)")
+    export.add_argument(
+        "--features",
+        help="where the frozen feature tables are (default: the training config's data.features_url)",
+    )
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an export of another model in --out (sizes of the same model are always added)",
+    )
     features = commands.add_parser(
         "features", help="encode item text and images of a dataset into frozen feature tables"
     )
@@ -123,6 +133,17 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     )
     p5.add_argument("--images", help="folder of item images (needs item2img.json in --data-dir)")
 
+    seqrec = writers.add_parser(
+        "convert-seqrec",
+        help="the plain 'user item item ...' format of the SASRec/S3-Rec/LRURec releases (+ attributes)",
+    )
+    seqrec.add_argument("out_url")
+    seqrec.add_argument("sequences", help="text file, one user per line: user_id item_id item_id ...")
+    seqrec.add_argument(
+        "--attributes", help="JSON {item_id: [attribute_id, ...]} (S3-Rec's <name>_item2attributes.json)"
+    )
+    seqrec.add_argument("--name", help="data set name (default: the file name without extension)")
+
     # click-through-rate data for DLRM: label, dense features, hashed categorical features
     criteo = writers.add_parser(
         "convert-criteo", help="Criteo TSV logs (label, 13 integer, 26 hashed categorical features)"
@@ -153,7 +174,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         writer.add_argument("--test-fraction", type=float, default=0.1, help="the last rows")
         writer.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard")
 
-    for writer in (amazon, p5):
+    for writer in (amazon, p5, seqrec):
         writer.add_argument("--min-interactions", type=int, default=5, help="k of the k-core filter")
         writer.add_argument("--shard-size", type=int, default=1000)
         writer.add_argument(
@@ -194,6 +215,16 @@ def _run_data_command(args: argparse.Namespace) -> None:
             max_samples_per_shard=args.shard_size,
             min_interactions=args.min_interactions,
             on_error=args.on_error,
+        )
+    elif args.data_command == "convert-seqrec":
+        summary = converters.convert_seqrec(
+            args.out_url,
+            args.sequences,
+            attributes_path=args.attributes,
+            max_samples_per_shard=args.shard_size,
+            min_interactions=args.min_interactions,
+            on_error=args.on_error,
+            name=args.name,
         )
     elif args.data_command in ("convert-criteo", "prepare-synthetic-ctr", "convert-obp"):
         summary = _run_ctr_command(args)
@@ -277,15 +308,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "export":
         from data_pipeline.storage import StorageError, StorageOptions
+        from models.dlrm import DLRM
         from trainer.checkpoint import CheckpointError
-        from trainer.export import ExportError, export_model, load_model
+        from trainer.export import ExportError, export_model, item_catalog, load_model, source_config
 
         try:
             sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes else None
             options = StorageOptions.from_env()
-            model = load_model(args.source, options)
+            model = load_model(args.source, options, features=args.features)
             out = args.out or f"{args.source.rstrip('/')}/export"
-            manifest = export_model(model, out, sizes, options)
+            catalog = None
+            if not isinstance(model, DLRM):
+                data_url = source_config(args.source, options).data.path
+                try:  # the items' source ids and popularity come from the data set, when it is there
+                    catalog = item_catalog(data_url, options)
+                except (OSError, ValueError) as error:
+                    print(
+                        f"fmrl export: note: without item source ids and popularity ({data_url}: {error})",
+                        file=sys.stderr,
+                    )
+            manifest = export_model(model, out, sizes, options, catalog, overwrite=args.overwrite)
         except (CheckpointError, ExportError, StorageError, ValueError) as error:
             print(f"fmrl export: {error}", file=sys.stderr)
             return 2

@@ -29,6 +29,7 @@ from models.dlrm.config import DLRMConfig
 from models.fmrl.config import FMRLConfig
 
 __all__ = [
+    "PATH_KEYS",
     "TASKS",
     "Config",
     "ConfigError",
@@ -41,6 +42,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "with_absolute_paths",
 ]
 
 
@@ -250,12 +252,22 @@ class RunConfig:
     keep_checkpoints: int = 3
     """Complete checkpoints kept; older ones are deleted after each successful save (except the one
     holding the best weights so far, which a resumed run needs)."""
+    checkpoint_timeout: float = 600.0
+    """Seconds a checkpoint save (or load) may take. A save that takes longer (storage that stopped
+    answering) is abandoned, never committed, and training goes on, trying again at the next checkpoint;
+    a warning is logged every minute while a save is slow."""
+    checkpoint_max_abandoned: int = 3
+    """Abandoned saves in a row after which the job stops with an error."""
     async_checkpoint: bool = False
     """Write checkpoints in a background thread while training goes on (the state is first copied to
     CPU memory); a save finishes before the next one starts and before the run ends."""
     resume: str = ""
-    """"" starts fresh; "auto" continues from the newest complete checkpoint of this run (if any); a URL
-    continues from that checkpoint."""
+    """"" starts fresh; "auto" continues from the newest complete checkpoint of this run (if any; with no
+    run.name, of the newest run in out_dir trained with the same config); a URL continues from that
+    checkpoint."""
+    overwrite: bool = False
+    """Start afresh in a run folder that holds a run (its checkpoints, weights and exports are deleted);
+    without it such a folder is refused unless the run is resumed."""
     stop_after_steps: int = 0
     """End the job after this many steps in total (checkpoint, no final test), as a preempted or
     time-limited job would; the schedule is not changed. A job resumed at or past it stops at once,
@@ -274,6 +286,8 @@ class RunConfig:
         _at_least("run.log_every", self.log_every, 1)
         _at_least("run.checkpoint_every", self.checkpoint_every, 0)
         _at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
+        _positive("run.checkpoint_timeout", self.checkpoint_timeout)
+        _at_least("run.checkpoint_max_abandoned", self.checkpoint_max_abandoned, 1)
         _at_least("run.stop_after_steps", self.stop_after_steps, 0)
 
 
@@ -540,10 +554,30 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return _to_plain(cfg)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently, so half of a section would be ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"key {key!r} appears twice in one mapping (line {seen[key]} and line {line}): "
+                    "YAML would keep only the last one; merge them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
     except (OSError, UnicodeDecodeError) as exc:
@@ -573,6 +607,35 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     for override in overrides:
         _apply_override(data, override)
     return config_from_dict(data)
+
+
+PATH_KEYS = (
+    ("data", "path"),
+    ("data", "features"),
+    ("run", "out_dir"),
+    ("run", "checkpoint_dir"),
+    ("run", "stop_file"),
+    ("run", "resume"),
+)
+"""The config keys that hold file locations. Relative local paths among them mean: relative to the
+directory the command runs in (like any command-line tool); a run stores them absolute."""
+
+
+def with_absolute_paths(cfg: Config, base: str | None = None) -> Config:
+    """``cfg`` with every relative local path of :data:`PATH_KEYS` made absolute against ``base`` (default:
+    the current directory). URLs (``s3://...``), empty values and ``run.resume=auto`` stay as they are."""
+    base = os.path.abspath(base or os.getcwd())
+    sections: dict[str, dict[str, str]] = {}
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if not value or "://" in value or (section, key, value) == ("run", "resume", "auto"):
+            continue
+        if not os.path.isabs(value):
+            sections.setdefault(section, {})[key] = os.path.normpath(os.path.join(base, value))
+    changes = {
+        section: dataclasses.replace(getattr(cfg, section), **keys) for section, keys in sections.items()
+    }
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 class _Dumper(yaml.SafeDumper):

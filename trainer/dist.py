@@ -67,9 +67,19 @@ def distributed() -> Iterator[tuple[World, torch.device]]:
     try:
         yield world, device
     finally:
+        _injected_teardown_fault(world)
         dist.destroy_process_group()
         for name in added:  # a later run in this process picks a fresh port
             os.environ.pop(name, None)
+
+
+def _injected_teardown_fault(world: World) -> None:
+    """Test seam for a fault that cannot be caused on demand: ``FMRL_TEST_ABORT_AT_TEARDOWN=<rank>``
+    makes that rank abort (SIGABRT) as its teardown starts, as a native library that aborts at exit
+    does now and then (tests/integration/test_run_folder.py checks that a finished run's artefacts are
+    written before any rank may get there)."""
+    if os.environ.get("FMRL_TEST_ABORT_AT_TEARDOWN") == str(world.rank):
+        os.abort()
 
 
 def _restart_safe_agent_store(world: World) -> dist.Store | None:

@@ -27,8 +27,10 @@ model, tables included), ``config.json`` (its :class:`~models.dlrm.DLRMConfig`) 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +39,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from data_pipeline.features import load_feature_tables
-from data_pipeline.storage import StorageOptions, atomic_write, exists, is_remote, join, open_read
+from data_pipeline.storage import StorageOptions, atomic_write, exists, is_remote, join, open_read, remove
 from models.dlrm import DLRM, DLRMConfig, ids_to_kjt
 from models.fmrl import FMRLConfig, FMRLRec, LRUTrunk, slice_state_dict
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+"""2: export.json records each file's sha256, the model's fingerprint and the item catalog."""
 
 
 class ExportError(ValueError):
@@ -59,9 +62,11 @@ def _write(url: str, data: bytes, options: StorageOptions | None) -> int:
     return len(data)
 
 
-def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> FMRLRec | DLRM:
-    """The best model of a finished run: its config, the dataset's frozen features (fMRL) or its feature
-    list (DLRM), its weights."""
+def load_trained_model(
+    run_dir: str, options: StorageOptions | None = None, features: str | None = None
+) -> FMRLRec | DLRM:
+    """The best model of a finished run: its config, the dataset's frozen features (fMRL; ``features``
+    names another copy of them) or its feature list (DLRM), its weights."""
     from trainer.config import load_config
 
     config_path = os.path.join(run_dir, "config.yaml")
@@ -89,10 +94,10 @@ def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> F
     needs_features = cfg.model.use_text_features or cfg.model.use_image_features
     text, image, info = (None, None, None)
     if needs_features:
-        text, image, info = load_feature_tables(cfg.data.features_url, options)
+        text, image, info = load_feature_tables(features or cfg.data.features_url, options)
     weights = st_load(_read(weights_path, options))
     num_items = info["num_items"] if info else int(weights["item_tower.id_embedding.weight"].shape[0]) - 1
-    model = FMRLRec(cfg.model, num_items, text, image)
+    model = FMRLRec(cfg.model, num_items, text, image, _attribute_bags(cfg, options))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
@@ -103,7 +108,9 @@ def load_trained_model(run_dir: str, options: StorageOptions | None = None) -> F
     return model.eval()
 
 
-def load_checkpoint_model(url: str, options: StorageOptions | None = None) -> FMRLRec | DLRM:
+def load_checkpoint_model(
+    url: str, options: StorageOptions | None = None, features: str | None = None
+) -> FMRLRec | DLRM:
     """The model held by a sharded checkpoint (a ``step-N`` folder), or, for a checkpoint root, by the
     checkpoint that its newest complete one names as holding the best weights (else the newest)."""
     from sharding.fmrl import DenseFMRL
@@ -141,90 +148,381 @@ def load_checkpoint_model(url: str, options: StorageOptions | None = None) -> FM
         return _dlrm_with_weights(model_cfg, weights, url)
     text, image = None, None
     if cfg.model.use_text_features or cfg.model.use_image_features:
-        text, image, _ = load_feature_tables(cfg.data.features_url, options)
-    model = FMRLRec(cfg.model, int(marker["num_items"]), text, image)
+        text, image, _ = load_feature_tables(features or cfg.data.features_url, options)
+    model = FMRLRec(cfg.model, int(marker["num_items"]), text, image, _attribute_bags(cfg, options))
     dense = {k.removeprefix("dense."): v for k, v in state.items() if k.startswith("dense.")}
     DenseFMRL(model).load_state_dict(dense)  # strict: names the first key that does not fit
-    tables = [v for k, v in state.items() if k.startswith("tables.") and k.endswith(".weight")]
-    if cfg.model.use_id_embedding:
-        if len(tables) != 1:
-            raise ExportError(f"{url} should hold one ID table, found {len(tables)}")
-        with torch.no_grad():
-            model.item_tower.id_embedding.weight.copy_(tables[0])
+    tables = {
+        k.removeprefix("tables.").split(".", 1)[0]: v
+        for k, v in state.items()
+        if k.startswith("tables.") and k.endswith(".weight")
+    }
+    expected = {"id": cfg.model.use_id_embedding, "attribute": cfg.model.use_attributes}
+    wanted = sorted(name for name, used in expected.items() if used)
+    if sorted(tables) != wanted:
+        raise ExportError(f"{url} should hold the learnable tables {wanted}, found {sorted(tables)}")
+    with torch.no_grad():
+        for name, table in tables.items():
+            module = model.item_tower.id_embedding if name == "id" else model.item_tower.attributes
+            module.weight.copy_(table)
     return model.eval()
 
 
-def load_model(url: str, options: StorageOptions | None = None) -> FMRLRec | DLRM:
-    """A finished run folder (``config.yaml`` present) or a checkpoint: the model to export."""
-    if not is_remote(url) and os.path.exists(os.path.join(url, "config.yaml")):
-        return load_trained_model(url, options)
-    return load_checkpoint_model(url, options)
+def _attribute_bags(cfg: Any, options: StorageOptions | None) -> Any:
+    """The items' attribute bags from the run's data set, if its model has an attribute table."""
+    if not cfg.model.use_attributes:
+        return None
+    from data_pipeline.loader import SequenceDataset
+    from trainer.fmrl_task import open_attributes
+
+    try:
+        return open_attributes(SequenceDataset.open(cfg.data.path, options))
+    except (OSError, ValueError) as error:
+        raise ExportError(
+            f"the model's attribute table needs its data set's item attributes: {error}"
+        ) from error
+
+
+def load_model(
+    url: str, options: StorageOptions | None = None, features: str | None = None
+) -> FMRLRec | DLRM:
+    """A finished run folder (``config.yaml`` present) or a checkpoint: the model to export. ``features``
+    overrides where the frozen feature tables are read from (the config's ``data.features_url``)."""
+    if _is_run_folder(url):
+        return load_trained_model(url, options, features)
+    return load_checkpoint_model(url, options, features)
+
+
+def _is_run_folder(url: str) -> bool:
+    return not is_remote(url) and os.path.exists(os.path.join(url, "config.yaml"))
+
+
+def source_config(url: str, options: StorageOptions | None = None) -> Any:
+    """The training config of a run folder or checkpoint (what `fmrl export` reads it with)."""
+    from trainer.checkpoint import COMMIT, CheckpointManager
+    from trainer.config import config_from_dict, load_config
+
+    if _is_run_folder(url):
+        return load_config(os.path.join(url, "config.yaml"))
+    url = url.rstrip("/")
+    if not exists(join(url, COMMIT), options):
+        latest = CheckpointManager(url, options).latest()
+        if latest is None:
+            raise ExportError(f"{url} holds no complete checkpoint")
+        url = latest
+    marker = CheckpointManager(url.rsplit("/", 1)[0], options).marker(url)
+    return config_from_dict(marker["config"])
+
+
+@dataclass
+class ItemCatalog:
+    """What an export records about the items besides the model."""
+
+    source_ids: list[str]
+    """Per internal id (index), the item's id in the source data (ASIN, MovieLens id ...); [0] is ""."""
+    popularity: torch.Tensor
+    """(N + 1,) training interactions per item (index 0 is padding, 0): the answer for empty histories."""
+
+
+def item_catalog(dataset_url: str, options: StorageOptions | None = None) -> ItemCatalog:
+    """The catalog of a sequence data set: source ids from its item shards, popularity from the training
+    parts of its users."""
+    from data_pipeline.loader import SequenceDataset, read_item_source_ids, scan_users
+
+    dataset = SequenceDataset.open(dataset_url, options)
+    counts = torch.from_numpy(scan_users(dataset).train_item_counts.astype("float32"))
+    return ItemCatalog(read_item_source_ids(dataset), counts)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_fingerprint(model: FMRLRec) -> str:
+    """sha256 of what an fMRL export holds (trunk weights and the full item table): equal for two exports
+    of the same trained model, different otherwise."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        state = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
+        state["items"] = model.item_tower()
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(state[key].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_manifest(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
+    path = join(url, "export.json")
+    if not exists(path, options):
+        return None
+    try:
+        manifest = json.loads(_read(path, options))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sizes", {}), dict):
+        raise ExportError(f"{path} is not an export index")
+    return manifest
 
 
 @torch.no_grad()
 def export_sizes(
-    model: FMRLRec, out_url: str, sizes: list[int], options: StorageOptions | None = None
+    model: FMRLRec,
+    out_url: str,
+    sizes: list[int],
+    options: StorageOptions | None = None,
+    catalog: ItemCatalog | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a standalone model per size in ``sizes`` (each one of the model's nested sizes)."""
+    """Write a standalone model per size in ``sizes`` (each one of the model's nested sizes) into
+    ``out_url``, adding to an export of the same model that is there already (its other sizes stay
+    listed). An export of another model in ``out_url`` is refused unless ``overwrite``, which replaces it
+    as a whole. Every file is written under a name no reader uses yet and ``export.json`` (the index, with
+    each file's sha256) last, so a reader sees the old export or the new one, never a mixture; folders
+    the new index no longer names are deleted afterwards."""
     unknown = [m for m in sizes if m not in model.cfg.nested_sizes]
     if unknown:
         raise ExportError(f"sizes {unknown} are not nested sizes of this model ({model.cfg.nested_sizes})")
+    fingerprint = model_fingerprint(model)
+    existing = _read_manifest(out_url, options)
+    listed: dict[str, Any] = {}
+    if existing is not None:
+        same_model = existing.get("fingerprint") == fingerprint and existing.get("version") == EXPORT_VERSION
+        if same_model:
+            listed = dict(existing["sizes"])
+        elif not overwrite:
+            raise ExportError(
+                f"{out_url} holds an export of another model (sizes {sorted(map(int, existing['sizes']))}): "
+                "export to another folder (--out), or pass --overwrite to replace that export"
+            )
+    used_folders = {entry["folder"] for entry in (existing or {}).get("sizes", {}).values()}
     state = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
     items = model.item_tower()  # (N + 1, D)
-    manifest: dict[str, Any] = {"version": EXPORT_VERSION, "num_items": model.num_items, "sizes": {}}
-    for m in sorted(sizes):
-        folder = join(out_url, f"size-{m}")
-        sliced = slice_state_dict(state, m)
+    manifest: dict[str, Any] = {
+        "version": EXPORT_VERSION,
+        "num_items": model.num_items,
+        "fingerprint": fingerprint,
+        "sizes": listed,
+    }
+    for m in sorted(set(sizes)):
+        if str(m) in listed:
+            continue  # the same model's size m is there already: identical files
+        folder = f"size-{m}"
+        if folder in used_folders:  # replaced: new files under a new name, the old folder goes after
+            folder = f"size-{m}-{fingerprint[:12]}"
         sub_cfg = dataclasses.replace(model.cfg, nested_sizes=[s for s in model.cfg.nested_sizes if s <= m])
-        written = _write(join(folder, "model.safetensors"), st_save(sliced), options)
-        written += _write(
-            join(folder, "items.safetensors"), st_save({"items": items[:, :m].contiguous()}), options
-        )
         config = {"model": dataclasses.asdict(sub_cfg), "num_items": model.num_items, "size": m}
-        written += _write(join(folder, "config.json"), json.dumps(config, indent=1).encode(), options)
-        manifest["sizes"][str(m)] = {"folder": f"size-{m}", "bytes": written}
-    _write(join(out_url, "export.json"), json.dumps(manifest, indent=1).encode(), options)  # last
+        files = {
+            "model.safetensors": st_save(slice_state_dict(state, m)),
+            "items.safetensors": st_save({"items": items[:, :m].contiguous()}),
+            "config.json": json.dumps(config, indent=1).encode(),
+        }
+        written = sum(_write(join(out_url, folder, name), data, options) for name, data in files.items())
+        listed[str(m)] = {
+            "folder": folder,
+            "bytes": written,
+            "sha256": {name: _sha256(data) for name, data in files.items()},
+        }
+    if catalog is not None:
+        if len(catalog.source_ids) != model.num_items + 1 or tuple(catalog.popularity.shape) != (
+            model.num_items + 1,
+        ):
+            raise ExportError(
+                f"the item catalog covers {len(catalog.source_ids) - 1} items, the model {model.num_items}"
+            )
+        files = {
+            "item_ids.json": json.dumps(catalog.source_ids).encode(),
+            "popularity.safetensors": st_save({"popularity": catalog.popularity.float().contiguous()}),
+        }
+        for name, data in files.items():
+            _write(join(out_url, name), data, options)
+        manifest["catalog"] = {name: _sha256(data) for name, data in files.items()}
+    elif existing is not None and "catalog" in existing and existing.get("fingerprint") == fingerprint:
+        manifest["catalog"] = existing["catalog"]
+    _write(join(out_url, "export.json"), json.dumps(manifest, indent=1).encode(), options)  # the commit
+    stale = used_folders - {entry["folder"] for entry in listed.values()}
+    for folder in sorted(stale):
+        remove(join(out_url, folder), options, recursive=True)
     return manifest
 
 
 @dataclass
 class Recommender:
-    """A size-m model: LRU trunk of width m and the (N + 1, m) item table (row 0 is padding)."""
+    """A size-m model: LRU trunk of width m and the (N + 1, m) item table (row 0 is padding).
+
+    Histories are item ids 1..N, oldest first. :meth:`recommend` and :meth:`scores` take either a list of
+    histories (any lengths, padded here) or a (B, L) integer tensor left-padded with 0 (padding first,
+    as the model was trained). An empty history has nothing to go on: it gets the most popular items of
+    the training data (when the export records them). Example::
+
+        rec = load_recommender("runs/demo/export", size=64)
+        scores, ids = rec.recommend([[12, 7, 301], [5]], k=10)       # (2, 10) each, history excluded
+        rec.source_ids(ids)                                          # the items' ids in the source data
+    """
 
     size: int
     trunk: LRUTrunk
     items: torch.Tensor
+    item_ids: list[str] | None = None
+    """Source id per internal id (index 0 is padding), if the export records them."""
+    popularity: torch.Tensor | None = None
+    """(N + 1,) training interactions per item, if the export records them."""
+
+    @property
+    def num_items(self) -> int:
+        return self.items.shape[0] - 1
+
+    def as_batch(self, histories: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, L) left-padded int64 ids from ``histories`` (checked: ids in 1..N, padding on the left)."""
+        n = self.num_items
+        if isinstance(histories, torch.Tensor):
+            if histories.ndim != 2 or histories.dtype.is_floating_point or histories.dtype == torch.bool:
+                raise ValueError(
+                    f"histories must be a (batch, length) integer tensor, got {histories.dtype} of shape "
+                    f"{tuple(histories.shape)}"
+                )
+            tokens = histories.long()
+            bad = (tokens < 0) | (tokens > n)
+            if bool(bad.any()):
+                row, col = (int(v) for v in bad.nonzero()[0])
+                raise ValueError(
+                    f"histories[{row}, {col}] = {int(tokens[row, col])}: item ids are 1..{n} (0 is padding)"
+                )
+            real = tokens > 0
+            # left padding: once a row has a real item, no padding follows
+            right_padded = (real.int().cummax(dim=1).values.bool() & ~real).any(dim=1)
+            if bool(right_padded.any()):
+                row = int(right_padded.nonzero()[0])
+                raise ValueError(
+                    f"histories row {row} has padding (0) after an item: pad on the left (0s first, the most "
+                    "recent item last), or pass the histories as lists of ids"
+                )
+            return tokens
+        rows = []
+        for index, history in enumerate(histories):
+            if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+                raise ValueError(
+                    f"histories[{index}] must be a sequence of item ids, got {type(history).__name__}"
+                )
+            for value in history:
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
+                    raise ValueError(f"histories[{index}] holds {value!r}: item ids are integers in 1..{n}")
+            rows.append(list(history))
+        width = max((len(r) for r in rows), default=0)
+        tokens = torch.zeros(len(rows), max(width, 1), dtype=torch.int64)
+        for index, row in enumerate(rows):
+            if row:
+                tokens[index, -len(row) :] = torch.tensor(row)
+        return tokens
 
     @torch.no_grad()
-    def scores(self, histories: torch.Tensor) -> torch.Tensor:
-        """(B, L) left-padded item-id histories -> (B, N) scores of items 1..N."""
-        hidden = self.trunk(self.items[histories], histories > 0)  # (B, L, m)
-        return hidden[:, -1] @ self.items[1:].T
+    def scores(self, histories: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, N) scores of items 1..N for each history (see :meth:`as_batch`). Rows with an empty history
+        get the items' training popularity instead."""
+        tokens = self.as_batch(histories)
+        hidden = self.trunk(self.items[tokens], tokens > 0)  # (B, L, m)
+        scores = hidden[:, -1] @ self.items[1:].T  # (B, N)
+        empty = ~(tokens > 0).any(dim=1)
+        if bool(empty.any()):
+            if self.popularity is None:
+                raise ValueError(
+                    f"histories row {int(empty.nonzero()[0])} is empty and this export records no item "
+                    "popularity to fall back on: give at least one item"
+                )
+            scores[empty] = self.popularity[1:].to(scores.dtype)
+        return scores
 
     @torch.no_grad()
-    def recommend(self, histories: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, item ids 1..N), each (B, k)."""
-        values, index = torch.topk(self.scores(histories), k, dim=1)
+    def recommend(
+        self, histories: torch.Tensor | Sequence[Sequence[int]], k: int = 10, exclude_history: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, item ids 1..N), each (B, k). The items of each history are left out unless
+        ``exclude_history=False``."""
+        tokens = self.as_batch(histories)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
+            raise ValueError(f"k must be an integer in 1..{self.num_items} (the number of items), got {k!r}")
+        scores = self.scores(tokens)
+        if exclude_history:
+            seen = torch.zeros(scores.shape[0], self.num_items + 1, dtype=torch.bool)
+            seen.scatter_(1, tokens, True)
+            seen = seen[:, 1:]  # (B, N); column 0 was padding
+            left = self.num_items - int(seen.sum(dim=1).max())
+            if k > left:
+                raise ValueError(
+                    f"k = {k} but a history covers all but {left} of the {self.num_items} items: ask for at "
+                    "most that many, or pass exclude_history=False"
+                )
+            scores = scores.masked_fill(seen, float("-inf"))
+        values, index = torch.topk(scores, k, dim=1)
         return values, index + 1
+
+    def source_ids(self, ids: torch.Tensor) -> list[list[str]]:
+        """The source-data ids of internal item ids ``ids`` (B, k), e.g. of :meth:`recommend`'s answer."""
+        if self.item_ids is None:
+            raise ValueError("this export records no source ids (it was written without its data set)")
+        return [[self.item_ids[int(i)] for i in row] for row in ids]
+
+
+def _verified(url: str, expected: str | None, options: StorageOptions | None) -> bytes:
+    data = _read(url, options)
+    if expected is not None and _sha256(data) != expected:
+        raise ExportError(f"{url} does not match the sha256 in export.json: it was changed or damaged")
+    return data
 
 
 def load_recommender(url: str, size: int, options: StorageOptions | None = None) -> Recommender:
-    """Load the size-``size`` model of an export (safetensors and JSON only)."""
-    manifest = json.loads(_read(join(url, "export.json"), options))
+    """Load the size-``size`` model of an export (safetensors and JSON only; every file checked against
+    the sha256 that export.json records)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ExportError(
+            f"size must be an int (one of the exported sizes), got {size!r} ({type(size).__name__})"
+        )
+    manifest = _read_manifest(url, options)
+    if manifest is None:
+        raise ExportError(f"{url} has no export.json: not an export (write one with `fmrl export`)")
+    if manifest.get("task") == "dlrm":
+        raise ExportError(f"{url} is a DLRM export: use load_click_model")
     if str(size) not in manifest["sizes"]:
         raise ExportError(f"{url} has sizes {sorted(map(int, manifest['sizes']))}, not {size}")
-    folder = join(url, manifest["sizes"][str(size)]["folder"])
-    config = json.loads(_read(join(folder, "config.json"), options))
-    cfg = FMRLConfig(**config["model"])
-    trunk = LRUTrunk(cfg)
-    weights = st_load(_read(join(folder, "model.safetensors"), options))
-    trunk.load_state_dict({k.removeprefix("trunk."): v for k, v in weights.items()})
-    items = st_load(_read(join(folder, "items.safetensors"), options))["items"]
-    if tuple(items.shape) != (config["num_items"] + 1, size):
+    entry = manifest["sizes"][str(size)]
+    folder = join(url, entry["folder"])
+    hashes = entry.get("sha256", {})
+    config_url = join(folder, "config.json")
+    config = json.loads(_verified(config_url, hashes.get("config.json"), options))
+    try:
+        cfg = FMRLConfig(**config["model"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise ExportError(f"{config_url}: not a model config of this version ({error})") from error
+    if (
+        config.get("size") != size
+        or cfg.nested_sizes[-1] != size
+        or config.get("num_items") != manifest["num_items"]
+    ):
         raise ExportError(
-            f"{folder}/items.safetensors has shape {tuple(items.shape)}, expected ({config['num_items'] + 1}, {size})"
+            f"{config_url} describes size {config.get('size')} (nested sizes {cfg.nested_sizes}) and "
+            f"{config.get('num_items')} items; export.json lists it as size {size} of {manifest['num_items']} items"
         )
-    return Recommender(size, trunk.eval(), items)
+    weights_url = join(folder, "model.safetensors")
+    weights = st_load(_verified(weights_url, hashes.get("model.safetensors"), options))
+    trunk = LRUTrunk(cfg)
+    try:
+        trunk.load_state_dict({k.removeprefix("trunk."): v for k, v in weights.items()})
+    except (RuntimeError, ValueError) as error:
+        raise ExportError(f"{weights_url} does not fit {config_url}: {error}") from error
+    items_url = join(folder, "items.safetensors")
+    items = st_load(_verified(items_url, hashes.get("items.safetensors"), options))["items"]
+    if tuple(items.shape) != (manifest["num_items"] + 1, size):
+        raise ExportError(
+            f"{items_url} has shape {tuple(items.shape)}, expected ({manifest['num_items'] + 1}, {size})"
+        )
+    item_ids = popularity = None
+    catalog = manifest.get("catalog")
+    if catalog:
+        item_ids = json.loads(_verified(join(url, "item_ids.json"), catalog["item_ids.json"], options))
+        popularity_data = _verified(
+            join(url, "popularity.safetensors"), catalog["popularity.safetensors"], options
+        )
+        popularity = st_load(popularity_data)["popularity"]
+    return Recommender(size, trunk.eval(), items, item_ids, popularity)
 
 
 # ------------------------------------------------------------------------------------------------ DLRM
@@ -289,7 +587,12 @@ def load_click_model(url: str, options: StorageOptions | None = None) -> ClickMo
 
 
 def export_model(
-    model: FMRLRec | DLRM, out_url: str, sizes: list[int] | None, options: StorageOptions | None = None
+    model: FMRLRec | DLRM,
+    out_url: str,
+    sizes: list[int] | None,
+    options: StorageOptions | None = None,
+    catalog: ItemCatalog | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export any trained model: fMRL at ``sizes`` (required), DLRM whole (``sizes`` must be None)."""
     if isinstance(model, DLRM):
@@ -298,4 +601,4 @@ def export_model(
         return export_dlrm(model, out_url, options)
     if not sizes:
         raise ExportError(f"name the nested sizes to export (--sizes), some of {model.cfg.nested_sizes}")
-    return export_sizes(model, out_url, sizes, options)
+    return export_sizes(model, out_url, sizes, options, catalog, overwrite)

@@ -19,16 +19,29 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.features import load_feature_tables
-from data_pipeline.loader import SequenceDataset, TrainLoader, scan_users
+from data_pipeline.loader import (
+    SequenceDataset,
+    TrainLoader,
+    read_item_attributes,
+    read_item_source_ids,
+    scan_users,
+)
 from data_pipeline.sequences import TrainBatch
 from data_pipeline.storage import StorageOptions
-from models.fmrl import FMRLRec, NegativeSampler, candidate_set, matryoshka_loss, sampled_matryoshka_loss
+from models.fmrl import (
+    AttributeBags,
+    FMRLRec,
+    NegativeSampler,
+    candidate_set,
+    matryoshka_loss,
+    sampled_matryoshka_loss,
+)
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from sharding.world import World
 from trainer.config import Config, DataConfig
 from trainer.dist import all_reduce_sum
 from trainer.evaluate import evaluate, evaluate_popularity
-from trainer.export import export_model, load_trained_model
+from trainer.export import ItemCatalog, export_model, load_trained_model
 from trainer.report import format_size_table, save_size_plot
 from trainer.train import RunResult, TrainingTask, dense_settings, total_training_steps, write_json
 
@@ -57,6 +70,14 @@ def open_features(
         info.get("image_model"),
     )
     return text, image
+
+
+def open_attributes(dataset: SequenceDataset, needed: bool = True) -> AttributeBags | None:
+    """The items' attribute bags of the data set (None if the model has no attribute table)."""
+    if not needed:
+        return None
+    bags = read_item_attributes(dataset)
+    return AttributeBags(torch.from_numpy(bags.offsets), torch.from_numpy(bags.values), bags.num_attributes)
 
 
 def resolve_loss(kind: str, num_items: int, full_max: int) -> str:
@@ -146,10 +167,11 @@ class FMRLTask(TrainingTask):
             num_workers=cfg.data.num_workers,
             prefetch_factor=cfg.data.prefetch_factor,
         )
-        model = FMRLRec(cfg.model, dataset.num_items, text_features, image_features)
+        attribute_bags = open_attributes(dataset, cfg.model.use_attributes)
+        model = FMRLRec(cfg.model, dataset.num_items, text_features, image_features, attribute_bags)
         del text_features, image_features
         self.sizes, self.largest = list(cfg.model.nested_sizes), cfg.model.nested_sizes[-1]
-        trainable = model.num_parameters()
+        trainable = self.trainable_parameters = model.num_parameters()
         self.total_steps = total_training_steps(self.loader, cfg.train)
         self.parallel = parallelize_from_config(model, cfg, total_steps=self.total_steps, device=device)
         loss_kind = resolve_loss(cfg.train.loss, dataset.num_items, cfg.train.full_softmax_max_items)
@@ -257,7 +279,10 @@ class FMRLTask(TrainingTask):
         write_json(
             {
                 "best_epoch": result.best_epoch,
+                "epochs": result.epochs,
                 "steps": result.steps,
+                "train_seconds": result.train_seconds,
+                "trainable_parameters": self.trainable_parameters,
                 "train_losses": result.train_losses,
                 "test": {str(k): v for k, v in result.test_metrics.items()},
                 "valid": {str(k): v for k, v in result.valid_metrics.items()},
@@ -280,8 +305,12 @@ class FMRLTask(TrainingTask):
         print(f"plot: {plot}\nrun directory: {result.run_dir}")
         if self.cfg.run.export:
             out = os.path.join(result.run_dir, "export")
+            catalog = ItemCatalog(
+                read_item_source_ids(self.dataset),
+                torch.from_numpy(self.stats.train_item_counts.astype(np.float32)),
+            )
             manifest = export_model(
-                load_trained_model(result.run_dir, self.options), out, self.sizes, self.options
+                load_trained_model(result.run_dir, self.options), out, self.sizes, self.options, catalog
             )
             total = sum(entry["bytes"] for entry in manifest["sizes"].values())
             print(f"export: sizes {self.sizes} ({total / 2**20:.1f} MiB) in {out}")

@@ -35,6 +35,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +50,10 @@ from data_pipeline.storage import StorageOptions
 from sharding.fmrl import ParallelModel
 from sharding.world import World, set_cpu_threads
 from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.config import Config, DataConfig, TrainConfig, config_to_dict, dump_config
+from trainer.config import Config, DataConfig, TrainConfig, config_to_dict, dump_config, with_absolute_paths
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
 from trainer.preemption import StopRequest
+from trainer.run_folder import RunFolderError, RunLease, choose_run_folder, empty_folder
 
 log = logging.getLogger("fmrl")
 
@@ -63,6 +65,8 @@ Metrics = Any
 class RunResult:
     run_dir: str
     best_epoch: int = 0
+    epochs: int = 0
+    """Epochs trained (the last one may have been cut short by train.max_steps)."""
     steps: int = 0
     train_losses: list[float] = field(default_factory=list)
     """Loss of every optimizer step (the mean over all ranks' loss terms), in order."""
@@ -178,15 +182,39 @@ def storage_options(cfg: DataConfig) -> StorageOptions:
     return options
 
 
-def make_run_dir(out_dir: str, name: str) -> str:
-    """The run directory; rank 0 picks the name (a timestamp if empty) and every rank gets the same."""
-    if "://" in out_dir:
-        raise ValueError(f"run.out_dir must be a local path for now, got {out_dir!r}")
-    name = str(broadcast_object(name or time.strftime("fmrl-%Y%m%d-%H%M%S")))
-    run_dir = os.path.join(out_dir, name)
-    if dist.get_rank() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-    return run_dir
+@contextlib.contextmanager
+def run_folder(cfg: Config, world: World, options: StorageOptions) -> Iterator[str]:
+    """The run directory of this job (trainer/run_folder.py), the same on every rank, leased by rank 0
+    for the duration of the block. A folder this job created and left empty (a failed start) is removed
+    again. Collective."""
+    lease, created, folder, error = None, False, "", ""
+    if world.rank == 0:
+        try:
+            folder, overwrite = choose_run_folder(
+                cfg.run.out_dir, cfg.run.name, cfg.run.resume, cfg.run.overwrite, config_to_dict(cfg)
+            )
+            created = not os.path.exists(folder)
+            os.makedirs(folder, exist_ok=True)
+            locations = [folder] + ([cfg.run.checkpoint_dir] if cfg.run.checkpoint_dir else [])
+            lease = RunLease(locations, options)
+            lease.acquire()
+            if overwrite:
+                log.warning("run.overwrite: deleting the earlier run in %s", folder)
+                empty_folder(folder)
+        except RunFolderError as exc:
+            error = str(exc)
+    folder, error = broadcast_object((folder, error))  # type: ignore[misc]
+    if error:
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
+        raise RunFolderError(error)
+    try:
+        yield folder
+    finally:
+        if lease is not None:
+            lease.release()
+        if created and world.rank == 0 and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)  # nothing was written: the start failed
 
 
 def total_training_steps(loader: ShardBatchLoader, cfg: TrainConfig) -> int:
@@ -217,18 +245,26 @@ def dense_settings(cfg: Config, *, total_steps: int, device: torch.device) -> di
 
 def train(cfg: Config) -> RunResult:
     """Train the model of ``cfg.task``, early-stop on its validation score, test the best model, write the
-    report. Runs as one rank of a torchrun job, or as a job of one rank in a plain process."""
+    report. Runs as one rank of a torchrun job, or as a job of one rank in a plain process. Relative
+    paths in ``cfg`` are taken from the current directory; the run records them absolute."""
+    cfg = with_absolute_paths(cfg)
     with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
-        return _train(cfg, world, device, stop_request)
+        options = storage_options(cfg.data)
+        with run_folder(cfg, world, options) as run_dir:
+            return _train(cfg, world, device, stop_request, run_dir, options)
 
 
-def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRequest) -> RunResult:
+def _train(
+    cfg: Config,
+    world: World,
+    device: torch.device,
+    stop_request: StopRequest,
+    run_dir: str,
+    options: StorageOptions,
+) -> RunResult:
     main = world.rank == 0
     seed_everything(cfg.train.seed)  # the same initial model on every rank
     threads = set_cpu_threads(cfg.train.num_threads, world)
-    run_dir = make_run_dir(cfg.run.out_dir, cfg.run.name)
-    if main:
-        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
     log.info(
         "rank %d/%d on %s, %d CPU threads, run directory %s",
         world.rank,
@@ -237,17 +273,9 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
         threads,
         run_dir,
     )
-    options = storage_options(cfg.data)
     task = task_class(cfg.task)(cfg, world, device, options)
     parallel, loader = task.parallel, task.loader
-    if main:
-        with open(os.path.join(run_dir, "sharding_plan.txt"), "w") as f:
-            f.write(str(parallel.sparse.plan) + "\n")
     writer = None
-    if cfg.run.tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def log_scalars(scalars: dict[str, float], step: int) -> None:
         if writer is not None:
@@ -257,8 +285,14 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
     result = RunResult(run_dir=run_dir)
     progress = Progress()
     checkpoints = CheckpointManager(
-        cfg.run.checkpoint_dir or os.path.join(run_dir, "checkpoints"), options, cfg.run.keep_checkpoints
+        cfg.run.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
+        options,
+        cfg.run.keep_checkpoints,
+        timeout=cfg.run.checkpoint_timeout,
+        max_abandoned=cfg.run.checkpoint_max_abandoned,
     )
+    if main:  # a save that died with an earlier job left a folder without a marker: it only takes space
+        checkpoints.remove_debris()
     identity = {"config": config_to_dict(cfg), **task.identity}
 
     def save_checkpoint() -> None:
@@ -275,6 +309,16 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
         best_state = restore_training_state(checkpoints, resume_url, identity, task, result, progress, world)
         if main:
             log.info("resumed from %s at step %d (epoch %d)", resume_url, result.steps, loader.epoch + 1)
+    elif cfg.run.resume == "auto" and main:
+        log.info("run.resume=auto: no complete checkpoint in %s, starting afresh", checkpoints.root)
+    if main:  # written once the data, the model and the checkpoint to resume from were accepted
+        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+        with open(os.path.join(run_dir, "sharding_plan.txt"), "w") as f:
+            f.write(str(parallel.sparse.plan) + "\n")
+        if cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
     if best_state is None:
         best_state = parallel.snapshot()
     keys_log = (
@@ -371,6 +415,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
 
         epoch_seconds = time.perf_counter() - epoch_start
         result.train_seconds += epoch_seconds
+        result.epochs = epoch
         valid = task.evaluate("valid")
         log_scalars(task.scalars("valid", valid), result.steps)
         score = task.score(valid)
@@ -425,8 +470,14 @@ def _train(cfg: Config, world: World, device: torch.device, stop_request: StopRe
         result.steps / max(result.train_seconds, 1e-9),
         result.peak_rss_mib,
     )
-    if main:
-        task.report(result)
+    try:
+        if main:
+            task.report(result)
+    finally:
+        # no rank starts its teardown (destroying the process group, exiting) before rank 0 has written
+        # the report, the weights' export and the plot: a peer that dies in its teardown makes torchrun
+        # kill every worker, which must not cut a finished run's artefacts short
+        dist.barrier()
     return result
 
 
@@ -448,6 +499,7 @@ def training_state(
         "steps": result.steps,
         "train_losses": result.train_losses,
         "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
         "valid_metrics": result.valid_metrics,
         "train_seconds": result.train_seconds,
         "best_score": progress.best_score,
@@ -513,6 +565,7 @@ def restore_training_state(
         )
     result.steps, result.train_losses = run["steps"], run["train_losses"]
     result.best_epoch, result.train_seconds = run["best_epoch"], run["train_seconds"]
+    result.epochs = run.get("epochs", 0)
     result.valid_metrics = task.metrics_from_json(run["valid_metrics"])
     progress.best_score, progress.epochs_without_gain = run["best_score"], run["epochs_without_gain"]
     progress.best_step = run.get("best_step", 0)

@@ -30,6 +30,9 @@ class FMRLConfig:
     """Smallest eigenvalue modulus |lambda| of the ring initialisation."""
     r_max: float = 0.1
     """Largest eigenvalue modulus |lambda| of the ring initialisation (fMRLRec uses r_min + 0.1)."""
+    complex_init: str = "real"
+    """Initial complex B and C maps of the LRU: "real" (imaginary parts zero, as the official code) or
+    "random" (imaginary parts drawn like the real parts)."""
     use_text_features: bool = True
     """Feed the frozen text-feature table into the item tower (if the data has one)."""
     use_image_features: bool = True
@@ -38,6 +41,12 @@ class FMRLConfig:
     """Add a learnable item-ID table (the paper's full model has none; its ablation uses one alone)."""
     id_embedding_dim: int = 0
     """Width of the learnable ID table, an input of the projector like the feature tables; 0 means D."""
+    use_attributes: bool = False
+    """Add a learnable item-attribute table (brand, category ... ids, mean-pooled per item), an input of the
+    projector like the other tables; needs a data set with attributes (`fmrl data convert-seqrec
+    --attributes`)."""
+    attribute_embedding_dim: int = 0
+    """Width of the attribute table; 0 means D."""
     loss_chunk_mb: int = 64
     """Memory budget of one chunk of the fused Matryoshka cross-entropy, in MiB of fp32 scores."""
 
@@ -59,8 +68,14 @@ class FMRLConfig:
             raise ValueError(
                 f"r_min and r_max must satisfy 0 <= r_min < r_max <= 1, got {self.r_min}, {self.r_max}"
             )
+        if self.complex_init not in ("real", "random"):
+            raise ValueError(f"complex_init must be 'real' or 'random', got {self.complex_init!r}")
         if self.id_embedding_dim < 0:
             raise ValueError(f"id_embedding_dim must be >= 0 (0 means D), got {self.id_embedding_dim}")
+        if self.attribute_embedding_dim < 0:
+            raise ValueError(
+                f"attribute_embedding_dim must be >= 0 (0 means D), got {self.attribute_embedding_dim}"
+            )
         if self.loss_chunk_mb < 1:
             raise ValueError(f"loss_chunk_mb must be >= 1, got {self.loss_chunk_mb}")
 

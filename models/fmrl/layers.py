@@ -103,6 +103,14 @@ def _split_dense_weight_on_load(module: NestedLinear, state_dict: dict, prefix: 
     dim = module.sizes[-1]
     if tuple(dense.shape) != (dim, dim):
         raise ValueError(f"{prefix}weight: expected shape ({dim}, {dim}), got {tuple(dense.shape)}")
+    # a plain tensor (an export, a full state dict) is checked; DTensor shards (FSDP2 loading a sharded
+    # checkpoint) come from this project's own training state and would need a collective to check
+    plain = type(dense) is torch.Tensor or isinstance(dense, nn.Parameter)
+    if plain and bool((dense.detach() * (1 - nested_mask(module.sizes).to(dense.device, dense.dtype))).any()):
+        raise ValueError(
+            f"{prefix}weight has non-zero entries outside the nested blocks of sizes {module.sizes}: "
+            "it was trained with other nested sizes"
+        )
     for i, piece in enumerate(split_nested_weight(dense, module.groups)):
         state_dict[f"{prefix}weight_parts.{i}"] = piece
 
@@ -134,10 +142,18 @@ class LRULayer(nn.Module):
     nu, theta and gamma are stored in log space. Ring initialisation draws |lambda| uniformly on the
     annulus r_min <= |lambda| <= r_max and sets gamma = sqrt(1 - |lambda|^2). The paper's D term is omitted
     (the block's residual plays its role). x: (B, L, D), mask: (B, L) -> (B, L, D).
+
+    ``complex_init`` "real" starts B and C real (imaginary weights and bias zero), as the official code
+    does by casting a real ``nn.Linear`` to complex; "random" draws the imaginary parts like the real ones.
     """
 
-    def __init__(self, sizes: Sequence[int], r_min: float, r_max: float, dropout: float) -> None:
+    def __init__(
+        self, sizes: Sequence[int], r_min: float, r_max: float, dropout: float, complex_init: str = "real"
+    ) -> None:
         super().__init__()
+        if complex_init not in ("real", "random"):
+            raise ValueError(f"complex_init must be 'real' or 'random', got {complex_init!r}")
+        self.complex_init = complex_init
         self.sizes = list(sizes)
         dim = self.sizes[-1]
         self.nu_log = nn.Parameter(torch.empty(dim))
@@ -161,6 +177,12 @@ class LRULayer(nn.Module):
             self.nu_log.copy_(torch.log(-0.5 * torch.log(radius_sq)))
             self.theta_log.copy_(torch.log(2 * math.pi * u2.clamp(min=1e-7)))
             self.gamma_log.copy_(torch.log(torch.sqrt(1 - radius_sq)))
+            if self.complex_init == "real":
+                for imaginary in (self.in_im, self.out_im):
+                    for part in imaginary.weight_parts:
+                        part.zero_()
+                    if imaginary.bias is not None:
+                        imaginary.bias.zero_()
 
     def eigenvalue_moduli(self) -> torch.Tensor:
         """|lambda| per channel, (D,)."""
@@ -193,10 +215,18 @@ class GatedFeedForward(nn.Module):
 class LRUBlock(nn.Module):
     """Pre-norm block with two residuals: h = x + LRU(LN(x)); out = h + FFN(LN(h)). (B, L, D) -> (B, L, D)."""
 
-    def __init__(self, sizes: Sequence[int], r_min: float, r_max: float, dropout: float, attn_dropout: float):
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        r_min: float,
+        r_max: float,
+        dropout: float,
+        attn_dropout: float,
+        complex_init: str = "real",
+    ):
         super().__init__()
         self.lru_norm = ChunkedLayerNorm(sizes)
-        self.lru = LRULayer(sizes, r_min, r_max, attn_dropout)
+        self.lru = LRULayer(sizes, r_min, r_max, attn_dropout, complex_init)
         self.ffn_norm = ChunkedLayerNorm(sizes)
         self.ffn = GatedFeedForward(sizes, dropout)
 

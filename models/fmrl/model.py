@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,11 +43,34 @@ def project_features(projector: nn.Linear, features: list[torch.Tensor]) -> torc
     return out
 
 
+@dataclass(frozen=True)
+class AttributeBags:
+    """Every item's attribute ids as bags in CSR form: item i's are ``values[offsets[i]:offsets[i + 1]]``,
+    ids in 1..num_attributes (0 is unused); row 0 (padding) has none. offsets: (N + 2,), values: (nnz,)."""
+
+    offsets: torch.Tensor
+    values: torch.Tensor
+    num_attributes: int
+
+    def select(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bags of ``ids`` (U,): their concatenated attribute ids (nnz_U,) and lengths (U,)."""
+        starts = self.offsets[ids]
+        lengths = self.offsets[ids + 1] - starts  # (U,)
+        # position j of the output is element (j - first output position of its bag) of its bag
+        bag_starts = torch.cumsum(lengths, 0) - lengths
+        index = torch.arange(int(lengths.sum()), device=ids.device) + torch.repeat_interleave(
+            starts - bag_starts, lengths
+        )
+        return self.values[index], lengths
+
+
 class ItemTower(nn.Module):
-    """Item representations E = projector([text ; image ; id]) for all N+1 ids, (N+1, D).
+    """Item representations E = projector([text ; image ; id ; attributes]) for all N+1 ids, (N+1, D).
 
     The text and image tables are frozen feature tables (either may be absent); the optional ID table is
-    learnable. Row 0 of every table is zero (padding), so E[0] is the projector bias.
+    learnable, and so is the optional attribute table, whose rows are mean-pooled over each item's
+    attribute bag (an item without attributes gets zeros). Row 0 of every table is zero (padding), so
+    E[0] is the projector bias.
     """
 
     def __init__(
@@ -56,8 +80,10 @@ class ItemTower(nn.Module):
         text_features: torch.Tensor | None,
         image_features: torch.Tensor | None,
         id_embedding_dim: int,
+        attribute_bags: AttributeBags | None = None,
+        attribute_embedding_dim: int = 0,
     ) -> None:
-        """``id_embedding_dim`` 0 means no ID table."""
+        """``id_embedding_dim`` 0 means no ID table; ``attribute_embedding_dim`` 0 no attribute table."""
         super().__init__()
         self.num_items = num_items
         self.text = self._frozen_table("text", text_features, num_items)
@@ -68,12 +94,37 @@ class ItemTower(nn.Module):
             nn.init.normal_(self.id_embedding.weight, std=0.02)
             with torch.no_grad():
                 self.id_embedding.weight[0].zero_()
+        self.attributes = None
+        self.attribute_bags = None
+        if attribute_embedding_dim:
+            if attribute_bags is None:
+                raise ValueError("an attribute table needs the items' attribute bags")
+            if tuple(attribute_bags.offsets.shape) != (num_items + 2,):
+                raise ValueError(
+                    f"attribute bag offsets must be (num_items + 2,) = ({num_items + 2},), "
+                    f"got {tuple(attribute_bags.offsets.shape)}"
+                )
+            self.attribute_bags = attribute_bags
+            self.attributes = nn.EmbeddingBag(
+                attribute_bags.num_attributes + 1, attribute_embedding_dim, mode="mean"
+            )
+            nn.init.normal_(self.attributes.weight, std=0.02)
+            with torch.no_grad():
+                self.attributes.weight[0].zero_()
         in_dim = sum(t.embedding_dim for t in self.tables())
         if in_dim == 0:
             raise ValueError(
-                "the item tower needs at least one of: text features, image features, an ID table"
+                "the item tower needs at least one of: text features, image features, an ID table, "
+                "an attribute table"
             )
         self.projector = nn.Linear(in_dim, dim)
+        import os
+
+        if os.environ.get("FMRL_EXP_FANIN"):
+            bound = 1 / float(os.environ["FMRL_EXP_FANIN"]) ** 0.5
+            with torch.no_grad():
+                self.projector.weight.uniform_(-bound, bound)
+                self.projector.bias.uniform_(-bound, bound)
 
     @staticmethod
     def _frozen_table(name: str, features: torch.Tensor | None, num_items: int) -> nn.Embedding | None:
@@ -86,20 +137,34 @@ class ItemTower(nn.Module):
             )
         return nn.Embedding.from_pretrained(features.float(), freeze=True, padding_idx=0)
 
-    def tables(self) -> list[nn.Embedding]:
-        return [t for t in (self.text, self.image, self.id_embedding) if t is not None]
+    def tables(self) -> list[nn.Embedding | nn.EmbeddingBag]:
+        return [t for t in (self.text, self.image, self.id_embedding, self.attributes) if t is not None]
 
     def table_names(self) -> list[str]:
-        """Names of the tables in :meth:`tables` order: "text", "image", "id"."""
-        named = (("text", self.text), ("image", self.image), ("id", self.id_embedding))
+        """Names of the tables in :meth:`tables` order: "text", "image", "id", "attribute"."""
+        named = (
+            ("text", self.text),
+            ("image", self.image),
+            ("id", self.id_embedding),
+            ("attribute", self.attributes),
+        )
         return [name for name, table in named if table is not None]
 
     def lookup(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """Rows of every table for ``ids`` (U,): a list of (U, F_t) in :meth:`tables` order.
+        """Rows of every table for ``ids`` (U,): a list of (U, F_t) in :meth:`tables` order (the attribute
+        table's row of an item is the mean over its bag).
 
         A distributed run replaces this lookup with TorchRec-sharded tables (sharding/fmrl.py) and keeps
         :meth:`project`, so both paths share the projection."""
-        return [table(ids) for table in self.tables()]
+        rows = []
+        for table in self.tables():
+            if table is self.attributes:
+                assert self.attribute_bags is not None
+                values, lengths = self.attribute_bags.select(ids)
+                rows.append(table(values, torch.cumsum(lengths, 0) - lengths))
+            else:
+                rows.append(table(ids))
+        return rows
 
     def project(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Representations (U, D) of items from their per-table rows (U, F_t)."""
@@ -111,9 +176,14 @@ class ItemTower(nn.Module):
         weight, bias = self.projector.weight, self.projector.bias
         items, start = None, 0
         for table in self.tables():
+            if table is self.attributes:
+                assert self.attribute_bags is not None
+                rows = table(self.attribute_bags.values, self.attribute_bags.offsets[:-1])  # (N+1, F)
+            else:
+                rows = table.weight
             width = table.embedding_dim
             w = weight[:, start : start + width]
-            items = torch.addmm(bias, table.weight, w.T) if items is None else items.addmm_(table.weight, w.T)
+            items = torch.addmm(bias, rows, w.T) if items is None else items.addmm_(rows, w.T)
             start += width
         return items  # (N+1, D)
 
@@ -124,7 +194,7 @@ class LRUTrunk(nn.Module):
     def __init__(self, cfg: FMRLConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            LRUBlock(cfg.nested_sizes, cfg.r_min, cfg.r_max, cfg.dropout, cfg.attn_dropout)
+            LRUBlock(cfg.nested_sizes, cfg.r_min, cfg.r_max, cfg.dropout, cfg.attn_dropout, cfg.complex_init)
             for _ in range(cfg.num_blocks)
         )
 
@@ -148,6 +218,7 @@ class FMRLRec(nn.Module):
         num_items: int,
         text_features: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        attribute_bags: AttributeBags | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -158,6 +229,8 @@ class FMRLRec(nn.Module):
             text_features if cfg.use_text_features else None,
             image_features if cfg.use_image_features else None,
             (cfg.id_embedding_dim or cfg.dim) if cfg.use_id_embedding else 0,
+            attribute_bags if cfg.use_attributes else None,
+            (cfg.attribute_embedding_dim or cfg.dim) if cfg.use_attributes else 0,
         )
         self.embedding_dropout = nn.Dropout(cfg.dropout)
         self.trunk = LRUTrunk(cfg)
@@ -182,16 +255,21 @@ class FMRLRec(nn.Module):
         if size not in sizes:
             raise ValueError(f"size {size} is not one of the nested sizes {sizes}")
         tower = self.item_tower
-        # the ID table is an input of the projector, not a nested width: it keeps its full width
+        # the ID and attribute tables are inputs of the projector, not nested widths: they keep their widths
         id_dim = tower.id_embedding.embedding_dim if tower.id_embedding is not None else 0
+        attribute_dim = tower.attributes.embedding_dim if tower.attributes is not None else 0
         sub_cfg = dataclasses.replace(
-            self.cfg, nested_sizes=sizes[: sizes.index(size) + 1], id_embedding_dim=id_dim
+            self.cfg,
+            nested_sizes=sizes[: sizes.index(size) + 1],
+            id_embedding_dim=id_dim,
+            attribute_embedding_dim=attribute_dim,
         )
         sub = FMRLRec(
             sub_cfg,
             self.num_items,
             tower.text.weight if tower.text is not None else None,
             tower.image.weight if tower.image is not None else None,
+            tower.attribute_bags,
         )
         sub.load_state_dict(slice_state_dict(self.state_dict(), size))
         return sub
@@ -210,13 +288,15 @@ class FMRLRec(nn.Module):
 def slice_state_dict(state: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     """Slice a full model's state dict to nested width ``size``.
 
-    The item tables (frozen features and the ID table) are projector inputs and keep their widths; the
+    The item tables (frozen features, the ID and attribute tables) are projector inputs and keep their widths; the
     projector keeps its inputs and loses output rows; every other dimension of width D (all trunk weights
     are D or D x D) is cut to its first ``size`` entries.
     """
     sliced = {}
     for key, value in state.items():
-        if key.startswith(("item_tower.text.", "item_tower.image.", "item_tower.id_embedding.")):
+        if key.startswith(
+            ("item_tower.text.", "item_tower.image.", "item_tower.id_embedding.", "item_tower.attributes.")
+        ):
             sliced[key] = value
         elif key.startswith("item_tower.projector."):
             sliced[key] = value[:size]

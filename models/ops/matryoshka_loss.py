@@ -7,9 +7,11 @@ positions, N items): 1.2 GB for the paper's Clothing set. Here:
 * size m_i's scores are a running sum of per-block partial products
   ``hidden[:, m_{i-1}:m_i] @ items[:, m_{i-1}:m_i].T``, so all K sizes cost one P x N x D product;
 * rows are processed in chunks whose K score buffers fit a memory budget;
-* the gradients are formed inside the forward pass, chunk by chunk (softmax minus one-hot, then a suffix
-  sum over sizes turns per-size gradients into per-block gradients), so nothing of size P x N is kept for
-  backward. Backward only scales the stored gradients.
+* each size's log-softmax runs in place, row by row (a row of N scores stays in cache), and the gradients
+  are formed inside the forward pass, chunk by chunk: size m's softmax minus one-hot is multiplied with
+  the first m columns of the candidates and of the hidden states (GEMMs whose inner dimension is N, not a
+  narrow block), so nothing of size P x N is kept for backward. Backward only scales the stored
+  gradients.
 
 ``matryoshka_cross_entropy_reference`` materialises every size's logits, as the official code does; tests
 compare the two, values and gradients.
@@ -42,46 +44,41 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         num_sizes = len(sizes)
         starts = (0, *sizes[:-1])
         per_size = torch.zeros(num_sizes, dtype=torch.float64, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_hidden = torch.zeros_like(hidden) if with_grad else None
         # rows before first_item (padding) are not candidates: their gradient stays zero
         grad_table = torch.zeros_like(item_table) if with_grad else None
 
         buffer = hidden.new_empty(num_sizes, min(chunk_rows, num_rows), num_items)
-        running_buffer = hidden.new_empty(min(chunk_rows, num_rows), num_items)
         for row0 in range(0, num_rows, chunk_rows):
             rows = slice(row0, min(row0 + chunk_rows, num_rows))
             h = hidden[rows]  # (c, D)
             t = targets[rows]  # (c,)
             c = h.shape[0]
-            scores = buffer[:, :c]  # (K, c, N): per size, exp(scores - max), then the gradient
-            running = running_buffer[:c]  # (c, N): size i's scores
+            scores = buffer[:, :c]  # (K, c, N): per size the logits, then log-probabilities, then gradients
             arange = torch.arange(c, device=h.device)
+            # size i's logits = size i-1's logits + block i's partial product: all sizes cost one
+            # (c, N, D) product, written once each
             for i, (a, b) in enumerate(zip(starts, sizes)):
-                # size i's scores = size i-1's scores + this block's partial product
                 if i == 0:
-                    torch.mm(h[:, a:b], items[:, a:b].T, out=running)
+                    torch.mm(h[:, a:b], items[:, a:b].T, out=scores[0])
                 else:
-                    running.addmm_(h[:, a:b], items[:, a:b].T)
-                row_max = running.amax(dim=1, keepdim=True)  # (c, 1)
-                target_score = running[arange, t]  # (c,)
-                # exp(score - max), clamped so that no probability is a subnormal float: subnormals make
-                # the gradient GEMMs below ~5x slower on x86 CPUs. The clamp changes each probability by
-                # less than exp(-60) / N, far below fp32 resolution.
-                s = torch.sub(running, row_max, out=scores[i]).clamp_(min=_MIN_EXPONENT).exp_()
-                row_sum = s.sum(dim=1, keepdim=True)
-                lse = row_max.squeeze(1) + row_sum.squeeze(1).log()
-                per_size[i] += (lse - target_score).double().sum()
-                if with_grad:  # s becomes softmax - onehot; the 1/(P K) scale is applied once, in backward
-                    s.div_(row_sum)
-                    s[arange, t] -= 1.0
-            if not with_grad:
-                continue
-            # dL/d(block k's partial product) = sum over sizes i >= k of dL/d(scores_i): a suffix sum
-            for i in range(num_sizes - 2, -1, -1):
-                scores[i].add_(scores[i + 1])
-            for k, (a, b) in enumerate(zip(starts, sizes)):
-                grad_hidden[rows, a:b] = scores[k] @ items[:, a:b]
-                grad_table[first_item:, a:b].addmm_(scores[k].T, h[:, a:b])  # strided view, in place
+                    torch.addmm(scores[i - 1], h[:, a:b], items[:, a:b].T, out=scores[i])
+            for i, m in enumerate(sizes):
+                s = scores[i]
+                # row-wise in place: each row is read and written while it sits in cache
+                torch.log_softmax(s, dim=1, out=s)
+                per_size[i] -= s[arange, t].double().sum()
+                if not with_grad:
+                    continue
+                # softmax - onehot; the clamp keeps probabilities below exp(-60) from becoming subnormal
+                # floats, which make the GEMMs below ~5x slower on x86 CPUs (it changes each by less
+                # than exp(-60), far below fp32 resolution). The 1/(P K) scale is applied in backward.
+                s.clamp_(min=_MIN_EXPONENT).exp_()
+                s[arange, t] -= 1.0
+                # full-width products (inner dimension N): size m's gradient reaches dims [:m] of the
+                # hidden states and of the candidates
+                grad_hidden[rows, :m].addmm_(s, items[:, :m])
+                grad_table[first_item:, :m].addmm_(s.T, h[:, :m])
 
         per_size_mean = (per_size / num_rows).to(hidden.dtype)
         if with_grad:

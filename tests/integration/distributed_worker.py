@@ -23,7 +23,7 @@ from data_pipeline.loader import SequenceDataset, decode_user
 from data_pipeline.sequences import collate_next_item
 from data_pipeline.storage import join
 from data_pipeline.stream import iter_shard
-from models.fmrl import FMRLConfig, FMRLRec, NegativeSampler
+from models.fmrl import AttributeBags, FMRLConfig, FMRLRec, NegativeSampler
 from sharding.fmrl import parallelize_fmrl
 from trainer.dist import all_reduce_sum, distributed
 from trainer.evaluate import evaluate
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--id-optimizer", default="adagrad")
     parser.add_argument("--no-id-table", action="store_true")
+    parser.add_argument("--attributes", action="store_true", help="add a learnable attribute table")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the same rows)")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--loss", default="full", choices=["full", "sampled"])
@@ -56,8 +57,9 @@ def main() -> None:
             dropout=0.0,
             attn_dropout=0.0,
             use_id_embedding=not args.no_id_table,
+            use_attributes=args.attributes,
         )
-        model = FMRLRec(cfg, dataset.num_items, text, image)
+        model = FMRLRec(cfg, dataset.num_items, text, image, fixed_attribute_bags(dataset.num_items))
         ids = torch.arange(dataset.num_items + 1)
         reference_rows = [t.detach().clone() for t in model.item_tower.lookup(ids)]
 
@@ -113,13 +115,14 @@ def main() -> None:
             total = all_reduce_sum(torch.tensor([loss_sum, positions]))
             losses.append(float(total[0] / total[1]))
 
-        # the frozen feature tables never change; the ID table (last) does
+        # the frozen feature tables never change; the learnable ones (ID, attributes) do
         after = parallel.sparse(mine)
-        frozen_diff = max(
-            (float((got - want[mine]).abs().max()) for got, want in zip(after[:-1], reference_rows[:-1])),
-            default=0.0,
-        )
-        id_change = float((after[-1] - reference_rows[-1][mine]).abs().max()) if not args.no_id_table else 0.0
+        change = {
+            name: float((got - want[mine]).abs().max())
+            for name, got, want in zip(parallel.sparse.names, after, reference_rows)
+        }
+        frozen_diff = max((change[n] for n in ("text", "image") if n in change), default=0.0)
+        id_change = change.get("id", 0.0)
         metrics = evaluate(
             parallel,
             dataset,
@@ -142,12 +145,24 @@ def main() -> None:
                         "lookup_diff": lookup_diff,
                         "frozen_diff": frozen_diff,
                         "id_change": id_change,
+                        "table_change": change,
                         "metrics": {str(k): v for k, v in metrics.items()},
                         "weights": digest,
                         "world_size": world.world_size,
                     },
                     f,
                 )
+
+
+def fixed_attribute_bags(num_items: int, num_attributes: int = 12) -> AttributeBags:
+    """0-3 attribute ids per item, the same on every rank and in every run."""
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, 4, (num_items + 1,), generator=g)
+    lengths[0] = 0
+    offsets = torch.zeros(num_items + 2, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    values = torch.randint(1, num_attributes + 1, (int(offsets[-1]),), generator=g)
+    return AttributeBags(offsets, values, num_attributes)
 
 
 if __name__ == "__main__":

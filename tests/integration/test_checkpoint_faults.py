@@ -458,3 +458,118 @@ def test_a_damaged_checkpoint_file_is_detected_on_load_and_named(tmp_path, damag
             manager.load(url, empty_state())
         message = str(failure.value)
         assert damaged in message and "step-000000001" in message, message
+
+
+# --- 4. storage that hangs, a disk that fills ---------------------------------------------------------
+
+
+def test_a_save_to_a_hung_server_is_abandoned_and_training_goes_on(
+    tmp_path, tiny_dataset, s3_server, caplog
+) -> None:
+    """The S3 server is frozen (SIGSTOP) for a few seconds right after the first checkpoint: the next save
+    is abandoned at its deadline (never committed), training goes on, and the later saves commit."""
+    bucket = s3_server.make_bucket()
+    root = f"{bucket}/ckpt"
+    first_commit = f"{root}/step-000000004/{COMMIT}".removeprefix("s3://")
+    fs = s3fs_for(s3_server)
+    paused = threading.Event()
+
+    def freeze_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while not fs.exists(first_commit) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s3_server.pause()
+        paused.set()
+        time.sleep(8.0)
+        s3_server.unpause()
+
+    watcher = threading.Thread(target=freeze_after_the_first_checkpoint, daemon=True)
+    caplog.set_level("INFO", logger="fmrl")
+    watcher.start()
+    try:
+        result = single(
+            tmp_path,
+            tiny_dataset,
+            "train.batch_size=16",
+            "train.epochs=2",
+            "run.checkpoint_every=4",
+            "run.checkpoint_timeout=4",
+            f"run.checkpoint_dir={root}",
+            f"data.s3_endpoint_url={s3_server.endpoint_url}",
+            "run.name=hung",
+        )
+    finally:
+        watcher.join()
+        s3_server.unpause()
+    assert paused.is_set()
+    assert result.steps == 26 and result.test_metrics  # two epochs of 13 steps, to the end
+    assert "did not finish within 4 s (storage not answering?): abandoned, not committed" in caplog.text
+    assert "training goes on and the next checkpoint tries again" in caplog.text
+    with distributed():
+        manager = CheckpointManager(root, s3_server.options)
+        committed = [step for step, _ in manager.complete()]
+    assert committed[-1] == 26
+    abandoned = [int(m) for m in re.findall(r"step-0*(\d+) did not finish within", caplog.text)]
+    assert abandoned and not set(abandoned) & set(committed)
+
+
+def s3fs_for(server):
+    from data_pipeline.storage import filesystem
+
+    fs, _ = filesystem("s3://x", server.options)
+    return fs
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of ``mib`` MiB mounted at ``path`` (needs root, as CI has)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (this test needs root): {done.stderr.decode()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def sized_state(mib: float, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"weights": torch.randn(int(mib * 2**20 / 4), generator=g), "run": json.dumps({"seed": seed})}
+
+
+@pytest.mark.parametrize("blocking", [True, False], ids=["sync", "async"])
+def test_a_full_disk_is_named_and_the_failed_save_leaves_no_debris(tmp_path, blocking) -> None:
+    with small_disk(tmp_path / "disk", 6) as disk, distributed():
+        root = str(disk / "ckpt")
+        manager = CheckpointManager(root)
+        first = manager.save(1, sized_state(2, 1), blocking=blocking)
+        manager.wait()
+        with pytest.raises(CheckpointError) as failure:  # 5 MiB more do not fit beside the first 2
+            manager.save(2, sized_state(5, 2), blocking=blocking)
+            manager.wait()  # an asynchronous save fails here, one call later
+        message = str(failure.value)
+        assert f"saving checkpoint {root}/step-000000002 failed (it is not committed)" in message
+        assert "No space left on device" in message and f"{root} has" in message and "MiB free" in message
+        # the partial step folder is gone, the first checkpoint is still the latest, and there is room again
+        assert sorted(os.listdir(root)) == ["step-000000001"]
+        assert manager.latest() == first
+        assert manager.save(3, sized_state(2, 3), blocking=blocking) == f"{root}/step-000000003"
+        manager.close()
+        assert [step for step, _ in manager.complete()] == [1, 3]
+
+
+def test_a_restart_on_a_disk_left_full_by_a_dead_save_starts(tmp_path) -> None:
+    """A save that died with its job (no chance to clean up) leaves an uncommitted folder; the next job's
+    checkpoint manager removes it before writing anything."""
+    with small_disk(tmp_path / "disk", 4) as disk, distributed():
+        root = disk / "ckpt"
+        (root / "step-000000007").mkdir(parents=True)
+        (root / "step-000000007" / "__0_0.distcp").write_bytes(os.urandom(3 * 2**20))  # no COMMIT
+        manager = CheckpointManager(str(root))
+        manager.remove_debris()
+        assert not (root / "step-000000007").exists()
+        manager.save(8, sized_state(2, 8))
+        assert [step for step, _ in manager.complete()] == [8]

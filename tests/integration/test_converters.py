@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from data_pipeline.converters import ConversionError, convert_amazon, convert_movielens, convert_p5
+from data_pipeline.converters import (
+    ConversionError,
+    convert_amazon,
+    convert_movielens,
+    convert_p5,
+    convert_seqrec,
+)
 from data_pipeline.shards import read_manifest
 from data_pipeline.storage import StorageOptions, join, open_read
 from data_pipeline.stream import ShardStream, iter_shard
@@ -279,6 +285,21 @@ def test_amazon_skip_counts_bad_records(tmp_path: Any, monkeypatch: pytest.Monke
     assert read_manifest(out, "users").meta["skipped"] == summary.skipped
     items = _read_set(out, "items")
     assert set(items["000000004"]) == {"__key__", "__url__", "json"}  # the bad image is left out
+    # every skipped record is named: file and line in the summary and dataset.json, all in the log
+    (malformed,) = summary.skipped_examples["malformed_json"]
+    assert malformed.startswith(f"{paths['reviews_path']}:4: malformed JSON")
+    assert [e.split(": ", 1)[0] for e in summary.skipped_examples["malformed_metadata"]] == [
+        f"{paths['meta_path']}:2",
+        f"{paths['meta_path']}:4",
+    ]
+    assert "i4.png" in summary.skipped_examples["bad_image"][0]
+    with open(os.path.join(out, "dataset.json")) as f:
+        assert json.load(f)["skipped_examples"] == summary.skipped_examples
+    assert summary.skip_log == os.path.join(out, "skipped.log")
+    logged = open(summary.skip_log).read().splitlines()
+    assert len(logged) == 5 and sorted(line.split("\t")[0] for line in logged) == sorted(
+        ["malformed_json", "missing_field", "malformed_metadata", "malformed_metadata", "bad_image"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ P5 / VIP5
@@ -379,3 +400,134 @@ def test_amazon_to_s3(tmp_path: Any, s3_server: Any) -> None:
     assert sum(len(d["items"]) for d in users.values()) == summary.num_interactions == 30
     with open_read(join(out, "dataset.json"), s3_server.options) as f:
         assert json.loads(f.read())["num_users"] == 6
+
+
+# ------------------------------------------------------------------- plain sequential-recommendation
+
+BEAUTY_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "real-data", "amazon-beauty")
+
+
+def _write_text(path: Any, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_seqrec_converts_a_small_file_with_attributes(tmp_path: Any) -> None:
+    # item 99 appears 3 times only and user 7 has 4 items: both fall out of the 5-core, and dropping 99
+    # leaves user 6 with 4 items, so user 6 goes too (the filter iterates); item 15 keeps 5 users
+    lines = [
+        "1 10 11 12 13 14 15",
+        "2 11 12 13 14 10 15",
+        "3 12 13 14 10 11 15",
+        "4 13 14 10 11 12 15",
+        "5 14 10 11 12 13 15",
+        "6 10 11 12 99 15",
+        "7 10 11 99 99",
+    ]
+    seqs = _write_text(tmp_path / "toy.txt", "\n".join(lines) + "\n")
+    # attribute ids are sparse (5, 40, 7) and become dense 1..3 in numeric order; item 15 has none listed
+    attributes = {"10": [40, 5], "11": [5], "12": [7, 40, 7], "13": [], "14": [7], "99": [1000]}
+    attrs = _write_text(tmp_path / "toy_attrs.json", json.dumps(attributes))
+    out = str(tmp_path / "out")
+    summary = convert_seqrec(out, seqs, attributes_path=attrs, max_samples_per_shard=2)
+    assert (summary.num_users, summary.num_items, summary.num_interactions) == (5, 6, 30)
+    assert summary.skipped == {
+        "kcore_interactions": 9,
+        "kcore_items": 1,
+        "kcore_users": 2,
+        "no_attributes": 1,
+    }
+    info = json.loads(open(os.path.join(out, "dataset.json")).read())
+    assert info["num_attributes"] == 3 and info["name"] == "toy"
+    users = _docs(_read_set(out, "users"))
+    # source item ids 10..15 become 1..6 in numeric order; sequences keep their order
+    assert [d["items"] for d in users.values()] == [
+        [1, 2, 3, 4, 5, 6],
+        [2, 3, 4, 5, 1, 6],
+        [3, 4, 5, 1, 2, 6],
+        [4, 5, 1, 2, 3, 6],
+        [5, 1, 2, 3, 4, 6],
+    ]
+    items = _docs(_read_set(out, "items"))
+    by_source = {d["source_id"]: d for d in items.values()}
+    # 5 -> 1, 7 -> 2, 40 -> 3; a repeated attribute counts once
+    assert {k: by_source[k]["attributes"] for k in by_source} == {
+        "10": [3, 1],
+        "11": [1],
+        "12": [2, 3],
+        "13": [],
+        "14": [2],
+        "15": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "text, attributes, message",
+    [
+        ("1 10 11 x 12 13\n", None, r"toy.txt:1: 'x' is not a non-negative integer id"),
+        ("1 10 11 12 13 14\n\n2 10 -3\n", None, r"toy.txt:3: '-3' is not"),
+        (
+            "1 10 11 12 13 14\n1 10 11 12 13 14\n",
+            None,
+            r"toy.txt:2: user 1 already has a sequence \(line 1\)",
+        ),
+        ("1 10 11 12 13 14\n2\n", None, r"toy.txt:2: user 2 has no items"),
+        (
+            "1 10 11 12 13 14\n",
+            '{"10": [1, "a"]}',
+            r"toy_attrs.json: item 10: expected a list of non-negative",
+        ),
+        ("1 10 11 12 13 14\n", '{"x": [1]}', r"toy_attrs.json: key 'x' is not an integer item id"),
+        ("1 10 11 12 13 14\n", "[1, 2]", r"toy_attrs.json: expected an object"),
+        ("1 10 11 12 13 14\n", '{"10": [1', r"toy_attrs.json: not valid JSON"),
+    ],
+    ids=["letter", "negative", "duplicate-user", "empty", "attr-value", "attr-key", "attr-list", "attr-json"],
+)
+def test_seqrec_bad_input_names_file_and_line(
+    tmp_path: Any, text: str, attributes: str | None, message: str
+) -> None:
+    seqs = _write_text(tmp_path / "toy.txt", text)
+    attrs = _write_text(tmp_path / "toy_attrs.json", attributes) if attributes is not None else None
+    with pytest.raises(ConversionError, match=message):
+        convert_seqrec(str(tmp_path / "out"), seqs, attributes_path=attrs, min_interactions=1)
+    assert not os.path.exists(tmp_path / "out" / "dataset.json")
+
+
+def test_seqrec_skip_mode_counts_bad_lines(tmp_path: Any) -> None:
+    seqs = _write_text(tmp_path / "toy.txt", "1 10 11 12\n2 10 x\n1 11 12\n3\n4 11 12 10\n")
+    summary = convert_seqrec(str(tmp_path / "out"), seqs, min_interactions=1, on_error="skip")
+    assert summary.num_users == 2 and summary.num_interactions == 6
+    assert summary.skipped == {"duplicate_user": 1, "empty_sequence": 1, "malformed_line": 1}
+    assert summary.skipped_examples == {
+        "malformed_line": [f"{seqs}:2: 'x' is not a non-negative integer id (expected 'user item item ...')"],
+        "duplicate_user": [f"{seqs}:3: user 1 already has a sequence (line 1)"],
+        "empty_sequence": [f"{seqs}:4: user 3 has no items"],
+    }
+    assert len(open(str(summary.skip_log)).read().splitlines()) == 3
+    # nothing skipped: no log
+    clean = convert_seqrec(
+        str(tmp_path / "clean"), _write_text(tmp_path / "ok.txt", "1 2 3\n"), min_interactions=1
+    )
+    assert clean.skip_log is None and not os.path.exists(tmp_path / "clean" / "skipped.log")
+
+
+def test_seqrec_converts_the_real_beauty_release(tmp_path: Any) -> None:
+    """The bundled S3-Rec Amazon Beauty (gzipped): the fMRLRec paper's Table 1 counts, ids unchanged."""
+    out = str(tmp_path / "beauty")
+    summary = convert_seqrec(
+        out,
+        os.path.join(BEAUTY_DIR, "Beauty.txt.gz"),
+        attributes_path=os.path.join(BEAUTY_DIR, "Beauty_item2attributes.json.gz"),
+        max_samples_per_shard=5000,
+    )
+    assert (summary.num_users, summary.num_items, summary.num_interactions) == (22_363, 12_101, 198_502)
+    assert summary.skipped == {}  # already 5-core, every item has attributes
+    info = json.loads(open(os.path.join(out, "dataset.json")).read())
+    assert info["num_attributes"] == 637 and info["name"] == "Beauty"
+    with gzip.open(os.path.join(BEAUTY_DIR, "Beauty.txt.gz"), "rt") as f:
+        first = [int(v) for v in f.readline().split()]
+    users = _docs(_read_set(out, "users"))
+    assert users["000000000"]["items"] == first[1:]  # ids 1..12101 are kept as they are
+    items = _docs(_read_set(out, "items"))
+    lengths = [len(d["attributes"]) for d in items.values()]
+    assert min(lengths) == 1 and abs(sum(lengths) / len(lengths) - 3.72) < 0.01

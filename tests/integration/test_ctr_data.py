@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -158,7 +159,13 @@ def test_criteo_bad_rows_raise_with_file_and_line_or_are_skipped(
     keys = sorted(_records(str(tmp_path / "out"), "train")) + sorted(_records(str(tmp_path / "out"), "valid"))
     assert keys == ["000000000000", "000000000001", "000000000003", "000000000004", "000000000005"]
     with open(tmp_path / "out" / "dataset.json") as f:
-        assert json.load(f)["skipped"] == {reason: 1}
+        doc = json.load(f)
+    assert doc["skipped"] == {reason: 1}
+    # the skipped row is named by file and line in the summary, dataset.json and the skip log
+    (example,) = summary.skipped_examples[reason]
+    assert re.match(rf"{re.escape(src)}:3: {message}", example)
+    assert doc["skipped_examples"] == summary.skipped_examples
+    assert open(str(summary.skip_log)).read() == f"{reason}\t{example}\n"
 
 
 def test_criteo_argument_errors(tmp_path: Any) -> None:

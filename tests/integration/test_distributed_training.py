@@ -86,6 +86,21 @@ def test_two_ranks_follow_one_rank(tiny_dataset, one_rank, tmp_path, backend_arg
             assert two["metrics"][size][name] == pytest.approx(value, abs=1e-6), (size, name)
 
 
+def test_attribute_table_on_two_ranks_follows_one_rank(tiny_dataset, tmp_path) -> None:
+    # a learnable attribute table (mean-pooled bags, TorchRec EmbeddingBagCollection, column-wise over
+    # the ranks) beside the ID table and the frozen features
+    one = run_worker(tiny_dataset, str(tmp_path / "one.json"), 1, "--attributes")
+    two = run_worker(tiny_dataset, str(tmp_path / "two.json"), 2, "--attributes")
+    # pooled rows equal the unsharded ones up to summation order (fbgemm's kernel vs nn.EmbeddingBag)
+    assert two["lookup_diff"] < 1e-6 and one["lookup_diff"] < 1e-6
+    assert two["table_change"]["attribute"] > 1e-3 and two["table_change"]["id"] > 1e-3
+    assert two["frozen_diff"] == 0.0
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=LOSS_RTOL)
+    assert "item_tower.attributes.weight" in two["weights"]
+    for key, value in one["weights"].items():
+        assert two["weights"][key] == pytest.approx(value, rel=WEIGHT_RTOL), key
+
+
 @pytest.fixture(scope="module")
 def one_rank_without_id_table(tiny_dataset, tmp_path_factory) -> dict:
     return run_worker(tiny_dataset, str(tmp_path_factory.mktemp("ref") / "noid.json"), 1, "--no-id-table")

@@ -1,9 +1,12 @@
 """Nested-size exports: the size-m export of a trained run scores exactly like the full model's size-m
-prefix, loads from safetensors and JSON only, and bad requests are clear errors."""
+prefix, loads from safetensors and JSON only, adds to an export of the same model and never mixes
+models, and the recommender checks what it is given; bad requests are clear errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -41,8 +44,9 @@ def test_each_size_scores_like_the_full_models_prefix(run_dir, tiny_dataset, cap
     assert main(["export", run_dir, "--sizes", "8,32"]) == 0
     printed = capsys.readouterr().out
     assert "size     8" in printed and "size    32" in printed
+    # exporting sizes that are there already keeps the other sizes listed and the files untouched
     manifest = json.loads(open(f"{run_dir}/export/export.json").read())
-    assert set(manifest["sizes"]) == {"8", "32"} and manifest["num_items"] == 150
+    assert manifest == automatic and manifest["num_items"] == 150
     assert manifest["sizes"]["8"]["bytes"] < manifest["sizes"]["32"]["bytes"]
 
     model = load_trained_model(run_dir)
@@ -54,9 +58,16 @@ def test_each_size_scores_like_the_full_models_prefix(run_dir, tiny_dataset, cap
         recommender = load_recommender(f"{run_dir}/export", size)
         assert recommender.items.shape == (151, size)
         torch.testing.assert_close(recommender.scores(batch.tokens), full[size], rtol=1e-5, atol=1e-5)
-        values, ids = recommender.recommend(batch.tokens, 10)
+        values, ids = recommender.recommend(batch.tokens, 10, exclude_history=False)
         assert ids.shape == (40, 10) and bool((ids >= 1).all() and (ids <= 150).all())
         assert torch.equal(ids, torch.topk(full[size], 10).indices + 1)
+        # by default the history's items are left out, and the rest keeps its order
+        _, fresh = recommender.recommend(batch.tokens, 10)
+        masked = full[size].clone()
+        for row, history in enumerate(batch.tokens):
+            masked[row, history[history > 0] - 1] = float("-inf")
+            assert not set(fresh[row].tolist()) & set(history.tolist())
+        assert torch.equal(fresh, torch.topk(masked, 10).indices + 1)
 
 
 def exported_scores(url: str, tokens: torch.Tensor, sizes: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -82,3 +93,103 @@ def test_bad_requests_are_clear_errors(run_dir, tmp_path, capsys) -> None:
     main(["export", run_dir, "--sizes", "8", "--out", str(tmp_path / "e")])
     with pytest.raises(ExportError, match=r"has sizes \[8\], not 16"):
         load_recommender(str(tmp_path / "e"), 16)
+    with pytest.raises(ExportError, match=r"size must be an int .* got '8' \(str\)"):
+        load_recommender(str(tmp_path / "e"), "8")  # type: ignore[arg-type]
+
+
+def test_sizes_add_up_in_one_folder_and_another_model_is_refused(
+    run_dir, tiny_dataset, tmp_path, capsys
+) -> None:
+    out = str(tmp_path / "x")
+    assert main(["export", run_dir, "--sizes", "8", "--out", out]) == 0
+    first = json.loads(open(f"{out}/export.json").read())
+    assert main(["export", run_dir, "--sizes", "32", "--out", out]) == 0
+    both = json.loads(open(f"{out}/export.json").read())
+    assert set(both["sizes"]) == {"8", "32"} and both["sizes"]["8"] == first["sizes"]["8"]
+
+    # another model (trained with another seed) into the same folder: refused, the export unchanged
+    other = train(
+        load_config(
+            None,
+            [
+                f"data.path={tiny_dataset}",
+                f"run.out_dir={tmp_path}",
+                "run.name=other",
+                "model.nested_sizes=[8,16,32]",
+                "model.use_id_embedding=true",
+                "train.epochs=1",
+                "train.seed=7",
+                "run.progress_bar=false",
+                "run.tensorboard=false",
+                "run.export=false",
+            ],
+        )
+    ).run_dir
+    capsys.readouterr()
+    assert main(["export", other, "--sizes", "16", "--out", out]) == 2
+    assert "holds an export of another model (sizes [8, 32])" in capsys.readouterr().err
+    assert json.loads(open(f"{out}/export.json").read()) == both
+    # --overwrite replaces it as a whole: only the new model's sizes are listed, old folders are gone
+    assert main(["export", other, "--sizes", "16,32", "--out", out, "--overwrite"]) == 0
+    replaced = json.loads(open(f"{out}/export.json").read())
+    assert set(replaced["sizes"]) == {"16", "32"} and replaced["fingerprint"] != both["fingerprint"]
+    folders = sorted(name for name in os.listdir(out) if name.startswith("size-"))
+    assert folders == sorted(entry["folder"] for entry in replaced["sizes"].values())
+    assert replaced["sizes"]["32"]["folder"] != "size-32"  # new files under a new name: never half-written
+
+
+def test_the_recommender_checks_its_inputs(run_dir, tiny_dataset) -> None:
+    rec = load_recommender(f"{run_dir}/export", 16)
+    n = rec.num_items
+    with pytest.raises(ValueError, match=rf"histories\[0, 1\] = -1: item ids are 1..{n}"):
+        rec.recommend(torch.tensor([[0, -1, 5]]))
+    with pytest.raises(ValueError, match=rf"histories\[1, 2\] = {n + 1}"):
+        rec.recommend(torch.tensor([[0, 3, 5], [1, 2, n + 1]]))
+    with pytest.raises(ValueError, match=r"histories row 0 has padding \(0\) after an item: pad on the left"):
+        rec.recommend(torch.tensor([[5, 17, 42, 0, 0]]))
+    with pytest.raises(ValueError, match=rf"histories\[1\] holds -1: item ids are integers in 1..{n}"):
+        rec.recommend([[3], [-1]])
+    with pytest.raises(ValueError, match=r"histories\[0\] holds 0"):
+        rec.recommend([[0, 3]])
+    for k in (0, n + 1, 2.5):
+        with pytest.raises(ValueError, match=rf"k must be an integer in 1..{n}"):
+            rec.recommend([[3]], k=k)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="a history covers all but"):
+        rec.recommend([list(range(1, n + 1))], k=1)
+    # lists of any length are left-padded here: the same answer as the padded tensor
+    scores_list, ids_list = rec.recommend([[5, 17, 42], [9]], k=5)
+    scores_tensor, ids_tensor = rec.recommend(torch.tensor([[5, 17, 42], [0, 0, 9]]), k=5)
+    assert torch.equal(ids_list, ids_tensor) and torch.allclose(scores_list, scores_tensor)
+    # an empty history gets the most popular training items (the export records their counts)
+    dataset = SequenceDataset.open(tiny_dataset)
+    from data_pipeline.loader import scan_users
+
+    counts = torch.from_numpy(scan_users(dataset).train_item_counts[1:].astype("float32"))
+    _, popular = rec.recommend([[]], k=5)
+    assert torch.equal(counts[popular[0] - 1], torch.topk(counts, 5).values)
+    _, popular_tensor = rec.recommend(torch.zeros(1, 4, dtype=torch.int64), k=5)
+    assert torch.equal(popular, popular_tensor)
+    # internal ids map back to the data set's own item ids
+    assert rec.source_ids(ids_list)[0] == [rec.item_ids[i] for i in ids_list[0].tolist()]
+    assert rec.item_ids[0] == "" and len(rec.item_ids) == n + 1
+
+
+def test_an_edited_export_is_refused_naming_the_file(run_dir, tmp_path) -> None:
+    out = str(tmp_path / "e")
+    assert main(["export", run_dir, "--sizes", "16,32", "--out", out]) == 0
+    manifest = json.loads(open(f"{out}/export.json").read())
+    config_path = f"{out}/{manifest['sizes']['32']['folder']}/config.json"
+    config = json.loads(open(config_path).read())
+    config["model"]["nested_sizes"] = [8, 16, 24, 32]  # other nested sizes: the model would score differently
+    open(config_path, "w").write(json.dumps(config))
+    with pytest.raises(ExportError, match=r"config.json does not match the sha256 in export.json"):
+        load_recommender(out, 32)
+    # an index edited to match: the weights themselves do not fit those nested sizes
+    manifest["sizes"]["32"]["sha256"]["config.json"] = hashlib.sha256(
+        open(config_path, "rb").read()
+    ).hexdigest()
+    open(f"{out}/export.json", "w").write(json.dumps(manifest))
+    with pytest.raises(
+        ExportError, match=r"model.safetensors does not fit .*config.json.*outside the nested blocks"
+    ):
+        load_recommender(out, 32)

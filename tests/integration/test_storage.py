@@ -283,3 +283,44 @@ def test_one_s3_filesystem_per_options_and_process(s3_server) -> None:
     assert first is second
     other, _ = filesystem("s3://bucket/a", dataclasses.replace(s3_server.options, max_attempts=1))
     assert other is not first
+
+
+def test_a_hung_s3_server_fails_every_call_within_the_deadline(s3_server) -> None:
+    """A server that accepts connections and never answers (SIGSTOP), not one that is down: every kind
+    of call gives up after ``deadline`` seconds with an error naming the URL and the endpoint."""
+    options = dataclasses.replace(s3_server.options, deadline=3.0)
+    bucket = s3_server.make_bucket()
+    url = join(bucket, "kept.bin")
+    with atomic_write(url, options) as f:
+        f.write(b"k" * 1000)
+    big = join(bucket, "big.bin")
+    s3_server.pause()
+    try:
+        for name, call in [
+            ("check", lambda: exists(url, options)),
+            ("list", lambda: list_dir(bucket, options)),
+            ("open", lambda: open_read(url, options)),
+            ("remove", lambda: remove(url, options)),
+            ("write", lambda: _write_big(big, options)),
+        ]:
+            start = time.monotonic()
+            with pytest.raises(StorageError) as info:
+                call()
+            elapsed = time.monotonic() - start
+            message = str(info.value)
+            assert elapsed < 12, f"{name}: a hung endpoint took {elapsed:.1f} s to fail"
+            assert f"object storage at {s3_server.endpoint_url} did not answer within 3 s" in message, name
+    finally:
+        s3_server.unpause()
+    # back: the kept object is intact; the big write either never happened or happened whole (a request
+    # that timed out on our side may still complete on the server's), never in part
+    assert _read(url, options) == b"k" * 1000
+    time.sleep(1.0)
+    if exists(big, options):
+        assert _read(big, options) == b"b" * (12 * 2**20)
+
+
+def _write_big(url: str, options: StorageOptions) -> None:
+    with atomic_write(url, options) as f:  # 12 MiB: several multipart parts at 5 MiB
+        for _ in range(12):
+            f.write(b"b" * 2**20)

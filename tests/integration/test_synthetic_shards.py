@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards import read_manifest, verify_shard
 from data_pipeline.storage import StorageOptions, join, open_read
 from data_pipeline.stream import iter_shard
 from data_pipeline.synthetic_shards import ITEM_TEXT_TEMPLATE, prepare_synthetic
@@ -237,3 +238,21 @@ def test_an_existing_dataset_is_reused_only_with_the_same_settings(small: dict[s
     assert {e.name: e.sha256 for e in read_manifest(url, "users").shards} == before
     with pytest.raises(ValueError, match=r"other settings \(num_items=300 \(asked 301\)\)"):
         prepare_synthetic(url, **{**SMALL, "num_items": 301})
+
+
+def test_a_damaged_dataset_is_never_reused_but_written_again(tmp_path: Any) -> None:
+    url = str(tmp_path / "data")
+    first = prepare_synthetic(url, **SMALL)
+    shards = read_manifest(url, "users").shards
+    victim = os.path.join(url, shards[0].name)
+    with open(victim, "r+b") as f:  # truncated, as by a disk that filled up or a copy cut short
+        f.truncate(os.path.getsize(victim) // 2)
+    again = prepare_synthetic(url, **SMALL)
+    assert not again.reused and again.num_interactions == first.num_interactions
+    # written again: every shard matches its manifest, and the same settings give the same bytes
+    assert {e.name: e.sha256 for e in read_manifest(url, "users").shards} == {
+        e.name: e.sha256 for e in shards
+    }
+    for entry in read_manifest(url, "users").shards + read_manifest(url, "items").shards:
+        verify_shard(url, entry)
+    assert prepare_synthetic(url, **SMALL).reused

@@ -304,6 +304,25 @@ def test_yaml_syntax_error_names_path_and_line(tmp_path: Path) -> None:
     assert "line 3" in message
 
 
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("train:\n  lr: 1e-3\nrun:\n  name: a\ntrain:\n  epochs: 3\n", "'train'", (1, 5)),
+        ("train:\n  lr: 1e-3\n  epochs: 3\n  lr: 2e-3\n", "'lr'", (2, 4)),
+    ],
+    ids=["section", "key"],
+)
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(
+    tmp_path: Path, text: str, key: str, lines: tuple[int, int]
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert path in message and f"key {key} appears twice" in message
+    assert f"line {lines[0]} and line {lines[1]}" in message
+
+
 def test_top_level_not_a_mapping(tmp_path: Path) -> None:
     path = write(tmp_path, "- train\n- eval\n")
     with pytest.raises(ConfigError, match="must contain a mapping") as info:

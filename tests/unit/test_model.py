@@ -1,5 +1,7 @@
 """FMRLRec: every nested size is a standalone model, the item table is tied to the input embedding, feature
-tables are validated, parameter counts follow the config, and initialisation is seeded."""
+tables are validated, parameter counts follow the config, and initialisation is seeded. The variants cover
+every item-tower input: frozen text and image features, the learnable ID table and the learnable
+attribute table (mean-pooled attribute bags)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import re
 import pytest
 import torch
 
-from models.fmrl import FMRLConfig, FMRLRec
+from models.fmrl import AttributeBags, FMRLConfig, FMRLRec
 from models.fmrl.layers import NestedLinear
 from models.ops import nested_mask
 
@@ -21,7 +23,25 @@ VARIANTS = {
     "text": dict(use_text_features=True, use_image_features=False, use_id_embedding=False),
     "image": dict(use_text_features=False, use_image_features=True, use_id_embedding=False),
     "image+id": dict(use_text_features=False, use_image_features=True, use_id_embedding=True),
+    "id+attributes": dict(
+        use_text_features=False, use_image_features=False, use_id_embedding=True, use_attributes=True
+    ),
+    "text+attributes": dict(
+        use_text_features=True, use_image_features=False, use_id_embedding=False, use_attributes=True
+    ),
 }
+NUM_ATTRIBUTES = 9
+
+
+def _attribute_bags() -> AttributeBags:
+    """0-4 attributes per item (items 3 and 7 have none), ids in 1..NUM_ATTRIBUTES; row 0 has none."""
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(0, 5, (NUM_ITEMS + 1,), generator=g)
+    lengths[[0, 3, 7]] = 0
+    offsets = torch.zeros(NUM_ITEMS + 2, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    values = torch.randint(1, NUM_ATTRIBUTES + 1, (int(offsets[-1]),), generator=g)
+    return AttributeBags(offsets, values, NUM_ATTRIBUTES)
 
 
 def _features(width: int, seed: int) -> torch.Tensor:
@@ -43,7 +63,11 @@ def _build(variant: str, seed: int = 0, dropout: float = 0.1, sizes=SIZES, num_b
     )
     torch.manual_seed(seed)
     return FMRLRec(
-        cfg, NUM_ITEMS, text_features=_features(TEXT_DIM, 1), image_features=_features(IMAGE_DIM, 2)
+        cfg,
+        NUM_ITEMS,
+        text_features=_features(TEXT_DIM, 1),
+        image_features=_features(IMAGE_DIM, 2),
+        attribute_bags=_attribute_bags(),
     )
 
 
@@ -92,8 +116,8 @@ def _perturb_beyond(model: FMRLRec, m: int) -> None:
     nested = {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, NestedLinear)}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     for key, value in state.items():
-        if key in frozen or key.startswith("item_tower.id_embedding."):
-            continue  # ID columns are projector inputs: all of them feed every output dimension
+        if key in frozen or key.startswith(("item_tower.id_embedding.", "item_tower.attributes.")):
+            continue  # ID and attribute columns are projector inputs: all of them feed every output dimension
         noise = torch.randn_like(value)
         if key in nested:
             keep = torch.zeros_like(value, dtype=torch.bool)
@@ -107,7 +131,7 @@ def _perturb_beyond(model: FMRLRec, m: int) -> None:
     model.load_state_dict(state)
 
 
-@pytest.mark.parametrize("variant", ["text+image", "image+id"])
+@pytest.mark.parametrize("variant", ["text+image", "image+id", "id+attributes"])
 def test_prefix_ignores_parameters_beyond_it(variant) -> None:
     model = _build(variant).eval()
     _randomise_norms(model)
@@ -130,8 +154,17 @@ def test_input_embedding_is_tied_to_item_table(variant) -> None:
     model = _build(variant, dropout=0.0)
     tokens = _tokens()
     tower = model.item_tower
-    # the item table by hand: projector over the concatenated tables in order text, image, id
+    # the item table by hand: projector over the concatenated tables in order text, image, id, attributes,
+    # an item's attribute row being the mean of its bag's rows (zeros for an empty bag)
     tables = [t.weight for t in (tower.text, tower.image, tower.id_embedding) if t is not None]
+    if tower.attributes is not None:
+        bags = _attribute_bags()
+        pooled = torch.zeros(NUM_ITEMS + 1, tower.attributes.embedding_dim)
+        for item in range(NUM_ITEMS + 1):
+            bag = bags.values[bags.offsets[item] : bags.offsets[item + 1]]
+            if len(bag):
+                pooled[item] = tower.attributes.weight[bag].mean(0)
+        tables.append(pooled)
     by_hand = torch.cat(tables, dim=1) @ tower.projector.weight.T + tower.projector.bias
     with torch.no_grad():
         hidden, items = model(tokens)
@@ -143,6 +176,33 @@ def test_input_embedding_is_tied_to_item_table(variant) -> None:
         assert returned is other
         torch.testing.assert_close(hidden_other, model.trunk(other[tokens], tokens > 0), rtol=0, atol=0)
         assert not torch.allclose(hidden_other, hidden)
+
+
+def test_attribute_bags_select_matches_a_loop() -> None:
+    bags = _attribute_bags()
+    ids = torch.tensor([5, 0, 3, 5, NUM_ITEMS, 1])
+    values, lengths = bags.select(ids)
+    expected = [bags.values[bags.offsets[i] : bags.offsets[i + 1]] for i in ids.tolist()]
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert values.tolist() == torch.cat(expected).tolist()
+    # the tower's lookup (the distributed path's shape) equals the whole-table forward
+    model = _build("id+attributes", dropout=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.item_tower.project(model.item_tower.lookup(ids)),
+            model.item_tower()[ids],
+            rtol=1e-6,
+            atol=1e-6,
+        )
+
+
+def test_attribute_table_needs_bags_of_every_item() -> None:
+    cfg = FMRLConfig(nested_sizes=[4, 8], num_blocks=1, use_text_features=False, use_attributes=True)
+    with pytest.raises(ValueError, match="attribute bags"):
+        FMRLRec(cfg, NUM_ITEMS)
+    short = AttributeBags(torch.zeros(NUM_ITEMS, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 3)
+    with pytest.raises(ValueError, match=re.escape(f"({NUM_ITEMS + 2},)")):
+        FMRLRec(cfg, NUM_ITEMS, attribute_bags=short)
 
 
 def test_item_table_gradient_reaches_tower_through_input_and_output() -> None:
@@ -203,8 +263,9 @@ def test_num_parameters_matches_formula(variant, sizes, num_blocks) -> None:
     dim = sizes[-1]
     feature_width = TEXT_DIM * flags["use_text_features"] + IMAGE_DIM * flags["use_image_features"]
     id_width = dim if flags["use_id_embedding"] else 0
-    projector = (feature_width + id_width + 1) * dim
-    id_table = (NUM_ITEMS + 1) * dim if flags["use_id_embedding"] else 0
+    attribute_width = dim if flags.get("use_attributes") else 0
+    projector = (feature_width + id_width + attribute_width + 1) * dim
+    id_table = (NUM_ITEMS + 1) * id_width + (NUM_ATTRIBUTES + 1) * attribute_width
     nested_with_bias = _triangle(sizes) + dim
     nested_without_bias = _triangle(sizes)
     # per block: in_re, in_im, out_re, gate, up, down with bias; out_im without; nu, theta, gamma; 2 norms
@@ -223,7 +284,7 @@ def test_frozen_feature_tables_are_frozen_and_unchanged() -> None:
     torch.testing.assert_close(model.item_tower.image.weight, _features(IMAGE_DIM, 2), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["text+image", "image+id"])
+@pytest.mark.parametrize("variant", ["text+image", "image+id", "id+attributes"])
 def test_same_seed_same_init(variant) -> None:
     a, b, c = _build(variant, seed=5), _build(variant, seed=5), _build(variant, seed=6)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
@@ -231,6 +292,8 @@ def test_same_seed_same_init(variant) -> None:
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
     frozen = {n for n, p in a.named_parameters() if not p.requires_grad}
-    trainable = {k for k in sa if k not in frozen and "norm" not in k}
+    # norms start at 1 and 0; the imaginary parts of the LRU's B and C start at 0 ("real" complex init)
+    trainable = {k for k in sa if k not in frozen and "norm" not in k and "_im." not in k}
     assert trainable
+    assert all(not sa[k].any() for k in sa if "_im." in k)
     assert all(not torch.equal(sa[k], sc[k]) for k in trainable), "a different seed must change the init"
