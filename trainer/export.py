@@ -41,7 +41,7 @@ from safetensors.torch import save as st_save
 from data_pipeline.features import load_feature_tables
 from data_pipeline.storage import StorageOptions, atomic_write, exists, is_remote, join, open_read, remove
 from models.dlrm import DLRM, DLRMConfig, ids_to_kjt
-from models.fmrl import FMRLConfig, FMRLRec, LRUTrunk, slice_state_dict
+from models.fmrl import AttributeBags, FMRLConfig, FMRLRec, LRUTrunk, slice_state_dict
 
 EXPORT_VERSION = 2
 """2: export.json records each file's sha256, the model's fingerprint and the item catalog."""
@@ -168,12 +168,22 @@ def load_checkpoint_model(
     return model.eval()
 
 
-def _attribute_bags(cfg: Any, options: StorageOptions | None) -> Any:
+def open_attributes(dataset: Any, needed: bool = True) -> AttributeBags | None:
+    """The items' attribute bags of a :class:`~data_pipeline.loader.SequenceDataset` (None if the model
+    has no attribute table)."""
+    if not needed:
+        return None
+    from data_pipeline.loader import read_item_attributes
+
+    bags = read_item_attributes(dataset)
+    return AttributeBags(torch.from_numpy(bags.offsets), torch.from_numpy(bags.values), bags.num_attributes)
+
+
+def _attribute_bags(cfg: Any, options: StorageOptions | None) -> AttributeBags | None:
     """The items' attribute bags from the run's data set, if its model has an attribute table."""
     if not cfg.model.use_attributes:
         return None
     from data_pipeline.loader import SequenceDataset
-    from trainer.fmrl_task import open_attributes
 
     try:
         return open_attributes(SequenceDataset.open(cfg.data.path, options))

@@ -19,17 +19,10 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.features import load_feature_tables
-from data_pipeline.loader import (
-    SequenceDataset,
-    TrainLoader,
-    read_item_attributes,
-    read_item_source_ids,
-    scan_users,
-)
+from data_pipeline.loader import SequenceDataset, TrainLoader, read_item_source_ids, scan_users
 from data_pipeline.sequences import TrainBatch
 from data_pipeline.storage import StorageOptions
 from models.fmrl import (
-    AttributeBags,
     FMRLRec,
     NegativeSampler,
     candidate_set,
@@ -41,7 +34,7 @@ from sharding.world import World
 from trainer.config import Config, DataConfig
 from trainer.dist import all_reduce_sum
 from trainer.evaluate import evaluate, evaluate_popularity
-from trainer.export import ItemCatalog, export_model, load_trained_model
+from trainer.export import ItemCatalog, export_model, load_trained_model, open_attributes
 from trainer.report import format_size_table, save_size_plot
 from trainer.train import RunResult, TrainingTask, dense_settings, total_training_steps, write_json
 
@@ -70,14 +63,6 @@ def open_features(
         info.get("image_model"),
     )
     return text, image
-
-
-def open_attributes(dataset: SequenceDataset, needed: bool = True) -> AttributeBags | None:
-    """The items' attribute bags of the data set (None if the model has no attribute table)."""
-    if not needed:
-        return None
-    bags = read_item_attributes(dataset)
-    return AttributeBags(torch.from_numpy(bags.offsets), torch.from_numpy(bags.values), bags.num_attributes)
 
 
 def resolve_loss(kind: str, num_items: int, full_max: int) -> str:

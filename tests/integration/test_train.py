@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from data_pipeline.features import extract_features, load_feature_tables
 from data_pipeline.loader import SequenceDataset, eval_batches
 from data_pipeline.synthetic_shards import prepare_synthetic
-from models.fmrl import FMRLRec
+from models.fmrl import AttributeBags, FMRLRec
 from trainer.cli import main
 from trainer.config import config_to_dict, load_config
 from trainer.evaluate import evaluate_model
@@ -99,13 +99,24 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_dataset, tiny_config, caps
 
 def test_same_seed_same_run_other_seed_other_run(tiny_config):
     # with worker processes too: the batch order is a function of the seed and the worker count only
-    first = train(tiny_config("run.name=a", "run.tensorboard=false", "data.num_workers=2"))
-    second = train(tiny_config("run.name=b", "run.tensorboard=false", "data.num_workers=2"))
-    other = train(tiny_config("run.name=c", "run.tensorboard=false", "train.seed=7"))
+    keys = "run.log_sample_keys=true"
+    first = train(tiny_config("run.name=a", "run.tensorboard=false", "data.num_workers=2", keys))
+    second = train(tiny_config("run.name=b", "run.tensorboard=false", "data.num_workers=2", keys))
+    other = train(
+        tiny_config("run.name=c", "run.tensorboard=false", "data.num_workers=2", keys, "train.seed=7")
+    )
     assert first.steps == second.steps > 0
     assert first.train_losses == second.train_losses
     assert first.test_metrics == second.test_metrics
     assert other.train_losses != first.train_losses
+    # train.seed reaches every source of randomness: the batch order (dropout and init: the losses) ...
+    order = [open(os.path.join(r.run_dir, "sample_keys.rank0.txt")).read() for r in (first, second, other)]
+    assert order[0] == order[1] != order[2]
+    # ... and the initial weights: the saved models of two seeds differ in every trunk tensor that
+    # starts random (the norms start at 1 and 0, the LRU's imaginary parts at 0), also for the sizes
+    trained = [trained_model(tiny_config(), r.run_dir)[0].state_dict() for r in (first, other)]
+    random_start = [k for k in trained[0] if k.startswith("trunk.") and "norm" not in k and "_im." not in k]
+    assert random_start and all(not torch.equal(trained[0][k], trained[1][k]) for k in random_start)
 
 
 def test_early_stopping_and_best_model_is_the_one_tested(tiny_config):
@@ -232,25 +243,34 @@ def test_console_script_is_installed():
     assert "KEY=VALUE" in out
 
 
-# item counts and feature widths of the datasets the shipped configs are for (Beauty: the paper's encoders)
+# item counts, feature widths and attribute counts of the datasets the shipped configs are for (beauty.yaml:
+# the paper's encoders; amazon-beauty.yaml: the bundled S3-Rec release with its 637 attributes)
 SHIPPED = {
-    "configs/demo.yaml": (2000, 384, 1280),
-    "configs/ml-100k.yaml": (1349, 384, 0),
-    "configs/beauty.yaml": (12101, 1024, 1024),
-    "configs/synthetic-1m.yaml": (1_000_000, 0, 0),
+    "configs/demo.yaml": (2000, 384, 1280, 0),
+    "configs/ml-100k.yaml": (1349, 384, 0, 0),
+    "configs/ml-100k-official.yaml": (1349, 384, 0, 0),
+    "configs/beauty.yaml": (12101, 1024, 1024, 0),
+    "configs/amazon-beauty.yaml": (12101, 0, 0, 637),
+    "configs/synthetic-1m.yaml": (1_000_000, 0, 0, 0),
 }
 
 
 @pytest.mark.parametrize("path", sorted(SHIPPED))
 def test_shipped_configs_build_their_model(path):
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", path))
-    num_items, text_dim, image_dim = SHIPPED[path]
+    num_items, text_dim, image_dim, num_attributes = SHIPPED[path]
+    bags = None
+    if num_attributes:
+        bags = AttributeBags(
+            torch.zeros(num_items + 2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 637
+        )
     with torch.device("meta"):
         model = FMRLRec(
             cfg.model,
             num_items,
             torch.empty(num_items + 1, text_dim) if text_dim else None,
             torch.empty(num_items + 1, image_dim) if image_dim else None,
+            bags,
         )
     assert model.num_parameters() > 0
 
