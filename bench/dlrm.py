@@ -312,7 +312,8 @@ def worker(impl: str, data_dir: str, epochs: int, warm_up: int) -> dict | None:
 
 def prepare(data_dir: str, rows: int) -> dict:
     """Write the synthetic CTR set under ``data_dir`` and its train/test splits as tensors (splits.pt)."""
-    from data_pipeline.criteo import CTRDataset, iter_ctr_batches, prepare_synthetic_ctr
+    from data_pipeline.ctr import CTRDataset, iter_ctr_batches
+    from data_pipeline.synthetic_ctr import prepare_synthetic_ctr
 
     url = os.path.join(data_dir, "synthetic-ctr")
     prepare_synthetic_ctr(url, rows=rows, seed=DATA_SEED)

@@ -24,7 +24,7 @@ rest of the epoch, like ``drop_last`` does for a map-style dataset.
 
 The machinery is :class:`ShardBatchLoader`, which knows nothing of the samples: a subclass turns a
 sample into an example (or skips it) and a list of examples into a batch. :class:`TrainLoader` does
-that for user sequences, :class:`CTRTrainLoader` for click impressions (data_pipeline/criteo.py).
+that for user sequences, :class:`CTRTrainLoader` for click impressions (data_pipeline/ctr.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.criteo import CTRBatch, CTRDataset, collate_ctr, decode_ctr_sample
+from data_pipeline.ctr import CTRBatch, CTRDataset, collate_ctr, decode_ctr_sample
 from data_pipeline.sequences import EvalBatch, TrainBatch, collate_next_item, left_pad
 from data_pipeline.shards import Manifest, read_manifest
 from data_pipeline.storage import StorageNotFoundError, StorageOptions, join, open_read
@@ -549,7 +549,7 @@ class TrainLoader(ShardBatchLoader):
 
 
 class CTRTrainLoader(ShardBatchLoader):
-    """Batches (:class:`~data_pipeline.criteo.CTRBatch`) of this rank's part of a CTR data set's ``train``
+    """Batches (:class:`~data_pipeline.ctr.CTRBatch`) of this rank's part of a CTR data set's ``train``
     split; every impression is an example."""
 
     def __init__(

@@ -27,7 +27,7 @@ Columns -> features (one row per impression; clicks are rare: 0.4-0.7%):
   random policy; an off-policy-evaluation quantity, not a feature known at serving time) and the CSV's
   unnamed index column.
 
-Splits as in data_pipeline/criteo.py: by position in the log, which is in time order (one week, from
+Splits as in data_pipeline/ctr.py: by position in the log, which is in time order (one week, from
 2019-11-24): the last ``test_fraction`` is test, the ``valid_fraction`` before it validation. With so
 few clicks the validation and test AUCs rest on a handful of positives; this data set checks the
 pipeline on real sparse + dense features rather than showing a model learn much.
@@ -44,7 +44,7 @@ from datetime import datetime
 from typing import Any
 
 from data_pipeline.converters import ConversionError
-from data_pipeline.criteo import CTRDatasetWriter, CTRSummary
+from data_pipeline.ctr import CTRDatasetWriter, CTRSummary
 from data_pipeline.storage import StorageOptions
 
 __all__ = [

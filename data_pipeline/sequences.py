@@ -32,6 +32,10 @@ class TrainBatch:
     keys: tuple[str, ...] = ()
     """Sample keys of the sequences, in row order, when they come from shards (for logging)."""
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """This batch with its tensors on ``device``."""
+        return TrainBatch(self.tokens.to(device), self.labels.to(device), self.keys)
+
 
 @dataclass
 class EvalBatch:
@@ -41,6 +45,10 @@ class EvalBatch:
     """(B, L) int64 history, left-padded with 0."""
     targets: torch.Tensor
     """(B,) int64 held-out item ids (1..N)."""
+
+    def to(self, device: torch.device | str) -> EvalBatch:
+        """This batch with its tensors on ``device``."""
+        return EvalBatch(self.tokens.to(device), self.targets.to(device))
 
 
 def left_pad(rows: Sequence[np.ndarray], max_len: int) -> torch.Tensor:

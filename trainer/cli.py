@@ -255,7 +255,8 @@ def _run_ctr_command(args: argparse.Namespace) -> object:
         from data_pipeline.obp import convert_obp
 
         return convert_obp(args.out_url, policy=args.policy, campaign=args.campaign, **split)
-    from data_pipeline.criteo import convert_criteo, prepare_synthetic_ctr
+    from data_pipeline.criteo import convert_criteo
+    from data_pipeline.synthetic_ctr import prepare_synthetic_ctr
 
     if args.data_command == "convert-criteo":
         return convert_criteo(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.criteo import CTRBatch, CTRDataset, iter_ctr_batches, split_shards
+from data_pipeline.ctr import CTRBatch, CTRDataset, iter_ctr_batches, split_shards
 from data_pipeline.loader import CTRTrainLoader
 from data_pipeline.storage import StorageOptions
 from models.dlrm import DLRM, ctr_loss, roc_auc

@@ -76,7 +76,7 @@ def load_trained_model(
             raise ExportError(f"{path} is missing: {run_dir!r} is not a finished run folder")
     cfg = load_config(config_path)
     if cfg.task == "dlrm":
-        from data_pipeline.criteo import CTRDataset
+        from data_pipeline.ctr import CTRDataset
 
         try:
             dataset = CTRDataset.open(cfg.data.path, options)

@@ -13,7 +13,7 @@ NUM_CRITEO_SPARSE = 26
 
 
 def _default_buckets() -> list[int]:
-    # matches the default of data_pipeline.criteo.prepare_synthetic_ctr (the demo data set)
+    # matches the default of data_pipeline.synthetic_ctr.prepare_synthetic_ctr (the demo data set)
     return [1000] * NUM_CRITEO_SPARSE
 
 
@@ -38,7 +38,7 @@ class DLRMConfig:
     """Number of dense (continuous) input features."""
     hash_buckets: list[int] = field(default_factory=_default_buckets)
     """Rows of each categorical feature's table, in feature order (id 0 is the "missing" row, see
-    data_pipeline/criteo.py). Their number is the number of categorical features F."""
+    data_pipeline/ctr.py). Their number is the number of categorical features F."""
     feature_names: list[str] | None = None
     """Names of the categorical features (the KeyedJaggedTensor keys); None means ``cat_0 .. cat_{F-1}``
     (TorchRec's Criteo names). Table ``t_<name>`` serves feature ``<name>``."""

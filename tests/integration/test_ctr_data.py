@@ -21,23 +21,21 @@ import pytest
 import torch
 
 from data_pipeline.converters import ConversionError
-from data_pipeline.criteo import (
-    CRITEO_SPARSE_NAMES,
+from data_pipeline.criteo import CRITEO_SPARSE_NAMES, convert_criteo
+from data_pipeline.ctr import (
     CTRDataset,
-    convert_criteo,
     decode_ctr_sample,
     encode_ctr_record,
     hash_categorical,
     iter_ctr_batches,
     iter_ctr_samples,
-    prepare_synthetic_ctr,
     split_shards,
-    synthetic_criteo_lines,
 )
 from data_pipeline.shards import read_manifest
 from data_pipeline.storage import join
 from data_pipeline.stream import ShardStream, iter_shard
-from models.dlrm import roc_auc
+from data_pipeline.synthetic_ctr import prepare_synthetic_ctr, synthetic_criteo_lines
+from models.dlrm import ids_to_kjt, roc_auc
 
 
 def _line(label: str, dense: list[str], sparse: list[str]) -> str:
@@ -278,7 +276,7 @@ def test_reader_batches_kjt_and_stream(tmp_path: Any) -> None:
     assert first.dense.dtype == torch.float32 and first.sparse.dtype == torch.int64
     assert first.labels.dtype == torch.float32 and set(first.labels.tolist()) <= {0.0, 1.0}
     assert (first.sparse < torch.tensor(dataset.hash_buckets)).all() and (first.sparse >= 0).all()
-    kjt = first.kjt(dataset.sparse_features)
+    kjt = ids_to_kjt(first.sparse, dataset.sparse_features)
     assert kjt.keys() == dataset.sparse_features and torch.equal(kjt["cat_2"].values(), first.sparse[:, 2])
 
     records = list(iter_ctr_samples(out, "train"))

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.criteo import CTRDataset, iter_ctr_batches, prepare_synthetic_ctr
+from data_pipeline.ctr import CTRDataset, iter_ctr_batches
+from data_pipeline.synthetic_ctr import prepare_synthetic_ctr
 from models.dlrm import roc_auc
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.cli import main
