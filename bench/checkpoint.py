@@ -11,9 +11,9 @@ in checkpoints), shards it with ``parallelize_fmrl`` (FSDP2, TorchRec) and train
 (``forward_backward`` + ``micro_step``) on random batches so that the optimizer state exists. Then, for
 local disk and for S3, through one ``CheckpointManager``:
 * one untimed save first (imports, the manager's gloo group, the S3 connection);
-* synchronous saves: ``save(step, training_state(...), blocking=True)`` until the COMMIT marker is
+* synchronous saves: ``save(step, TrainingState(...), blocking=True)`` until the COMMIT marker is
   written (bytes from the marker);
-* loads into a second, freshly built model, as a resume does: ``training_state`` of that model,
+* loads into a second, freshly built model, as a resume does: the ``TrainingState`` of that model,
   ``load`` (which first checks every file's size and sha256 against the marker), ``load_state_dict``;
   the loaded weights are then compared with the saved ones;
 * asynchronous saves: the seconds ``save(blocking=False)`` blocks (copying the state to CPU memory),
@@ -88,16 +88,32 @@ QUIET_WAIT_S = 10.0
 
 
 class _NoLoader:
-    """Stands in for the TrainLoader in ``training_state``: the bench has no data files."""
+    """Stands in for the TrainLoader in the ``TrainingState``: the bench has no data files."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+    def resume(self, states: list[dict[str, Any]]) -> bool:
+        return True
+
+
+class _NegativesRNG:
+    """Stands in for the task in the ``TrainingState``: its rank state is a sampler's RNG, as FMRLTask's."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"negatives_rng": self.generator.get_state().tolist()}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(torch.tensor(state["negatives_rng"], dtype=torch.uint8))
 
 
 def build(cfg: Any, spec: dict, device: torch.device, seed: int, world_size: int) -> Any:
     """The model of ``cfg`` over random frozen tables, sharded as the trainer does."""
     from models.fmrl import FMRLRec
-    from trainer.fmrl_task import parallelize_from_config
+    from sharding.fmrl import parallelize_fmrl
 
     torch.manual_seed(seed)  # the same model on every rank
     n = spec["num_items"]
@@ -105,10 +121,10 @@ def build(cfg: Any, spec: dict, device: torch.device, seed: int, world_size: int
     text[0] = image[0] = 0
     model = FMRLRec(cfg.model, n, text, image)
     del text, image
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, batch_size=spec["batch"], grad_accum_steps=1)
+    optim = dataclasses.replace(cfg.optim, grad_accum_steps=1)
+    return parallelize_fmrl(
+        model, cfg.parallel, optim, total_steps=1000, micro_batch_size=spec["batch"], device=device
     )
-    return parallelize_from_config(model, cfg, total_steps=1000, device=device)
 
 
 def slowest(seconds: float) -> float:
@@ -127,11 +143,11 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
 
     from data_pipeline.sequences import collate_next_item
     from data_pipeline.storage import StorageOptions, remove
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint import CheckpointManager, TrainingState
     from trainer.config import config_to_dict, load_config
     from trainer.dist import distributed
-    from trainer.fmrl_task import StepInputs, forward_backward
-    from trainer.train import Progress, RunResult, training_state
+    from trainer.state import EarlyStopping, Progress, RankPositions, RunState
+    from trainer.tasks.fmrl import StepInputs, forward_backward
 
     r = REPEATS[mode]
     spec = CONFIGS[config_name]
@@ -159,20 +175,24 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
             )
             for _ in range(4)
         ]
-        result = RunResult(run_dir="")
+        progress = Progress()
         identity = {"config": config_to_dict(cfg), "num_items": n, "best_step": 0}
 
         def step() -> float:
             """One training step; its seconds on this rank."""
             start = time.perf_counter()
-            forward_backward(parallel, batches[result.steps % len(batches)], inputs)
+            forward_backward(parallel, batches[progress.steps % len(batches)], inputs)
             parallel.micro_step(True)
-            result.steps += 1
+            progress.steps += 1
             return time.perf_counter() - start
 
-        def state_of(model: Any) -> dict[str, Any]:
-            rank_state = {"negatives_rng": inputs.generator.get_state().tolist()}  # as FMRLTask saves it
-            return training_state(model, _NoLoader(), rank_state, result, Progress(), world)
+        def state_of(model: Any) -> TrainingState:
+            """What the trainer saves: the model, the run's progress, every rank's position."""
+            run = RunState(progress, EarlyStopping(patience=cfg.train.patience), world.world_size)
+            positions = RankPositions(
+                _NoLoader(), _NegativesRNG(inputs.generator), world.rank, world.world_size
+            )
+            return TrainingState(model=model, run=run, positions=positions)
 
         parallel.set_training(True)
         for _ in range(r["warm_up"]):
@@ -187,10 +207,10 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
             manager.save(0, {"warm_up": torch.zeros(1)}, identity)
             save_s = []
             for i in range(r["saves"]):
-                state = state_of(parallel)
+                state = state_of(parallel).state_dict()  # gathered before the clock starts, as before
                 dist.barrier()
                 start = time.perf_counter()
-                url = manager.save(result.steps + 1 + i, state, identity)
+                url = manager.save(progress.steps + 1 + i, state, identity)
                 save_s.append(slowest(time.perf_counter() - start))
             marker = manager.marker(url)
             saved = parallel.snapshot()
@@ -199,9 +219,7 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
             for _ in range(r["loads"]):
                 dist.barrier()
                 start = time.perf_counter()
-                state = state_of(fresh)
-                manager.load(url, state)
-                fresh.load_state_dict(state)
+                manager.load(url, state_of(fresh))
                 load_s.append(slowest(time.perf_counter() - start))
             same = all(torch.equal(a, b) for a, b in zip(saved, fresh.snapshot(), strict=True))
             same = slowest(0.0 if same else 1.0) == 0.0
@@ -210,16 +228,16 @@ def worker(config_name: str, roots: list[tuple[str, str]], mode: str) -> dict | 
             staging_s, commit_s, base_steps, flight_steps = [], [], [], []
             for _ in range(r["async_saves"]):
                 base_steps += [step() for _ in range(r["base_steps"])]
-                state = state_of(parallel)
+                state = state_of(parallel).state_dict()
                 committed: list[float] = []
                 dist.barrier()
                 start = time.perf_counter()
-                manager.save(result.steps + 1000, state, identity, blocking=False)
+                manager.save(progress.steps + 1000, state, identity, blocking=False)
                 staging_s.append(slowest(time.perf_counter() - start))
                 del state
                 # the manager's one save in flight: stamp the moment its background thread has committed
                 assert manager._pending is not None
-                manager._pending[1].add_done_callback(
+                manager._pending.future.add_done_callback(
                     lambda _, stamps=committed: stamps.append(time.perf_counter())
                 )
                 flight_steps.append([])
@@ -369,10 +387,10 @@ def render(jobs: list[dict], command: str, wall_s: float) -> str:
         f"Date: {time.strftime('%Y-%m-%d')}",
         "",
         "Sharded DCP checkpoints through `trainer.checkpoint.CheckpointManager`, of the state a training "
-        "run saves (`training_state`: dense weights and AdamW state as FSDP2 DTensors, the ID table and its "
-        "optimizer state as TorchRec ShardedTensors, the schedule, per-rank RNG positions; frozen feature "
-        f"tables are not in checkpoints). {'; '.join(described)}. Every rank builds the model with random "
-        "frozen tables and trains a few steps on random batches (sequences of "
+        "run saves (the trainer's `TrainingState`: dense weights and AdamW state as FSDP2 DTensors, the ID "
+        "table and its optimizer state as TorchRec ShardedTensors, the schedule, per-rank RNG positions; "
+        f"frozen feature tables are not in checkpoints). {'; '.join(described)}. Every rank builds the model "
+        "with random frozen tables and trains a few steps on random batches (sequences of "
         f"{SEQ_LEN[0]}..{SEQ_LEN[1]} items, {', '.join(f'{b} per rank ({c})' for c, b in batch.items())}; "
         "full softmax) first, so that the optimizer state exists. Each (configuration, ranks) pair is one "
         f"torchrun job with {CORES} // ranks torch threads per rank, and saves to the local disk and then "
@@ -382,7 +400,7 @@ def render(jobs: list[dict], command: str, wall_s: float) -> str:
         "`.metadata`).",
         f"* *sync save*: `save(blocking=True)` until COMMIT is written (DCP write, fsync on local disk, "
         f"sha256 of every file read back, marker), median of {saves}.",
-        f"* *load*: into a freshly built model, as a resume does: `training_state`, `load` (which checks "
+        f"* *load*: into a freshly built model, as a resume does: its `TrainingState`, `load` (which checks "
         f"every file's size and sha256 before DCP reads it), `load_state_dict`; median of {loads}. The "
         "loaded weights equal the saved ones"
         + ("" if all(s["loaded_equal"] for s in rows) else " **in some rows only (see the log)**")

@@ -271,8 +271,8 @@ def training_rate(steps: int, threads: int) -> dict:
     builds them, with the full-softmax Matryoshka loss (the demo's 2000 items are far below the sampled
     loss's threshold)."""
     from models.fmrl import FMRLRec, matryoshka_loss
+    from sharding.optim import build_optimizer
     from trainer.config import load_config
-    from trainer.optim import build_optimizer
 
     cfg = load_config(DEMO_CONFIG)
     torch.set_num_threads(threads)
@@ -281,7 +281,7 @@ def training_rate(steps: int, threads: int) -> dict:
     image = torch.randn(DEMO_ITEMS + 1, 1280)  # EfficientNet-Lite0 width
     text[0] = image[0] = 0
     model = FMRLRec(cfg.model, DEMO_ITEMS, text, image).train()
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
 
     def step(batch: TrainBatch) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -290,7 +290,7 @@ def training_rate(steps: int, threads: int) -> dict:
             hidden, items, batch.labels, cfg.model.nested_sizes, cfg.model.loss_chunk_mb
         )
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
 
     rng = np.random.default_rng(0)

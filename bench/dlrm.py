@@ -9,9 +9,9 @@ defaults: 50,000 impressions split 40k/5k/5k, 26 tables of 1000 rows) written to
 parent reads its train and test splits once into tensors that every job loads. Every job gets
 configs/dlrm-synthetic.yaml's model (D = 16, bottom MLP [64, 16], top MLP [64, 32, 1], dot interaction)
 with the same initial weights (our seeded model, copied into TorchRec's as tests/unit/test_dlrm.py does),
-the same optimizers (tables: TorchRec's fused in-backward Adagrad, lr ``parallel.id_table_lr``; dense:
-AdamW, lr ``train.lr``, eps 1e-9, the same cosine schedule without warm-up, gradients clipped at
-``train.grad_clip``) and the same global batches in the same order (rank r takes rows r, r + R, ...):
+the same optimizers (tables: TorchRec's fused in-backward Adagrad, lr ``parallel.table_lr``; dense:
+AdamW, lr ``optim.lr``, eps 1e-9, the same cosine schedule without warm-up, gradients clipped at
+``optim.grad_clip``) and the same global batches in the same order (rank r takes rows r, r + R, ...):
 
 * **ours**: ``models.dlrm.DLRM`` through ``sharding.dlrm.parallelize_dlrm`` (tables table-wise, dense part
   under FSDP2), stepped as the trainer steps it (``forward`` → BCE → ``backward`` → ``micro_step``);
@@ -31,6 +31,7 @@ lookups being collective) and rank 0 computes the exact ROC AUC and log loss.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -84,15 +85,9 @@ def build_ours(
 
     parallel = parallelize_dlrm(
         model,
-        backend=backend,
-        table_sharding="table_wise",
-        table_optimizer=cfg.parallel.id_table_optimizer,
-        table_lr=cfg.parallel.id_table_lr or cfg.train.lr,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=0,
+        dataclasses.replace(cfg.parallel, backend=backend, table_sharding="table_wise"),
+        dataclasses.replace(cfg.optim, warmup_steps=0),
         total_steps=total_steps,
-        grad_clip=cfg.train.grad_clip,
         micro_batch_size=GLOBAL_BATCH,
         device=device,
     )
@@ -126,8 +121,8 @@ def build_torchrec(
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from models.dlrm import ctr_loss, ids_to_kjt
-    from sharding.fmrl import _id_optimizer_class  # the same class ours gets for the same setting
-    from trainer.optim import cosine_with_warmup
+    from sharding.core import table_optimizer_class  # the same class ours gets for the same setting
+    from sharding.optim import cosine_with_warmup
 
     ours_ebc = model.sparse_arch.embedding_bag_collection
     tables = dict(ours_ebc.state_dict())  # embedding_bags.t_<name>.weight -> (rows, D)
@@ -151,9 +146,9 @@ def build_torchrec(
         for a, b in linears:
             b.weight.copy_(a.weight)
             b.bias.copy_(a.bias)
-    table_optimizer = _id_optimizer_class(cfg.parallel.id_table_optimizer)
+    table_optimizer = table_optimizer_class(cfg.parallel.table_optimizer, device)
     apply_optimizer_in_backward(
-        table_optimizer, twin.sparse_arch.parameters(), {"lr": cfg.parallel.id_table_lr or cfg.train.lr}
+        table_optimizer, twin.sparse_arch.parameters(), {"lr": cfg.parallel.table_lr or cfg.optim.lr}
     )
     names = model.cfg.sparse_names
     constraints = {f"t_{name}": ParameterConstraints(sharding_types=["table_wise"]) for name in names}
@@ -180,7 +175,7 @@ def build_torchrec(
         p.numel() for m in (model.dense_arch, model.over_arch) for p in m.parameters()
     ), "the non-fused parameters are not exactly the MLPs"
     optimizer = torch.optim.AdamW(
-        dense_params, lr=cfg.train.lr, eps=1e-9, weight_decay=cfg.train.weight_decay, fused=True
+        dense_params, lr=cfg.optim.lr, eps=1e-9, weight_decay=cfg.optim.weight_decay, fused=True
     )
     scheduler = cosine_with_warmup(optimizer, 0, total_steps)
     dmp.train()
@@ -192,7 +187,7 @@ def build_torchrec(
     def step(dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> float:
         loss = ctr_loss(forward(dense, ids), labels)
         loss.backward()  # DDP all-reduces the MLP gradients; the tables step in backward
-        torch.nn.utils.clip_grad_norm_(dense_params, cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(dense_params, cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

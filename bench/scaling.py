@@ -58,9 +58,10 @@ def worker(backend: str, warm_up: int, steps: int) -> dict | None:
 
     from data_pipeline.sequences import collate_next_item
     from models.fmrl import FMRLRec
+    from sharding.fmrl import parallelize_fmrl
     from trainer.config import load_config
     from trainer.dist import distributed
-    from trainer.fmrl_task import StepInputs, forward_backward, parallelize_from_config
+    from trainer.tasks.fmrl import StepInputs, forward_backward
 
     with distributed() as (world, device):
         threads = max(1, CORES // world.world_size)
@@ -74,14 +75,17 @@ def worker(backend: str, warm_up: int, steps: int) -> dict | None:
         del text, image
         trainable = model.num_parameters()
         name, zero_stage = BACKENDS[backend]
-        cfg = dataclasses.replace(
-            cfg,
-            parallel=dataclasses.replace(cfg.parallel, backend=name, zero_stage=zero_stage, precision="fp32"),
-            train=dataclasses.replace(
-                cfg.train, grad_accum_steps=1, batch_size=GLOBAL_BATCH // world.world_size
-            ),
+        parallel_cfg = dataclasses.replace(
+            cfg.parallel, backend=name, zero_stage=zero_stage, precision="fp32"
         )
-        parallel = parallelize_from_config(model, cfg, total_steps=warm_up + steps, device=device)
+        parallel = parallelize_fmrl(
+            model,
+            parallel_cfg,
+            dataclasses.replace(cfg.optim, grad_accum_steps=1),
+            total_steps=warm_up + steps,
+            micro_batch_size=GLOBAL_BATCH // world.world_size,
+            device=device,
+        )
         inputs = StepInputs(
             sizes=list(cfg.model.nested_sizes),
             num_items=DEMO_ITEMS,

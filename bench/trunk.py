@@ -106,7 +106,7 @@ def worker(config_name: str, impl: str, steps: int) -> dict:
 
     del text, image
     if impl == "fmrl":
-        from trainer.optim import build_optimizer
+        from sharding.optim import build_optimizer
 
         optimizer = build_optimizer(model, 1e-4, 0.01)
     else:  # the official code's plain AdamW (the fused kernel rejects its complex parameters)

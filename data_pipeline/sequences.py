@@ -64,15 +64,6 @@ def left_pad(rows: Sequence[np.ndarray], max_len: int) -> torch.Tensor:
 
 def collate_next_item(sequences: Sequence[np.ndarray], max_len: int) -> TrainBatch:
     """Next-item batch from item-id sequences of at least 2 items: tokens s[:-1], labels s[1:], left-padded."""
-    import os
-
-    if os.environ.get("FMRL_EXP_FIRST"):
-        labels = left_pad([s for s in sequences], max_len)
-        tokens = left_pad([s[:-1] for s in sequences], max_len)
-        tokens = torch.cat(
-            [torch.zeros(len(sequences), labels.shape[1] - tokens.shape[1], dtype=torch.int64), tokens], 1
-        )
-        return TrainBatch(tokens=tokens, labels=labels)
     return TrainBatch(
         tokens=left_pad([s[:-1] for s in sequences], max_len),
         labels=left_pad([s[1:] for s in sequences], max_len),

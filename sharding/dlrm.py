@@ -4,17 +4,17 @@ or DDP for the dense part.
 The model (models/dlrm) stays single-device PyTorch. :func:`parallelize_dlrm` applies two named steps:
 
 1. **shard the tables**: ``model.sparse_arch`` (one EmbeddingBagCollection, a table per categorical
-   feature) is rebuilt on the meta device with a fused in-backward optimizer (``parallel.id_table_optimizer``,
+   feature) is rebuilt on the meta device with a fused in-backward optimizer (``parallel.table_optimizer``,
    Adagrad by default), placed by the TorchRec planner with ``ParameterConstraints`` that pin the sharding
-   type (``parallel.id_table_sharding``; "auto": table-wise on CPU, row-wise on GPU), and wrapped in
+   type (``parallel.table_sharding``; "auto": table-wise on CPU, row-wise on GPU), and wrapped in
    ``DistributedModelParallel(init_data_parallel=False)``, which materialises only this rank's shards.
    They are filled from the model's own tables, so every layout starts from the same weights.
-2. **wrap the dense part**: bottom MLP, interaction and top MLP as one :class:`DenseDLRM`, wrapped by
-   :func:`sharding.fmrl.wrap_dense` (``fully_shard`` per MLP then the root, a DeepSpeed ZeRO engine, or DDP).
+2. **wrap the dense part**: bottom MLP, interaction and top MLP as one :class:`DenseDLRM`, run by the
+   backend of ``parallel.backend`` (sharding/backends.py: FSDP2 per MLP then the root, DeepSpeed ZeRO, DDP).
 
 One training step on every backend (see :class:`ParallelDLRM`)::
 
-    parallel = parallelize_dlrm(DLRM(cfg), backend="fsdp2", ...)
+    parallel = parallelize_dlrm(DLRM(cfg), ParallelConfig(), OptimConfig(), total_steps=..., ...)
     logits = parallel.forward(batch.dense, batch.sparse)   # (B,): (B, N_d) floats, (B, F) ids
     parallel.backward(ctr_loss(logits, batch.labels)); parallel.micro_step(True)
 
@@ -33,14 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from models.dlrm import DLRM, DLRMConfig, SparseArch, ids_to_kjt
-from sharding.fmrl import (
-    ParallelModel,
-    _id_optimizer_class,
-    _sharding_type,
-    fill_shards,
-    nested_min_partition,
-    wrap_dense,
-)
+from sharding.backends import wrap_dense
+from sharding.config import OptimConfig, ParallelConfig
+from sharding.core import ParallelModel, fill_shards, plan, table_optimizer_class, table_sharding_type
 
 
 class DenseDLRM(nn.Module):
@@ -68,21 +63,25 @@ def plan_tables(tables: SparseArch, topology: Any, sharding_type: str, *, collec
     plan and the memory per rank before a job is launched. Column-wise shards are the narrowest multiple
     of 4 columns that divides D and needs at most one shard per rank."""
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner import ParameterConstraints
 
     # column-wise: split every table over the ranks (the planner would otherwise keep a small table whole)
     dim = tables.embedding_dim
-    width = nested_min_partition(dim, list(range(4, dim + 1, 4)), topology.world_size)
+    width = _column_shard_width(dim, topology.world_size)
     min_partition = width if sharding_type == "column_wise" else None
     constraints = {
         table: ParameterConstraints(sharding_types=[sharding_type], min_partition=min_partition)
         for table in tables.embedding_bag_collection.embedding_bags
     }
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    sharders: list[Any] = [EmbeddingBagCollectionSharder()]
-    if collective:
-        return planner.collective_plan(tables, sharders, dist.GroupMember.WORLD)
-    return planner.plan(tables, sharders)
+    return plan(tables, [EmbeddingBagCollectionSharder()], constraints, topology, collective=collective)
+
+
+def _column_shard_width(dim: int, world_size: int) -> int:
+    """The narrowest multiple of 4 that divides ``dim`` and needs at most one shard per rank (else dim)."""
+    for width in range(4, dim + 1, 4):
+        if width * world_size >= dim and dim % width == 0:
+            return width
+    return dim
 
 
 class ShardedSparseArch(nn.Module):
@@ -106,12 +105,12 @@ class ShardedSparseArch(nn.Module):
         from torchrec.distributed.planner import Topology
 
         tables = SparseArch(cfg, device="meta")  # only this rank's shards are ever allocated
-        apply_optimizer_in_backward(_id_optimizer_class(optimizer), tables.parameters(), {"lr": lr})
+        apply_optimizer_in_backward(table_optimizer_class(optimizer, device), tables.parameters(), {"lr": lr})
         world_size = dist.get_world_size()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         topology = Topology(world_size=world_size, local_world_size=local_world, compute_device=device.type)
         self.plan = plan_tables(
-            tables, topology, _sharding_type(sharding, device, "table_wise"), collective=True
+            tables, topology, table_sharding_type(sharding, device, "table_wise"), collective=True
         )
         self.dmp = DistributedModelParallel(
             tables,
@@ -145,18 +144,18 @@ class ShardedSparseArch(nn.Module):
 class ParallelDLRM(ParallelModel):
     """DLRM distributed: sharded tables (:class:`ShardedSparseArch`) and the wrapped :class:`DenseDLRM`.
     Stepping, checkpoint state (``state_dict`` / ``load_state_dict`` for DCP), snapshots for early
-    stopping: see :class:`sharding.fmrl.ParallelModel`; every table is trainable, so all are saved."""
+    stopping: see :class:`sharding.core.ParallelModel`; every table is trainable, so all are saved."""
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """Logits (B,) of dense features (B, N_d) and categorical ids (B, F). Collective."""
         embedded = self.sparse(sparse)  # (B, F, D)
         with self.autocast():
-            return self.dense(dense.to(self.sparse.device), embedded).float()
+            return self.dense.module(dense.to(self.sparse.device), embedded).float()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model as full tensors on rank 0, named like ``DLRM.state_dict()``; None on other
         ranks. Collective."""
-        dense = self._full_dense_state()
+        dense = self.dense.full_state_dict()
         tables = self.sparse.gather_tables()
         if dist.get_rank() != 0:
             return None
@@ -166,52 +165,37 @@ class ParallelDLRM(ParallelModel):
 
 def parallelize_dlrm(
     model: DLRM,
+    parallel: ParallelConfig,
+    optim: OptimConfig,
     *,
-    backend: str,
-    zero_stage: int = 2,
-    table_sharding: str = "auto",
-    table_optimizer: str = "adagrad",
-    table_lr: float,
-    lr: float,
-    weight_decay: float,
-    warmup_steps: int,
     total_steps: int,
-    grad_clip: float,
-    grad_accum_steps: int = 1,
     micro_batch_size: int,
-    precision: str = "fp32",
     device: torch.device,
 ) -> ParallelDLRM:
-    """Shard the tables with TorchRec, then wrap the dense part with ``backend``. Needs an initialised
-    process group (a job of one rank is fine). The model's own tables are freed afterwards (moved to the
-    meta device): each rank keeps only its shards."""
+    """Shard the tables with TorchRec (``parallel.table_*``), then wrap the dense part with
+    ``parallel.backend`` and ``optim``'s AdamW over ``total_steps`` steps. Needs an initialised process
+    group (a job of one rank is fine). The model's own tables are freed afterwards (moved to the meta
+    device): each rank keeps only its shards."""
     if not dist.is_initialized():
         raise RuntimeError("parallelize_dlrm needs torch.distributed to be initialised (see trainer.dist)")
     sparse = ShardedSparseArch(
         model.sparse_arch,
         model.cfg,
         device=device,
-        sharding=table_sharding,
-        optimizer=table_optimizer,
-        lr=table_lr,
+        sharding=parallel.table_sharding,
+        optimizer=parallel.table_optimizer,
+        lr=parallel.table_lr or optim.lr,
     )
     model.sparse_arch.to_empty(device=torch.device("meta"))
     dense = DenseDLRM(model).to(device)
-    wrapped, optimizer, scheduler = wrap_dense(
+    backend = wrap_dense(
         dense,
         [dense.dense_arch, dense.over_arch],
-        backend=backend,
-        zero_stage=zero_stage,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
+        parallel,
+        optim,
         total_steps=total_steps,
-        grad_clip=grad_clip,
-        grad_accum_steps=grad_accum_steps,
         micro_batch_size=micro_batch_size,
         device=device,
     )
-    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-    return ParallelDLRM(
-        model, sparse, wrapped, backend, optimizer, scheduler, grad_clip, autocast_dtype, grad_accum_steps
-    )
+    autocast_dtype = torch.bfloat16 if parallel.precision == "bf16" else None
+    return ParallelDLRM(model, sparse, backend, autocast_dtype)

@@ -27,11 +27,12 @@ an error (storage refusing, a full disk) raises at once, naming the checkpoint, 
 disk, the free space. Loading has the same deadline. Uncommitted step folders (a save that died with its
 job, an abandoned one) are removed by the next save.
 
-What goes into a checkpoint is assembled by the trainer (:func:`trainer.train.training_state`): the
-dense model and optimizer (FSDP2 DTensors or DDP tensors, through
-``torch.distributed.checkpoint.state_dict``), the TorchRec item tables and their fused optimizer state
-(ShardedTensors, loaded in place), the schedule, and per-rank positions (data loader, RNG) gathered into
-one JSON document.
+What goes into a checkpoint is a :class:`TrainingState`: named objects with ``state_dict()`` /
+``load_state_dict()``, saved and loaded as they are. The trainer's are the parallel model (the dense
+model and optimizer: FSDP2 DTensors, DDP tensors or DeepSpeed's unpartitioned state; the TorchRec tables
+and their fused optimizer state, ShardedTensors loaded in place; the schedule), the run's progress and
+early-stopping state, and every rank's position (data loader, RNG) gathered into one JSON document
+(trainer/state.py). When a checkpoint is due is the manager's business too (:meth:`CheckpointManager.due`).
 
 Loading never runs arbitrary pickles. DCP pickles its ``.metadata`` and ``torch.save``s non-tensor
 values; here the metadata is read by an unpickler that admits only DCP's own metadata classes, torch
@@ -213,6 +214,34 @@ def _fsspec_kwargs(options: StorageOptions | None) -> dict[str, Any]:
     return {} if options is None else s3_filesystem_kwargs(options)
 
 
+class TrainingState:
+    """Named parts whose ``state_dict()`` entries together make one checkpoint (the entries of different
+    parts must not share a key) and that take them back with ``load_state_dict()``."""
+
+    def __init__(self, **parts: Any) -> None:
+        self.parts = parts
+        self._keys: dict[str, list[str]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every part's entries (live tensors: a DCP load fills them in place). Collective when a part's is."""
+        state: dict[str, Any] = {}
+        for name, part in self.parts.items():
+            entries = part.state_dict()
+            clash = state.keys() & entries.keys()
+            if clash:
+                raise ValueError(f"checkpoint part {name!r} repeats the entries {sorted(clash)}")
+            self._keys[name] = list(entries)
+            state.update(entries)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Give each part its entries back; a part none of whose entries were loaded is left as it is."""
+        for name, part in self.parts.items():
+            entries = {key: state[key] for key in self._keys.get(name, []) if key in state}
+            if entries:
+                part.load_state_dict(entries)
+
+
 @dataclass
 class _Save:
     """A save in flight."""
@@ -232,13 +261,14 @@ class CheckpointManager:
         options: StorageOptions | None = None,
         keep_last: int = 3,
         *,
+        every: int = 0,
         timeout: float = 600.0,
         slow_warning: float = 60.0,
         max_abandoned: int = 3,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.root, self.options, self.keep_last = root.rstrip("/"), options, keep_last
+        self.root, self.options, self.keep_last, self.every = root.rstrip("/"), options, keep_last, every
         self.timeout, self.slow_warning, self.max_abandoned = timeout, slow_warning, max_abandoned
         self._group: Any = None
         self._executor: ThreadPoolExecutor | None = None
@@ -247,6 +277,11 @@ class CheckpointManager:
 
     def url(self, step: int) -> str:
         return join(self.root, f"step-{step:09d}")
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due at ``step`` between epoch ends (every ``every`` steps; 0: never).
+        The trainer saves at every epoch end and when a job stops early anyway."""
+        return bool(self.every) and step % self.every == 0
 
     def _writer(self, url: str) -> Any:
         if is_remote(url):
@@ -270,9 +305,15 @@ class CheckpointManager:
         return SafeFileSystemReader(url)
 
     def save(
-        self, step: int, state: dict[str, Any], info: dict[str, Any] | None = None, *, blocking: bool = True
+        self,
+        step: int,
+        state: TrainingState | dict[str, Any],
+        info: dict[str, Any] | None = None,
+        *,
+        blocking: bool = True,
     ) -> str:
-        """Write ``state`` as checkpoint ``step``; the commit marker goes last. Returns its URL.
+        """Write ``state`` (a :class:`TrainingState`, or a DCP state dict) as checkpoint ``step``; the
+        commit marker goes last. Returns its URL. Collective.
 
         ``blocking=False`` copies ``state`` to fresh CPU memory on this thread (so training may change
         the live tensors right away) and writes, verifies and commits in a background thread; the next
@@ -281,6 +322,8 @@ class CheckpointManager:
         """
         self.wait()
         url, start = self.url(step), time.monotonic()
+        if isinstance(state, TrainingState):
+            state = state.state_dict()
         group = self._process_group()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -530,13 +573,19 @@ class CheckpointManager:
         with open_read(path, self.options) as f:
             return json.loads(f.read())
 
-    def load(self, url: str, state: dict[str, Any], only: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Fill ``state`` in place from checkpoint ``url`` (DCP reshards across world sizes where the
-        tensors allow it); ``only`` restricts it to those top-level keys. Returns the commit marker."""
+    def load(
+        self, url: str, state: TrainingState | dict[str, Any], only: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Fill ``state`` from checkpoint ``url`` (DCP reshards across world sizes where the tensors allow
+        it): a DCP state dict in place, a :class:`TrainingState` part by part. ``only`` restricts it to
+        those top-level entries. Returns the commit marker. Collective."""
         marker = self.marker(url)
         self.verify(url, marker)
-        if only:
-            state = {key: value for key, value in state.items() if key in only}
+        parts = state if isinstance(state, TrainingState) else None
+        full = parts.state_dict() if parts is not None else state
+        assert isinstance(full, dict)
+        # the entries not asked for stay as they are (live tensors: the current state)
+        state = {key: value for key, value in full.items() if key in only} if only else full
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-load")
         future = loader.submit(dcp.load, state, storage_reader=self._reader(url), planner=_SafeLoadPlanner())
         loader.shutdown(wait=False)
@@ -558,6 +607,9 @@ class CheckpointManager:
             raise CheckpointError(
                 self._redact(f"loading checkpoint {url} failed: {type(e).__name__}: {e}")
             ) from e
+        if parts is not None:
+            full.update(state)  # DCP replaced the non-tensor entries (JSON strings) in its dict
+            parts.load_state_dict(full)
         return marker
 
     def read_full(self, url: str) -> dict[str, Any]:

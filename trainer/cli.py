@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train fMRL-LRU and report test metrics per nested size")
     train.add_argument("--config", help="YAML config file (default: built-in defaults)")
     train.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4"
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4"
     )
     _add_launch_command(commands)
     _add_data_commands(commands)

@@ -1,7 +1,7 @@
 """Typed, validated run configuration: YAML files plus dotted command-line overrides.
 
 A config is a tree of keyword-only dataclasses (``Config`` with one section per concern). YAML is read
-with ``yaml.safe_load``, overrides such as ``train.lr=3e-4`` are applied on top of it, and one generic
+with ``yaml.safe_load``, overrides such as ``optim.lr=3e-4`` are applied on top of it, and one generic
 builder turns the resulting plain mapping into the dataclasses, checking every key and type against the
 fields' type hints. Value checks live in each section's ``__post_init__``. Every error is a
 ``ConfigError`` that names the full dotted key, so a typo on the command line is reported as precisely as
@@ -27,6 +27,7 @@ import yaml
 
 from models.dlrm.config import DLRMConfig
 from models.fmrl.config import FMRLConfig
+from sharding.config import OptimConfig, ParallelConfig
 
 __all__ = [
     "PATH_KEYS",
@@ -36,12 +37,16 @@ __all__ = [
     "DLRMSection",
     "DataConfig",
     "EvalConfig",
+    "OptimConfig",
+    "ParallelConfig",
     "RunConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
     "dump_config",
     "load_config",
+    "load_saved_config",
+    "upgrade_saved_config",
     "with_absolute_paths",
 ]
 
@@ -103,33 +108,24 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Optimisation, schedule and early stopping."""
+    """The training loop: epochs and batches, early stopping, the loss (the dense optimizer: ``optim``)."""
 
     epochs: int = 20
-    """Maximum number of passes over the training sequences."""
+    """Maximum number of passes over the training data."""
     batch_size: int = 64
-    """Sequences per optimisation step."""
+    """Samples (sequences, impressions) per rank and micro-batch: a step of R ranks takes
+    batch_size x R x optim.grad_accum_steps samples."""
     max_len: int = 50
     """Model input window: only the last max_len items of a sequence are fed to the model."""
-    lr: float = 1e-3
-    """Peak learning rate of AdamW (reached at the end of warmup)."""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
-    warmup_steps: int = 100
-    """Steps of linear learning-rate warmup from 0."""
-    grad_clip: float = 5.0
-    """Maximum global L2 norm of the gradients."""
     patience: int = 10
-    """Epochs without improvement of validation NDCG@10 (at the largest nested size) before stopping."""
+    """Epochs without improvement of the validation score (fMRL: NDCG@10 at the largest nested size;
+    DLRM: AUC) before stopping."""
     seed: int = 42
-    """Seed of parameter initialisation, shuffling and dropout."""
+    """Seed of parameter initialisation, shuffling, dropout and sampled negatives."""
     num_threads: int = 0
     """torch intra-op threads; 0 divides the machine's cores evenly among the ranks on it."""
     max_steps: int = 0
     """Stop after this many optimisation steps in total; 0 means no limit (smoke tests use it)."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimisation step (each of train.batch_size sequences per rank). The fused
-    optimizer of a learnable ID table steps in every backward, i.e. per micro-batch."""
     loss: str = "auto"
     """"full" softmax over every item, "sampled" softmax (in-batch + sampled negatives, logQ-corrected),
     or "auto": full up to train.full_softmax_max_items items, sampled above."""
@@ -144,14 +140,9 @@ class TrainConfig:
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.max_len", self.max_len, 2)
-        _positive("train.lr", self.lr)
-        _at_least("train.weight_decay", self.weight_decay, 0)
-        _at_least("train.warmup_steps", self.warmup_steps, 0)
-        _positive("train.grad_clip", self.grad_clip)
         _at_least("train.patience", self.patience, 1)
         _at_least("train.num_threads", self.num_threads, 0)
         _at_least("train.max_steps", self.max_steps, 0)
-        _at_least("train.grad_accum_steps", self.grad_accum_steps, 1)
         _one_of("train.loss", self.loss, ("auto", "full", "sampled"))
         _at_least("train.full_softmax_max_items", self.full_softmax_max_items, 1)
         _at_least("train.num_negatives", self.num_negatives, 1)
@@ -185,50 +176,6 @@ class EvalConfig:
         _require(10 in ks, f"eval.ks must contain 10 (early stopping monitors NDCG@10), got {ks}")
         _at_least("eval.batch_size", self.batch_size, 1)
         _at_least("eval.max_users", self.max_users, 0)
-
-
-SHARDING_TYPES = ("auto", "table_wise", "column_wise", "row_wise", "data_parallel")
-
-
-@dataclass(kw_only=True)
-class ParallelConfig:
-    """How the model is spread over the ranks of a torchrun job (one process is a job of one rank)."""
-
-    backend: str = "fsdp2"
-    """Dense trunk (projector + LRU blocks): "fsdp2" (fully_shard per LRU block, then the trunk root),
-    "deepspeed" (ZeRO stage parallel.zero_stage on the trunk only) or "ddp"."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage, 1, 2 or 3 (backend "deepspeed" only)."""
-    feature_table_sharding: str = "auto"
-    """TorchRec sharding of the frozen text and image tables; "auto": table_wise on CPU, row_wise on GPU."""
-    id_table_sharding: str = "auto"
-    """TorchRec sharding of the learnable ID table (task dlrm: of every categorical feature's table);
-    "auto": column_wise on CPU (shard widths on nested sizes; dlrm: table_wise), row_wise on GPU.
-    Row-wise sharding needs CUDA (TorchRec has no CPU kernel for it)."""
-    id_table_optimizer: str = "adagrad"
-    """Fused in-backward optimizer of the ID table (task dlrm: of the categorical tables): "adagrad",
-    "rowwise_adagrad", "adam" or "sgd".
-    Row-wise Adagrad keeps one statistic per row *per shard*: under column-wise sharding it depends on
-    the number of shards, so a run on 2 ranks no longer matches 1 rank and its state cannot be resharded."""
-    id_table_lr: float = 0.0
-    """Learning rate of the ID table's optimizer; 0 means train.lr."""
-    precision: str = "fp32"
-    """"fp32", or "bf16": autocast of the trunk's matmuls to bfloat16 on GPU (states stay fp32)."""
-
-    def __post_init__(self) -> None:
-        _one_of("parallel.backend", self.backend, ("fsdp2", "deepspeed", "ddp"))
-        _require(
-            self.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage!r}"
-        )
-        _one_of("parallel.feature_table_sharding", self.feature_table_sharding, SHARDING_TYPES)
-        _one_of("parallel.id_table_sharding", self.id_table_sharding, SHARDING_TYPES)
-        _one_of(
-            "parallel.id_table_optimizer",
-            self.id_table_optimizer,
-            ("rowwise_adagrad", "adagrad", "adam", "sgd"),
-        )
-        _at_least("parallel.id_table_lr", self.id_table_lr, 0)
-        _one_of("parallel.precision", self.precision, ("fp32", "bf16"))
 
 
 @dataclass(kw_only=True)
@@ -358,11 +305,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """The dataset."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation and early stopping."""
+    """The training loop: epochs, batches, early stopping, the loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW on the dense part (defined and validated in sharding.config)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Ranking evaluation."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Distribution over ranks: dense backend, table sharding, precision."""
+    """Distribution over ranks: dense backend, table sharding, precision (defined in sharding.config)."""
     run: RunConfig = field(default_factory=RunConfig)
     """Outputs and logging."""
 
@@ -384,7 +333,7 @@ class Config:
 _SCALAR_NAMES = {bool: "a bool", int: "an int", float: "a float", str: "a str"}
 
 # PyYAML implements YAML 1.1, which reads "1e-3" (no dot, unsigned exponent) as a string; float fields
-# therefore also take strings that are plain decimal literals, so `train.lr=3e-4` works as users expect.
+# therefore also take strings that are plain decimal literals, so `optim.lr=3e-4` works as users expect.
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -409,7 +358,36 @@ def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
     return ConfigError(f"{key} must be {_describe(tp)}, got {_show(value)}")
 
 
+MOVED_KEYS = {
+    "train.lr": "optim.lr",
+    "train.weight_decay": "optim.weight_decay",
+    "train.warmup_steps": "optim.warmup_steps",
+    "train.grad_clip": "optim.grad_clip",
+    "train.grad_accum_steps": "optim.grad_accum_steps",
+    "parallel.id_table_sharding": "parallel.table_sharding",
+    "parallel.id_table_optimizer": "parallel.table_optimizer",
+    "parallel.id_table_lr": "parallel.table_lr",
+}
+"""Keys that moved (old -> new): a config that uses an old one is told the new one; configs saved by
+earlier runs (run folders, checkpoint markers) are upgraded when read (:func:`upgrade_saved_config`)."""
+
+
+def upgrade_saved_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier version (a run's config.yaml, a checkpoint marker's) in today's
+    keys (:data:`MOVED_KEYS`)."""
+    out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        new_section, new_key = new.split(".")
+        if old_key in out.get(old_section, {}):
+            out.setdefault(new_section, {})[new_key] = out[old_section].pop(old_key)
+    return out
+
+
 def _unknown_key(prefix: str, name: object, valid: Sequence[str]) -> ConfigError:
+    moved = MOVED_KEYS.get(_join(prefix, str(name)))
+    if moved:
+        return ConfigError(f"'{_join(prefix, str(name))}' is now '{moved}': rename it")
     valid = sorted(valid)
     if prefix:
         message = f"unknown key '{_join(prefix, str(name))}' (valid keys in '{prefix}': {', '.join(valid)})"
@@ -514,7 +492,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     parts = key.split(".")
     if not sep or not key or not all(parts):
         raise ConfigError(
-            f"invalid override '{override}': expected KEY=VALUE with a dotted KEY, e.g. 'train.lr=3e-4'"
+            f"invalid override '{override}': expected KEY=VALUE with a dotted KEY, e.g. 'optim.lr=3e-4'"
         )
     try:
         value = yaml.safe_load(raw)
@@ -597,7 +575,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
     """Load a config from a YAML file (``None``: all defaults) and apply dotted ``KEY=VALUE`` overrides.
 
-    Override values are parsed as YAML (``train.lr=3e-4``, ``model.nested_sizes=[8,16,32]``,
+    Override values are parsed as YAML (``optim.lr=3e-4``, ``model.nested_sizes=[8,16,32]``,
     ``eval.exclude_history=true``) and applied in order on top of the file. A whole section can be
     replaced with a mapping value (``train={epochs: 3}``).
     """
@@ -636,6 +614,11 @@ def with_absolute_paths(cfg: Config, base: str | None = None) -> Config:
         section: dataclasses.replace(getattr(cfg, section), **keys) for section, keys in sections.items()
     }
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def load_saved_config(path: str) -> Config:
+    """The config a run saved (its ``config.yaml``), also from an earlier version (:data:`MOVED_KEYS`)."""
+    return config_from_dict(upgrade_saved_config(_read_yaml(path)))
 
 
 class _Dumper(yaml.SafeDumper):

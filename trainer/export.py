@@ -67,14 +67,14 @@ def load_trained_model(
 ) -> FMRLRec | DLRM:
     """The best model of a finished run: its config, the dataset's frozen features (fMRL; ``features``
     names another copy of them) or its feature list (DLRM), its weights."""
-    from trainer.config import load_config
+    from trainer.config import load_saved_config
 
     config_path = os.path.join(run_dir, "config.yaml")
     weights_path = os.path.join(run_dir, "model.safetensors")
     for path in (config_path, weights_path):
         if not os.path.exists(path):
             raise ExportError(f"{path} is missing: {run_dir!r} is not a finished run folder")
-    cfg = load_config(config_path)
+    cfg = load_saved_config(config_path)
     if cfg.task == "dlrm":
         from data_pipeline.ctr import CTRDataset
 
@@ -115,7 +115,7 @@ def load_checkpoint_model(
     checkpoint that its newest complete one names as holding the best weights (else the newest)."""
     from sharding.fmrl import DenseFMRL
     from trainer.checkpoint import COMMIT, CheckpointManager
-    from trainer.config import config_from_dict
+    from trainer.config import config_from_dict, upgrade_saved_config
 
     url = url.rstrip("/")
     if not exists(join(url, COMMIT), options):
@@ -132,7 +132,7 @@ def load_checkpoint_model(
     marker = manager.marker(url)
     if "config" not in marker:
         raise ExportError(f"{url}/{COMMIT} records no config (an older checkpoint); export its run folder")
-    cfg = config_from_dict(marker["config"])
+    cfg = config_from_dict(upgrade_saved_config(marker["config"]))
     state = manager.read_full(url)
     if cfg.task == "dlrm":
         model_cfg = cfg.dlrm.model_config(
@@ -210,10 +210,10 @@ def _is_run_folder(url: str) -> bool:
 def source_config(url: str, options: StorageOptions | None = None) -> Any:
     """The training config of a run folder or checkpoint (what `fmrl export` reads it with)."""
     from trainer.checkpoint import COMMIT, CheckpointManager
-    from trainer.config import config_from_dict, load_config
+    from trainer.config import config_from_dict, load_saved_config, upgrade_saved_config
 
     if _is_run_folder(url):
-        return load_config(os.path.join(url, "config.yaml"))
+        return load_saved_config(os.path.join(url, "config.yaml"))
     url = url.rstrip("/")
     if not exists(join(url, COMMIT), options):
         latest = CheckpointManager(url, options).latest()
@@ -221,7 +221,7 @@ def source_config(url: str, options: StorageOptions | None = None) -> Any:
             raise ExportError(f"{url} holds no complete checkpoint")
         url = latest
     marker = CheckpointManager(url.rsplit("/", 1)[0], options).marker(url)
-    return config_from_dict(marker["config"])
+    return config_from_dict(upgrade_saved_config(marker["config"]))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from trainer.metrics import METRIC_NAMES
+from trainer.evaluation.metrics import METRIC_NAMES
 
 
 def format_size_table(

@@ -7,28 +7,33 @@ stopping, stop requests, the final test.
     fmrl train --config configs/dlrm-synthetic.yaml                         # task: dlrm
 
 One code path for any number of ranks (a plain process is a job of one). What differs between model
-families is a :class:`TrainingTask` (``task:`` in the config): :class:`trainer.fmrl_task.FMRLTask`
-(Matryoshka sequential recommendation, early stopping on NDCG@10) and
-:class:`trainer.dlrm_task.DLRMTask` (click-through rate, early stopping on AUC). A task builds its data
-loader and its distributed model (sharding/), steps one micro-batch, evaluates a split and reports; this
-module does the rest in the same way for both::
+families is a :class:`~trainer.tasks.base.TrainingTask` (``task:`` in the config, trainer/tasks/): it
+builds its data loader and its distributed model (sharding/), steps one micro-batch, evaluates a split
+and reports. :class:`Trainer` does the rest, in the same way for both::
 
+    resume from a checkpoint, if asked
     for epoch in epochs:
         for batch in task.loader:
-            task.train_step(batch); task.parallel.micro_step(...)   # + loss all-reduce, checkpoints
-        metrics = task.evaluate("valid")                            # early stopping on task.score(...)
-        checkpoints.save(...)
-    restore the best weights; task.test(); task.report(...)
+            train_step(batch)        # forward + backward; at an accumulation boundary the optimizer step
+            if should_stop():        # run.stop_after_steps, a stop file, SIGUSR1, a lost torchrun agent
+                return stop_here()   # checkpoint, no final test
+            maybe_save()             # every run.checkpoint_every steps
+        end_epoch()                  # validate, early stopping, checkpoint
+        if stopping.exhausted or the step budget is spent: break
+    finish()                         # the best weights back, save them, test, report
 
-Rank 0 writes the run directory (``run.out_dir/run.name``): the resolved config, the TorchRec plan,
-TensorBoard scalars, the best model's weights (safetensors), and the task's report.
+The loop's state lives in objects that the checkpoint manager saves and loads as they are
+(trainer/state.py: :class:`~trainer.state.Progress`, :class:`~trainer.state.EarlyStopping`,
+:class:`~trainer.state.RankPositions`; the model's own in :class:`~sharding.core.ParallelModel`).
+
+Rank 0 writes the run directory (``run.out_dir/run.name``, trainer/run_folder.py): the resolved config,
+the TorchRec plan, TensorBoard scalars, the best model's weights (safetensors), and the task's report.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -36,7 +41,6 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,127 +49,392 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data_pipeline.loader import ShardBatchLoader
 from data_pipeline.storage import StorageOptions
-from sharding.fmrl import ParallelModel
 from sharding.world import World, set_cpu_threads
-from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.config import Config, DataConfig, TrainConfig, config_to_dict, dump_config, with_absolute_paths
+from trainer.checkpoint import CheckpointError, CheckpointManager, TrainingState
+from trainer.config import (
+    Config,
+    DataConfig,
+    config_to_dict,
+    dump_config,
+    upgrade_saved_config,
+    with_absolute_paths,
+)
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
 from trainer.preemption import StopRequest
 from trainer.run_folder import RunFolderError, RunLease, choose_run_folder, empty_folder
+from trainer.state import EarlyStopping, Progress, RankPositions, RunState
+from trainer.tasks import task_class
+from trainer.tasks.base import RunResult, TrainingTask
 
 log = logging.getLogger("fmrl")
 
-Metrics = Any
-"""A task's metrics of one split: JSON-able (fMRL: {size: {name: value}}, DLRM: {name: value})."""
+__all__ = ["RunResult", "Trainer", "incompatible", "train"]
 
 
-@dataclass
-class RunResult:
-    run_dir: str
-    best_epoch: int = 0
-    epochs: int = 0
-    """Epochs trained (the last one may have been cut short by train.max_steps)."""
-    steps: int = 0
-    train_losses: list[float] = field(default_factory=list)
-    """Loss of every optimizer step (the mean over all ranks' loss terms), in order."""
-    valid_metrics: Metrics = field(default_factory=dict)
-    """Validation metrics of the best epoch."""
-    test_metrics: Metrics = field(default_factory=dict)
-    """Test metrics of the best model."""
-    baseline_metrics: Metrics = field(default_factory=dict)
-    """Test metrics of the task's baseline (fMRL: most popular; DLRM: the constant click rate)."""
-    train_seconds: float = 0.0
-    """Wall time of the optimisation steps (evaluation excluded)."""
-    peak_rss_mib: float = 0.0
-    """This rank's peak resident memory."""
-    stopped: bool = False
-    """The job ended early (run.stop_after_steps or a stop request) after saving a checkpoint."""
+def train(cfg: Config) -> RunResult:
+    """Train the model of ``cfg.task``, early-stop on its validation score, test the best model, write the
+    report. Runs as one rank of a torchrun job, or as a job of one rank in a plain process. Relative
+    paths in ``cfg`` are taken from the current directory; the run records them absolute."""
+    cfg = with_absolute_paths(cfg)
+    with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
+        options = storage_options(cfg.data)
+        with run_folder(cfg, world, options) as run_dir:
+            seed_everything(cfg.train.seed)  # the same initial model on every rank
+            threads = set_cpu_threads(cfg.train.num_threads, world)
+            log.info(
+                "rank %d/%d on %s, %d CPU threads, run directory %s",
+                world.rank,
+                world.world_size,
+                device,
+                threads,
+                run_dir,
+            )
+            task = task_class(cfg.task).from_config(cfg, world, device, options)
+            return Trainer(cfg, task, world, run_dir, options, stop_request).run()
 
 
-@dataclass
-class Progress:
-    """Early-stopping state that a checkpoint carries besides the steps and losses."""
+class Trainer:
+    """One run of a task, from start (or resume) to the report. See the module docstring."""
 
-    best_score: float = float("-inf")
-    epochs_without_gain: int = 0
-    best_step: int = 0
-    """Step of the checkpoint that holds the best weights (saved at that epoch's end); 0 if none yet."""
+    def __init__(
+        self,
+        cfg: Config,
+        task: TrainingTask,
+        world: World,
+        run_dir: str,
+        options: StorageOptions,
+        stop_request: StopRequest,
+    ) -> None:
+        self.cfg, self.task, self.world, self.run_dir = cfg, task, world, run_dir
+        self.main = world.rank == 0
+        self.stop_request = stop_request
+        self.parallel, self.loader = task.parallel, task.loader
+        self.progress = Progress()
+        self.stopping = EarlyStopping(patience=cfg.train.patience)
+        self.positions = RankPositions(task.loader, task, world.rank, world.world_size)
+        run_state = RunState(self.progress, self.stopping, world.world_size, task.metrics_from_json)
+        self.state = TrainingState(model=task.parallel, run=run_state, positions=self.positions)
+        self.checkpoints = CheckpointManager(
+            cfg.run.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
+            options,
+            cfg.run.keep_checkpoints,
+            every=cfg.run.checkpoint_every,
+            timeout=cfg.run.checkpoint_timeout,
+            max_abandoned=cfg.run.checkpoint_max_abandoned,
+        )
+        self.identity = {"config": config_to_dict(cfg), **task.identity}
+        self.writer: Any = None
+        self.keys_log: Any = None
+        self.best_weights: list[torch.Tensor] = []
+        self.window = StepWindow()
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    def run(self) -> RunResult:
+        self.start()
+        self.parallel.set_training(True)
+        if self.should_stop():  # resumed at the limit: save in this job's layout, then stop
+            return self.stop_here()
+        for epoch in range(self.loader.epoch + 1, self.cfg.train.epochs + 1):
+            if self.train_epoch(epoch):
+                return self.stop_here()
+            self.end_epoch(epoch)
+            if self.should_stop():
+                return self.stop_here()
+            if self.stopping.exhausted:
+                if self.main:
+                    log.info(
+                        "early stopping: no gain in %s for %d epochs",
+                        self.task.early_stopping,
+                        self.cfg.train.patience,
+                    )
+                break
+            if self.progress.steps >= self.task.total_steps:
+                break
+        return self.finish()
+
+    def start(self) -> None:
+        """Resume if asked, then write the run record (only once the data, the model and the checkpoint
+        were accepted) and open the logs."""
+        if (
+            self.main
+        ):  # a save that died with an earlier job left a folder without a marker: it only takes space
+            self.checkpoints.remove_debris()
+        cfg = self.cfg
+        url = self.checkpoints.latest() if cfg.run.resume == "auto" else cfg.run.resume
+        if url:
+            self.resume(url)
+        elif cfg.run.resume == "auto" and self.main:
+            log.info("run.resume=auto: no complete checkpoint in %s, starting afresh", self.checkpoints.root)
+        if not self.best_weights:
+            self.best_weights = self.parallel.snapshot()
+        if self.main:
+            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            with open(os.path.join(self.run_dir, "sharding_plan.txt"), "w") as f:
+                f.write(str(self.parallel.sparse.plan) + "\n")
+            if cfg.run.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+        if cfg.run.log_sample_keys:
+            self.keys_log = open(os.path.join(self.run_dir, f"sample_keys.rank{self.world.rank}.txt"), "a")
+
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch's steps (the rest of it, after a mid-epoch resume); True if the job must stop now."""
+        loader, cfg = self.loader, self.cfg
+        bar = tqdm(
+            loader,
+            total=loader.steps_in_epoch(loader.epoch),
+            desc=f"epoch {epoch}",
+            disable=not (cfg.run.progress_bar and self.main),
+            leave=False,
+            # redraws flood log files (batch jobs, CI): redraw rarely when stderr is not a terminal
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+        )
+        self.window.start_epoch(self.progress.steps - loader.batches_in_epoch // cfg.optim.grad_accum_steps)
+        batches_left = loader.steps_in_epoch(loader.epoch) - loader.batches_in_epoch
+        for batch in bar:
+            batches_left -= 1
+            if not self.train_step(batch):
+                continue  # inside a gradient accumulation
+            bar.set_postfix(self.window.postfix(self.progress, self.task.sample_unit), refresh=False)
+            # the last step of an epoch (or of training) is checkpointed after the validation, so that
+            # its checkpoint holds the early-stopping state: one checkpoint per step
+            if self.progress.steps >= self.task.total_steps:
+                break
+            if batches_left == 0:
+                continue  # the loader ends the epoch
+            self.maybe_save()
+            if self.should_stop():
+                return True
+        return False
+
+    def train_step(self, batch: Any) -> bool:
+        """Forward and backward of one micro-batch; at an accumulation boundary the optimizer step, one
+        all-reduce (loss, count, samples, stop flag) and the logs. True if an optimizer step was taken."""
+        boundary = self.window.next_micro_batch(self.cfg.optim.grad_accum_steps)
+        self.parallel.set_grad_sync(boundary)
+        loss_sum, count, samples = self.task.train_step(batch)
+        if self.keys_log is not None:
+            self.keys_log.write(" ".join(batch.keys) + "\n")
+            self.keys_log.flush()  # readable while the run goes on
+        self.parallel.micro_step(boundary)
+        self.window.add(loss_sum, count, samples)
+        if not boundary:
+            return False
+        total = all_reduce_sum(self.window.take(float(self.stop_request.local())))
+        self.stop_requested = self.stop_requested or bool(total[3] > 0)
+        loss = float(total[0] / total[1])
+        self.window.samples_in_epoch += int(total[2])
+        self.progress.steps += 1
+        self.progress.train_losses.append(loss)
+        if self.progress.steps % self.cfg.run.log_every == 0:
+            throughput = self.window.throughput()
+            self.log_scalars(
+                {
+                    "train/loss": loss,
+                    "train/lr": self.parallel.last_lr(),
+                    f"train/{self.task.sample_unit}_per_s": throughput,
+                    **self.task.train_scalars(),
+                }
+            )
+        return True
+
+    def end_epoch(self, epoch: int) -> None:
+        """Validate, update early stopping (keeping a copy of the best weights), save a checkpoint."""
+        seconds = self.window.epoch_seconds()
+        self.progress.train_seconds += seconds
+        self.progress.epochs = epoch
+        valid = self.task.evaluate("valid")
+        self.log_scalars(self.task.scalars("valid", valid))
+        improved = self.stopping.update(self.task.score(valid), epoch, self.progress.steps, valid)
+        if improved:
+            self.best_weights = self.parallel.snapshot()
+        if self.main:
+            log.info(
+                "epoch %d: loss %.4f, %.0f %s/s, valid %s%s",
+                epoch,
+                self.progress.epoch_loss(self.window.first_step),
+                self.window.samples_in_epoch / max(seconds, 1e-9),  # training only, evaluation excluded
+                self.task.sample_unit,
+                self.task.describe(valid),
+                " (best)" if improved else "",
+            )
+        self.save()
+
+    def maybe_save(self) -> None:
+        """Save a checkpoint if one is due at this step (run.checkpoint_every)."""
+        if self.checkpoints.due(self.progress.steps):
+            self.save()
+
+    def save(self) -> None:
+        self.checkpoints.save(
+            self.progress.steps,
+            self.state,
+            {**self.identity, "best_step": self.stopping.best_step},
+            blocking=not self.cfg.run.async_checkpoint,
+        )
+
+    def should_stop(self) -> bool:
+        """run.stop_after_steps reached, or a stop requested on any rank (known after a step's all-reduce)."""
+        limit = self.cfg.run.stop_after_steps
+        return bool(limit) and self.progress.steps >= limit or self.stop_requested
+
+    def stop_here(self) -> RunResult:
+        """End the job here (run.stop_after_steps or a stop request): a committed checkpoint of this step,
+        no final test."""
+        self.save()  # a no-op when this step's checkpoint exists already
+        self.checkpoints.close()
+        self.close_logs()
+        stop_file = self.cfg.run.stop_file
+        if self.main and self.stop_requested and stop_file:
+            # consumed: tells the launcher the trainer did stop early (and a requeued job must not stop)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stop_file)
+        if self.main:
+            reason = "stop requested" if self.stop_requested else "run.stop_after_steps reached"
+            log.info(
+                "%s at step %d: checkpoint saved; continue with run.resume=auto", reason, self.progress.steps
+            )
+        return dataclasses.replace(self.result(), stopped=True)
+
+    def finish(self) -> RunResult:
+        """The best weights back, saved; the test; the report. No rank starts its teardown before rank 0
+        has written the report: a peer dying in its teardown makes torchrun kill the job, and that must
+        not cut a finished run's artefacts short."""
+        self.checkpoints.close()  # the last asynchronous save commits before the run reports
+        self.close_logs(writer=False)
+        self.parallel.restore(self.best_weights)
+        weights = self.parallel.full_state_dict()
+        if self.main:
+            assert weights is not None
+            save_weights(weights, os.path.join(self.run_dir, "model.safetensors"))
+        result = self.result()
+        result.test_metrics, result.baseline_metrics = self.task.test()
+        self.log_scalars(self.task.scalars("test", result.test_metrics))
+        self.close_logs()
+        log.info(
+            "rank %d: %d steps in %.0f s (%.2f steps/s), peak RSS %.0f MiB",
+            self.world.rank,
+            result.steps,
+            result.train_seconds,
+            result.steps / max(result.train_seconds, 1e-9),
+            result.peak_rss_mib,
+        )
+        try:
+            if self.main:
+                self.task.report(result)
+        finally:
+            dist.barrier()
+        return result
+
+    # -------------------------------------------------------------------------------------- resuming
+
+    def resume(self, url: str) -> None:
+        """Continue from checkpoint ``url``, refusing one whose tensors cannot fit this run. At the saving
+        world size the run continues exactly; at another one, DCP reshards the dense state and the
+        TorchRec tables, and the data loader continues the epoch with the samples no rank has read yet.
+        When an earlier checkpoint holds the best weights so far, they are read first."""
+        marker = self.checkpoints.marker(url)
+        mismatch = incompatible(marker, self.identity, self.task.model_section)
+        if mismatch:
+            raise CheckpointError(
+                f"{url} does not fit this run: " + "; ".join(mismatch) + ". Start a new run (another "
+                "run.name or run.checkpoint_dir) or resume with the settings the checkpoint was saved with"
+            )
+        best_step = marker.get("best_step", 0)
+        if best_step and best_step != marker["step"]:
+            best = TrainingState(model=self.parallel)
+            self.checkpoints.load(self.checkpoints.url(best_step), best, only=("dense", "tables"))
+            self.best_weights = self.parallel.snapshot()
+        self.checkpoints.load(url, self.state)
+        if self.main:
+            if not self.positions.exact:
+                log.warning(
+                    "%s was saved by %d rank(s) with %s; this job has %d rank(s): epoch %d continues with the "
+                    "%s not read yet, in another order (an exact resume needs the saving layout)",
+                    url,
+                    marker["world_size"],
+                    self.positions.describe_saved_layout(),
+                    self.world.world_size,
+                    self.loader.epoch + 1,
+                    self.task.sample_unit,
+                )
+            log.info("resumed from %s at step %d (epoch %d)", url, self.progress.steps, self.loader.epoch + 1)
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def result(self) -> RunResult:
+        return RunResult(
+            run_dir=self.run_dir,
+            best_epoch=self.stopping.best_epoch,
+            epochs=self.progress.epochs,
+            steps=self.progress.steps,
+            train_losses=self.progress.train_losses,
+            valid_metrics=self.stopping.best_metrics,
+            train_seconds=self.progress.train_seconds,
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        )
+
+    def log_scalars(self, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, self.progress.steps)
+
+    def close_logs(self, writer: bool = True) -> None:
+        if self.keys_log is not None:
+            self.keys_log.close()
+            self.keys_log = None
+        if writer and self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
-class TrainingTask:
-    """One model family in the shared loop. A subclass's constructor ``(cfg, world, device, options)``
-    opens the data set, builds the loader and the distributed model, and sets the attributes below; the
-    methods are the loop's per-family steps."""
+class StepWindow:
+    """This rank's micro-batches since the last optimizer step (loss sum, count, samples) and the current
+    epoch's clock and sample count."""
 
-    sample_unit: str
-    """What a training sample is, for throughput and logs ("sequences", "impressions")."""
-    model_section: str
-    """The config section that shapes the model's tensors: a checkpoint needs it unchanged."""
-    early_stopping: str
-    """What :meth:`score` measures, for the logs."""
-    parallel: ParallelModel
-    loader: ShardBatchLoader
-    total_steps: int
-    """Optimizer steps of the whole run (train.epochs, capped by train.max_steps)."""
-    identity: dict[str, Any]
-    """Facts of the data that a checkpoint must share (besides the config), e.g. {"num_items": N}."""
+    def __init__(self) -> None:
+        self.micro = 0
+        self.loss_sum = self.count = self.samples = 0.0
+        self.first_step = 0
+        self.samples_in_epoch = 0
+        self.epoch_start = time.perf_counter()
 
-    def train_step(self, batch: Any) -> tuple[float, float, int]:
-        """Forward and backward of one micro-batch on this rank. Returns the sum of its loss terms, their
-        count (the step's loss is the ratio of both summed over ranks), and its samples."""
-        raise NotImplementedError
+    def start_epoch(self, first_step: int) -> None:
+        self.first_step, self.samples_in_epoch, self.epoch_start = first_step, 0, time.perf_counter()
 
-    def train_scalars(self) -> dict[str, float]:
-        """Extra TensorBoard scalars of the latest micro-batch (rank 0's), logged every run.log_every."""
-        return {}
+    def next_micro_batch(self, accum: int) -> bool:
+        """Count a micro-batch; whether it ends an accumulation (an optimizer step)."""
+        self.micro += 1
+        return self.micro % accum == 0
 
-    def evaluate(self, split: str) -> Metrics:
-        """Metrics of ``split`` ("valid" or "test") for the current weights. Collective."""
-        raise NotImplementedError
+    def add(self, loss_sum: float, count: float, samples: int) -> None:
+        self.loss_sum, self.count, self.samples = (
+            self.loss_sum + loss_sum,
+            self.count + count,
+            self.samples + samples,
+        )
 
-    def score(self, metrics: Metrics) -> float:
-        """The early-stopping score of validation metrics: higher is better."""
-        raise NotImplementedError
+    def take(self, stop_flag: float) -> torch.Tensor:
+        """The window as one tensor for the step's all-reduce (with this rank's stop flag); then empty it."""
+        values = torch.tensor([self.loss_sum, self.count, self.samples, stop_flag], dtype=torch.float64)
+        self.loss_sum = self.count = self.samples = 0.0
+        return values
 
-    def describe(self, metrics: Metrics) -> str:
-        """Validation metrics for the epoch's log line."""
-        raise NotImplementedError
+    def epoch_seconds(self) -> float:
+        return time.perf_counter() - self.epoch_start
 
-    def scalars(self, split: str, metrics: Metrics) -> dict[str, float]:
-        """Metrics of ``split`` as TensorBoard scalars (tag -> value)."""
-        raise NotImplementedError
+    def throughput(self) -> float:
+        return self.samples_in_epoch / max(self.epoch_seconds(), 1e-9)
 
-    def metrics_from_json(self, metrics: Metrics) -> Metrics:
-        """Metrics as read back from a checkpoint's JSON (whose object keys are strings)."""
-        return metrics
-
-    def rank_state(self) -> dict[str, Any]:
-        """This rank's extra position for an exact resume (e.g. a sampler's RNG), JSON-able."""
-        return {}
-
-    def load_rank_state(self, state: dict[str, Any]) -> None:
-        """Take back :meth:`rank_state` of the saved rank with this rank's number."""
-
-    def test(self) -> tuple[Metrics, Metrics]:
-        """Test metrics of the current (best) weights and of the task's baseline. Collective."""
-        raise NotImplementedError
-
-    def report(self, result: RunResult) -> None:
-        """Print and save the final report (rank 0 only)."""
-        raise NotImplementedError
+    def postfix(self, progress: Progress, unit: str) -> dict[str, str]:
+        return {"loss": f"{progress.train_losses[-1]:.4f}", f"{unit}_per_s": f"{self.throughput():.0f}"}
 
 
-def task_class(name: str) -> type[TrainingTask]:
-    """The :class:`TrainingTask` of ``task:`` in the config."""
-    if name == "dlrm":
-        from trainer.dlrm_task import DLRMTask
-
-        return DLRMTask
-    from trainer.fmrl_task import FMRLTask
-
-    return FMRLTask
+# ------------------------------------------------------------------------------------ set-up helpers
 
 
 def seed_everything(seed: int) -> None:
@@ -217,363 +486,8 @@ def run_folder(cfg: Config, world: World, options: StorageOptions) -> Iterator[s
             os.rmdir(folder)  # nothing was written: the start failed
 
 
-def total_training_steps(loader: ShardBatchLoader, cfg: TrainConfig) -> int:
-    """Optimizer steps of ``cfg.epochs`` epochs of ``loader`` (at least 1), capped by ``cfg.max_steps``."""
-    steps = sum(loader.steps_in_epoch(epoch) for epoch in range(cfg.epochs)) // cfg.grad_accum_steps
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
-    return max(steps, 1)
-
-
-def dense_settings(cfg: Config, *, total_steps: int, device: torch.device) -> dict[str, Any]:
-    """The keyword arguments that ``parallelize_fmrl`` and ``parallelize_dlrm`` share, from ``cfg``: the
-    dense backend and its optimizer and schedule."""
-    return {
-        "backend": cfg.parallel.backend,
-        "zero_stage": cfg.parallel.zero_stage,
-        "lr": cfg.train.lr,
-        "weight_decay": cfg.train.weight_decay,
-        "warmup_steps": cfg.train.warmup_steps,
-        "total_steps": total_steps,
-        "grad_clip": cfg.train.grad_clip,
-        "grad_accum_steps": cfg.train.grad_accum_steps,
-        "micro_batch_size": cfg.train.batch_size,
-        "precision": cfg.parallel.precision,
-        "device": device,
-    }
-
-
-def train(cfg: Config) -> RunResult:
-    """Train the model of ``cfg.task``, early-stop on its validation score, test the best model, write the
-    report. Runs as one rank of a torchrun job, or as a job of one rank in a plain process. Relative
-    paths in ``cfg`` are taken from the current directory; the run records them absolute."""
-    cfg = with_absolute_paths(cfg)
-    with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
-        options = storage_options(cfg.data)
-        with run_folder(cfg, world, options) as run_dir:
-            return _train(cfg, world, device, stop_request, run_dir, options)
-
-
-def _train(
-    cfg: Config,
-    world: World,
-    device: torch.device,
-    stop_request: StopRequest,
-    run_dir: str,
-    options: StorageOptions,
-) -> RunResult:
-    main = world.rank == 0
-    seed_everything(cfg.train.seed)  # the same initial model on every rank
-    threads = set_cpu_threads(cfg.train.num_threads, world)
-    log.info(
-        "rank %d/%d on %s, %d CPU threads, run directory %s",
-        world.rank,
-        world.world_size,
-        device,
-        threads,
-        run_dir,
-    )
-    task = task_class(cfg.task)(cfg, world, device, options)
-    parallel, loader = task.parallel, task.loader
-    writer = None
-
-    def log_scalars(scalars: dict[str, float], step: int) -> None:
-        if writer is not None:
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, step)
-
-    result = RunResult(run_dir=run_dir)
-    progress = Progress()
-    checkpoints = CheckpointManager(
-        cfg.run.checkpoint_dir or os.path.join(run_dir, "checkpoints"),
-        options,
-        cfg.run.keep_checkpoints,
-        timeout=cfg.run.checkpoint_timeout,
-        max_abandoned=cfg.run.checkpoint_max_abandoned,
-    )
-    if main:  # a save that died with an earlier job left a folder without a marker: it only takes space
-        checkpoints.remove_debris()
-    identity = {"config": config_to_dict(cfg), **task.identity}
-
-    def save_checkpoint() -> None:
-        checkpoints.save(
-            result.steps,
-            training_state(parallel, loader, task.rank_state(), result, progress, world),
-            {**identity, "best_step": progress.best_step},
-            blocking=not cfg.run.async_checkpoint,
-        )
-
-    resume_url = checkpoints.latest() if cfg.run.resume == "auto" else cfg.run.resume
-    best_state = None
-    if resume_url:
-        best_state = restore_training_state(checkpoints, resume_url, identity, task, result, progress, world)
-        if main:
-            log.info("resumed from %s at step %d (epoch %d)", resume_url, result.steps, loader.epoch + 1)
-    elif cfg.run.resume == "auto" and main:
-        log.info("run.resume=auto: no complete checkpoint in %s, starting afresh", checkpoints.root)
-    if main:  # written once the data, the model and the checkpoint to resume from were accepted
-        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-        with open(os.path.join(run_dir, "sharding_plan.txt"), "w") as f:
-            f.write(str(parallel.sparse.plan) + "\n")
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-    if best_state is None:
-        best_state = parallel.snapshot()
-    keys_log = (
-        open(os.path.join(run_dir, f"sample_keys.rank{world.rank}.txt"), "a")
-        if cfg.run.log_sample_keys
-        else None
-    )
-    stop_requested = False
-
-    def stop_due() -> bool:
-        limit = bool(cfg.run.stop_after_steps) and result.steps >= cfg.run.stop_after_steps
-        return limit or stop_requested
-
-    def stop_here() -> RunResult:
-        """End the job here (run.stop_after_steps or a stop request): a committed checkpoint of this
-        step, no final test."""
-        save_checkpoint()  # a no-op when this step's checkpoint exists already
-        checkpoints.close()
-        if keys_log is not None:
-            keys_log.close()
-        if main and stop_requested and cfg.run.stop_file:
-            # consumed: tells the launcher the trainer did stop early (and a requeued job must not stop)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(cfg.run.stop_file)
-        if main:
-            reason = "stop requested" if stop_requested else "run.stop_after_steps reached"
-            log.info("%s at step %d: checkpoint saved; continue with run.resume=auto", reason, result.steps)
-        result.stopped = True
-        return result
-
-    accum, total_steps = cfg.train.grad_accum_steps, task.total_steps
-    parallel.set_training(True)
-    if stop_due():  # resumed at the limit: save in this job's layout, then stop
-        return stop_here()
-    micro = 0
-    window = [0.0, 0.0, 0.0]  # the current step's loss sum, its count, its samples (this rank)
-    for epoch in range(loader.epoch + 1, cfg.train.epochs + 1):
-        bar = tqdm(
-            loader,
-            total=loader.steps_in_epoch(loader.epoch),
-            desc=f"epoch {epoch}",
-            disable=not (cfg.run.progress_bar and main),
-            leave=False,
-            # redraws flood log files (batch jobs, CI): redraw rarely when stderr is not a terminal
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,
-        )
-        epoch_start, epoch_samples = time.perf_counter(), 0
-        steps_before = result.steps - loader.batches_in_epoch // accum  # the epoch's first step
-        batches_left = loader.steps_in_epoch(loader.epoch) - loader.batches_in_epoch
-        for batch in bar:
-            batches_left -= 1
-            micro += 1
-            boundary = micro % accum == 0
-            parallel.set_grad_sync(boundary)
-            loss_sum, count, samples = task.train_step(batch)
-            if keys_log is not None:
-                keys_log.write(" ".join(batch.keys) + "\n")
-                keys_log.flush()  # readable while the run goes on
-            parallel.micro_step(boundary)
-            window = [window[0] + loss_sum, window[1] + count, window[2] + samples]
-            if not boundary:
-                continue
-            # one all-reduce per step: the loss, its count, the samples, whether any rank was asked to stop
-            total = all_reduce_sum(torch.tensor([*window, float(stop_request.local())], dtype=torch.float64))
-            loss = float(total[0] / total[1])
-            epoch_samples += int(total[2])
-            stop_requested = stop_requested or bool(total[3] > 0)
-            window = [0.0, 0.0, 0.0]
-            result.steps += 1
-            result.train_losses.append(loss)
-            throughput = epoch_samples / (time.perf_counter() - epoch_start)
-            postfix = {"loss": f"{loss:.4f}", f"{task.sample_unit}_per_s": f"{throughput:.0f}"}
-            bar.set_postfix(postfix, refresh=False)  # redrawn at tqdm's pace
-            if result.steps % cfg.run.log_every == 0:
-                log_scalars(
-                    {
-                        "train/loss": loss,
-                        "train/lr": parallel.last_lr(),
-                        f"train/{task.sample_unit}_per_s": throughput,
-                        **task.train_scalars(),
-                    },
-                    result.steps,
-                )
-            # the last step of an epoch (or of training) is checkpointed after the validation below, so
-            # that its checkpoint holds the early-stopping state: one checkpoint per step
-            if result.steps >= total_steps:
-                break
-            if batches_left == 0:
-                continue  # the loader ends the epoch
-            if cfg.run.checkpoint_every and result.steps % cfg.run.checkpoint_every == 0:
-                save_checkpoint()
-            if stop_due():
-                return stop_here()
-
-        epoch_seconds = time.perf_counter() - epoch_start
-        result.train_seconds += epoch_seconds
-        result.epochs = epoch
-        valid = task.evaluate("valid")
-        log_scalars(task.scalars("valid", valid), result.steps)
-        score = task.score(valid)
-        improved = score > progress.best_score
-        if main:
-            log.info(
-                "epoch %d: loss %.4f, %.0f %s/s, valid %s%s",
-                epoch,
-                float(np.mean(result.train_losses[steps_before:] or [float("nan")])),
-                epoch_samples / max(epoch_seconds, 1e-9),  # training only, evaluation excluded
-                task.sample_unit,
-                task.describe(valid),
-                " (best)" if improved else "",
-            )
-        if improved:
-            best_state = parallel.snapshot()
-            progress.best_score, progress.epochs_without_gain = score, 0
-            progress.best_step = result.steps  # the checkpoint saved next holds the best weights
-            result.best_epoch, result.valid_metrics = epoch, valid
-        else:
-            progress.epochs_without_gain += 1
-        save_checkpoint()
-        if stop_due():
-            return stop_here()
-        if progress.epochs_without_gain >= cfg.train.patience:
-            if main:
-                log.info(
-                    "early stopping: no gain in %s for %d epochs", task.early_stopping, cfg.train.patience
-                )
-            break
-        if result.steps >= total_steps:
-            break
-    if keys_log is not None:
-        keys_log.close()
-    checkpoints.close()  # the last asynchronous save commits before the run reports
-
-    parallel.restore(best_state)
-    weights = parallel.full_state_dict()
-    if main:
-        assert weights is not None
-        save_weights(weights, os.path.join(run_dir, "model.safetensors"))
-    result.test_metrics, result.baseline_metrics = task.test()
-    log_scalars(task.scalars("test", result.test_metrics), result.steps)
-    if writer is not None:
-        writer.close()
-    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    log.info(
-        "rank %d: %d steps in %.0f s (%.2f steps/s), peak RSS %.0f MiB",
-        world.rank,
-        result.steps,
-        result.train_seconds,
-        result.steps / max(result.train_seconds, 1e-9),
-        result.peak_rss_mib,
-    )
-    try:
-        if main:
-            task.report(result)
-    finally:
-        # no rank starts its teardown (destroying the process group, exiting) before rank 0 has written
-        # the report, the weights' export and the plot: a peer that dies in its teardown makes torchrun
-        # kill every worker, which must not cut a finished run's artefacts short
-        dist.barrier()
-    return result
-
-
-def training_state(
-    parallel: ParallelModel,
-    loader: Any,
-    rank_state: dict[str, Any],
-    result: RunResult,
-    progress: Progress,
-    world: World,
-) -> dict[str, Any]:
-    """Everything a run needs to continue exactly, as a DCP state dict (tensors are live references,
-    so loading fills them in place). Per-rank positions (data, RNG, ``rank_state``) are gathered into one
-    JSON string."""
-    positions: list[Any] = [None] * world.world_size
-    mine = {"loader": loader.state_dict(), "torch_rng": torch.get_rng_state().tolist(), **rank_state}
-    dist.all_gather_object(positions, mine)
-    run = {
-        "steps": result.steps,
-        "train_losses": result.train_losses,
-        "best_epoch": result.best_epoch,
-        "epochs": result.epochs,
-        "valid_metrics": result.valid_metrics,
-        "train_seconds": result.train_seconds,
-        "best_score": progress.best_score,
-        "epochs_without_gain": progress.epochs_without_gain,
-        "best_step": progress.best_step,
-        "world_size": world.world_size,
-    }
-    state = parallel.state_dict()
-    state["run"] = json.dumps(run)
-    state["positions"] = json.dumps(positions)
-    return state
-
-
-def restore_training_state(
-    checkpoints: CheckpointManager,
-    url: str,
-    identity: dict[str, Any],
-    task: TrainingTask,
-    result: RunResult,
-    progress: Progress,
-    world: World,
-) -> list[torch.Tensor] | None:
-    """Continue from checkpoint ``url``. Returns the best weights so far (a :meth:`ParallelModel.snapshot`)
-    when an earlier checkpoint holds them, else None (the resumed weights are the best so far).
-
-    At the saving world size the run continues exactly. At another one, DCP reshards the dense state and
-    the TorchRec tables, the data loader continues the epoch with the samples no rank has read yet, and
-    rank r takes the RNG states of saved rank r (fresh seeds for ranks the saved job did not have).
-    """
-    parallel, loader = task.parallel, task.loader
-    marker = checkpoints.marker(url)
-    mismatch = incompatible(marker, identity, task.model_section)
-    if mismatch:
-        raise CheckpointError(
-            f"{url} does not fit this run: " + "; ".join(mismatch) + ". Start a new run (another "
-            "run.name or run.checkpoint_dir) or resume with the settings the checkpoint was saved with"
-        )
-    best_state = None
-    best_step = marker.get("best_step", 0)
-    if best_step and best_step != marker["step"]:
-        state = parallel.state_dict()
-        checkpoints.load(checkpoints.url(best_step), state, only=("dense", "tables"))
-        parallel.load_state_dict(state)  # the optimizer part is the live state: unchanged
-        best_state = parallel.snapshot()
-    state = training_state(parallel, loader, task.rank_state(), result, progress, world)
-    checkpoints.load(url, state)
-    parallel.load_state_dict(state)
-    run, positions = json.loads(state["run"]), json.loads(state["positions"])
-    exact = loader.resume([p["loader"] for p in positions])
-    if world.rank < len(positions):
-        torch.set_rng_state(torch.tensor(positions[world.rank]["torch_rng"], dtype=torch.uint8))
-        task.load_rank_state(positions[world.rank])
-    if not exact and world.rank == 0:
-        log.warning(
-            "%s was saved by %d rank(s) with %s; this job has %d rank(s): epoch %d continues with the "
-            "%s not read yet, in another order (an exact resume needs the saving layout)",
-            url,
-            marker["world_size"],
-            ", ".join(f"{k}={positions[0]['loader'][k]}" for k in ("num_workers", "batch_size")),
-            world.world_size,
-            loader.epoch + 1,
-            task.sample_unit,
-        )
-    result.steps, result.train_losses = run["steps"], run["train_losses"]
-    result.best_epoch, result.train_seconds = run["best_epoch"], run["train_seconds"]
-    result.epochs = run.get("epochs", 0)
-    result.valid_metrics = task.metrics_from_json(run["valid_metrics"])
-    progress.best_score, progress.epochs_without_gain = run["best_score"], run["epochs_without_gain"]
-    progress.best_step = run.get("best_step", 0)
-    return best_state
-
-
 # what a checkpoint's tensors depend on besides the model section: another value cannot load it
-_SHAPING_KEYS = ("parallel.backend", "parallel.id_table_optimizer")
+_SHAPING_KEYS = ("parallel.backend", "parallel.table_optimizer")
 
 
 def incompatible(marker: dict[str, Any], identity: dict[str, Any], model_section: str) -> list[str]:
@@ -583,6 +497,7 @@ def incompatible(marker: dict[str, Any], identity: dict[str, Any], model_section
     saved, now = marker.get("config"), identity["config"]
     if saved is None:  # written before configs were recorded
         return []
+    saved = upgrade_saved_config(saved)
     saved_task = saved.get("task", "fmrl")
     if saved_task != now["task"]:
         return [f"task was {saved_task!r}, now {now['task']!r}"]
@@ -605,11 +520,4 @@ def incompatible(marker: dict[str, Any], identity: dict[str, Any], model_section
 def save_weights(state: dict[str, torch.Tensor], path: str) -> None:
     tmp = f"{path}.tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj: object, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
     os.replace(tmp, path)

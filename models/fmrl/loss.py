@@ -33,12 +33,6 @@ def matryoshka_loss(
     Returns:
         (loss, per_size_loss): a scalar and a detached (K,) tensor.
     """
-    import os
-
-    if os.environ.get("FMRL_EXP_PADCAND"):
-        valid = labels > 0
-        chunk_rows = chunk_rows_for_budget(items.shape[0], len(sizes), chunk_mb * 2**20)
-        return matryoshka_cross_entropy(hidden[valid], items, labels[valid], sizes, chunk_rows, first_item=0)
     valid = labels > 0  # (B, L)
     scored = hidden[valid]  # (P, D)
     targets = labels[valid] - 1  # (P,) indices into the candidates items[1:]

@@ -118,13 +118,6 @@ class ItemTower(nn.Module):
                 "an attribute table"
             )
         self.projector = nn.Linear(in_dim, dim)
-        import os
-
-        if os.environ.get("FMRL_EXP_FANIN"):
-            bound = 1 / float(os.environ["FMRL_EXP_FANIN"]) ** 0.5
-            with torch.no_grad():
-                self.projector.weight.uniform_(-bound, bound)
-                self.projector.bias.uniform_(-bound, bound)
 
     @staticmethod
     def _frozen_table(name: str, features: torch.Tensor | None, num_items: int) -> nn.Embedding | None:

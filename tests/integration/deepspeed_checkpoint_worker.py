@@ -29,10 +29,11 @@ from data_pipeline.sequences import collate_next_item
 from data_pipeline.storage import join
 from data_pipeline.stream import iter_shard
 from models.fmrl import FMRLConfig, FMRLRec
+from sharding.config import OptimConfig, ParallelConfig
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import World, all_reduce_sum, distributed
-from trainer.fmrl_task import StepInputs, forward_backward
+from trainer.tasks.fmrl import StepInputs, forward_backward
 
 SIZES = [8, 16, 32]
 
@@ -55,20 +56,12 @@ def build(args: argparse.Namespace, zero_stage: int, world: World, device: torch
     cfg = FMRLConfig(nested_sizes=SIZES, num_blocks=2, dropout=0.0, attn_dropout=0.0, use_id_embedding=True)
     return parallelize_fmrl(
         FMRLRec(cfg, dataset.num_items, text, image),
-        backend="deepspeed",
-        zero_stage=zero_stage,
-        feature_sharding="auto",
-        id_sharding="auto",
-        id_optimizer="adagrad",
-        id_lr=0.05,
-        lr=3e-3,
-        weight_decay=0.01,
-        warmup_steps=2,
+        ParallelConfig(backend="deepspeed", zero_stage=zero_stage, table_lr=0.05),
+        OptimConfig(
+            lr=3e-3, weight_decay=0.01, warmup_steps=2, grad_clip=5.0, grad_accum_steps=args.grad_accum
+        ),
         total_steps=args.steps,
-        grad_clip=5.0,
-        grad_accum_steps=args.grad_accum,
         micro_batch_size=args.global_batch // world.world_size,
-        precision="fp32",
         device=device,
     )
 

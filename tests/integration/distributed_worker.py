@@ -24,10 +24,11 @@ from data_pipeline.sequences import collate_next_item
 from data_pipeline.storage import join
 from data_pipeline.stream import iter_shard
 from models.fmrl import AttributeBags, FMRLConfig, FMRLRec, NegativeSampler
+from sharding.config import OptimConfig, ParallelConfig
 from sharding.fmrl import parallelize_fmrl
 from trainer.dist import all_reduce_sum, distributed
-from trainer.evaluate import evaluate
-from trainer.fmrl_task import StepInputs, forward_backward
+from trainer.evaluation.ranking import evaluate
+from trainer.tasks.fmrl import StepInputs, forward_backward
 
 
 def main() -> None:
@@ -65,20 +66,18 @@ def main() -> None:
 
         parallel = parallelize_fmrl(
             model,
-            backend=args.backend,
-            zero_stage=args.zero_stage,
-            feature_sharding="auto",
-            id_sharding="auto",
-            id_optimizer=args.id_optimizer,
-            id_lr=0.05,
-            lr=3e-3,
-            weight_decay=0.01,
-            warmup_steps=2,
+            ParallelConfig(
+                backend=args.backend,
+                zero_stage=args.zero_stage,
+                table_optimizer=args.id_optimizer,
+                table_lr=0.05,
+                precision=args.precision,
+            ),
+            OptimConfig(
+                lr=3e-3, weight_decay=0.01, warmup_steps=2, grad_clip=5.0, grad_accum_steps=args.grad_accum
+            ),
             total_steps=args.steps,
-            grad_clip=5.0,
-            grad_accum_steps=args.grad_accum,
             micro_batch_size=args.global_batch // world.world_size,
-            precision=args.precision,
             device=device,
         )
         # every rank asks for other ids: sharded lookups must return the unsharded rows

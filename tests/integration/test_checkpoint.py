@@ -191,7 +191,7 @@ def test_asynchronous_checkpoints_hold_the_same_state_as_synchronous_ones(tmp_pa
 
 def test_the_best_weights_survive_pruning_and_resume(tmp_path, tiny_dataset) -> None:
     # a learning rate this high wrecks the model after epoch 2 (13 steps per epoch): the best is early
-    settings = ["train.epochs=4", "train.lr=0.2", "train.patience=9", "run.keep_checkpoints=1"]
+    settings = ["train.epochs=4", "optim.lr=0.2", "train.patience=9", "run.keep_checkpoints=1"]
     whole = single(tmp_path, tiny_dataset, "run.name=whole", *settings)
     assert whole.best_epoch < 3  # precondition: a later resume must bring back older weights
     single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.stop_after_steps=45")

@@ -1,7 +1,7 @@
 """Sharded full-ranking evaluation against the single-process reference, with two real gloo ranks.
 
 The two ranks are spawned once for the module and run every case in one process group; each writes its
-results to a file that the tests compare with `trainer.metrics.target_ranks` and `torch.topk` on the full
+results to a file that the tests compare with `trainer.evaluation.metrics.target_ranks` and `torch.topk` on the full
 score matrix, computed here. A worker that raises fails the module fixture, and so every test.
 
     .venv/bin/python -m pytest -q tests/integration/test_distributed_eval.py
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.distributed_eval import item_shard_range, sharded_target_ranks, sharded_topk
-from trainer.metrics import target_ranks
+from trainer.evaluation.metrics import target_ranks
+from trainer.evaluation.sharded import item_shard_range, sharded_target_ranks, sharded_topk
 
 WORLD = 2
 

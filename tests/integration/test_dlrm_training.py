@@ -37,11 +37,11 @@ COMMON = [
     "dlrm.embedding_dim=8",
     "dlrm.bottom_mlp=[32,8]",
     "dlrm.top_mlp=[32,1]",
-    "train.lr=2e-3",
-    "train.weight_decay=0",
-    "train.warmup_steps=5",
+    "optim.lr=2e-3",
+    "optim.weight_decay=0",
+    "optim.warmup_steps=5",
     "train.num_threads=1",
-    "parallel.id_table_lr=0.05",
+    "parallel.table_lr=0.05",
     "eval.batch_size=2048",
     "data.num_workers=0",
     "run.progress_bar=false",
@@ -120,9 +120,11 @@ def worker() -> None:
     """One rank: 12 steps on fixed global batches (rank r takes rows r, r+W, ... of global batch g, the
     g-th batch of the train split in file order); rank 0 writes losses, weights and valid metrics."""
     from models.dlrm import DLRM
+    from sharding.config import OptimConfig, ParallelConfig
     from sharding.dlrm import parallelize_dlrm
     from trainer.dist import all_reduce_sum
-    from trainer.dlrm_task import evaluate_ctr, forward_backward
+    from trainer.evaluation.ctr import evaluate_ctr
+    from trainer.tasks.dlrm import forward_backward
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -144,15 +146,14 @@ def worker() -> None:
         )
         parallel = parallelize_dlrm(
             DLRM(cfg),
-            backend=args.backend,
-            zero_stage=args.zero_stage,
-            table_sharding=args.table_sharding,
-            table_lr=0.05,
-            lr=2e-3,
-            weight_decay=0.0,
-            warmup_steps=2,
+            ParallelConfig(
+                backend=args.backend,
+                zero_stage=args.zero_stage,
+                table_sharding=args.table_sharding,
+                table_lr=0.05,
+            ),
+            OptimConfig(lr=2e-3, weight_decay=0.0, warmup_steps=2, grad_clip=5.0),
             total_steps=args.steps,
-            grad_clip=5.0,
             micro_batch_size=args.global_batch // world.world_size,
             device=device,
         )

@@ -66,7 +66,7 @@ def test_a_dry_run_of_several_nodes_uses_a_c10d_rendezvous_with_a_fresh_store_pe
     lines = dry_run(
         capsys,
         *("--nnodes", "4", "--nproc", "8", "--rdzv-endpoint", "node1:29400", "--rdzv-id", "job7"),
-        *("--max-restarts", "2", "--config", "configs/beauty.yaml", "train.lr=1e-3"),
+        *("--max-restarts", "2", "--config", "configs/beauty.yaml", "optim.lr=1e-3"),
     )
     assert lines[0] == "torchrun (8 process(es) on each of the 4 nodes):"
     assert shlex.split(lines[1]) == [
@@ -74,11 +74,11 @@ def test_a_dry_run_of_several_nodes_uses_a_c10d_rendezvous_with_a_fresh_store_pe
         sys.executable,
         *("-m", "torch.distributed.run", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d"),
         *("--rdzv-endpoint=node1:29400", "--rdzv-id=job7", "--max-restarts=2"),
-        *("-m", "trainer.cli", "train", "--config", "configs/beauty.yaml", "train.lr=1e-3"),
+        *("-m", "trainer.cli", "train", "--config", "configs/beauty.yaml", "optim.lr=1e-3"),
     ]
     assert lines[3].strip() == (
         "mkdir -p runs/slurm && CONFIG=configs/beauty.yaml NPROC_PER_NODE=8 MAX_RESTARTS=2 "
-        "sbatch --nodes=4 slurm/train.sbatch train.lr=1e-3"
+        "sbatch --nodes=4 slurm/train.sbatch optim.lr=1e-3"
     )
 
 

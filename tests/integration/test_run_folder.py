@@ -27,7 +27,7 @@ TINY = [
     "model.nested_sizes=[8,16,32]",
     "train.epochs=1",
     "train.batch_size=32",
-    "train.warmup_steps=2",
+    "optim.warmup_steps=2",
     "train.num_threads=1",
     "eval.batch_size=64",
     "run.progress_bar=false",
@@ -93,7 +93,7 @@ def test_resume_auto_without_a_name_continues_the_run_of_the_same_config(config,
     again = train(config("train.epochs=2", "run.resume=auto"))
     assert again.run_dir == stopped.run_dir and again.steps > 3 and not again.stopped
     # another config is another run: a new folder
-    other = train(config("train.epochs=2", "train.lr=3e-3", "run.resume=auto", "train.max_steps=2"))
+    other = train(config("train.epochs=2", "optim.lr=3e-3", "run.resume=auto", "train.max_steps=2"))
     assert other.run_dir != stopped.run_dir and other.steps == 2
 
 

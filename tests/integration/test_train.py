@@ -18,7 +18,7 @@ from data_pipeline.synthetic_shards import prepare_synthetic
 from models.fmrl import AttributeBags, FMRLRec
 from trainer.cli import main
 from trainer.config import config_to_dict, load_config
-from trainer.evaluate import evaluate_model
+from trainer.evaluation.ranking import evaluate_model
 from trainer.train import train
 
 TINY = [
@@ -26,7 +26,7 @@ TINY = [
     "model.nested_sizes=[8,16,32]",
     "train.epochs=2",
     "train.batch_size=32",
-    "train.warmup_steps=2",
+    "optim.warmup_steps=2",
     "train.num_threads=1",
     "eval.batch_size=64",
     "run.progress_bar=false",
@@ -121,7 +121,7 @@ def test_same_seed_same_run_other_seed_other_run(tiny_config):
 
 def test_early_stopping_and_best_model_is_the_one_tested(tiny_config):
     # an lr this small cannot move the validation metric, so epoch 1 stays the best and patience 1 stops at 2
-    cfg = tiny_config("run.name=stop", "train.epochs=6", "train.patience=1", "train.lr=1e-30")
+    cfg = tiny_config("run.name=stop", "train.epochs=6", "train.patience=1", "optim.lr=1e-30")
     result = train(cfg)
     assert result.best_epoch == 1
     assert result.steps == 2 * (len(range(0, 200, 32)))  # two epochs of 7 batches (200 users)
@@ -171,8 +171,8 @@ def test_model_learns_and_beats_most_popular(tmp_path):
             "model.nested_sizes=[8,16,32,64]",
             "train.epochs=4",
             "train.batch_size=64",
-            "train.lr=3e-3",
-            "train.warmup_steps=10",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=10",
             "train.num_threads=2",
             "run.progress_bar=false",
             "run.tensorboard=false",

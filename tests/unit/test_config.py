@@ -15,12 +15,14 @@ from trainer.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    OptimConfig,
     RunConfig,
     TrainConfig,
     config_from_dict,
     config_to_dict,
     dump_config,
     load_config,
+    upgrade_saved_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +44,7 @@ def test_defaults() -> None:
     assert cfg.model == FMRLConfig()
     assert cfg.data == DataConfig() and cfg.data.path == "runs/data/demo"
     assert cfg.data.features_url == "runs/data/demo/features" and cfg.data.num_workers == 1
-    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 20 and cfg.train.max_steps == 0
+    assert cfg.optim.lr == 1e-3 and cfg.train.epochs == 20 and cfg.train.max_steps == 0
     assert cfg.eval.ks == [5, 10, 20] and cfg.eval.exclude_history is False
     assert cfg.run.out_dir == "runs" and cfg.run.name == ""
     assert config_from_dict({}) == cfg
@@ -78,22 +80,22 @@ def test_demo_config_values() -> None:
     assert cfg.model.nested_sizes == [8, 16, 32, 64, 128]
     assert (cfg.model.num_blocks, cfg.model.dropout, cfg.model.attn_dropout) == (2, 0.1, 0.1)
     assert (cfg.data.path, cfg.data.num_workers) == ("runs/data/demo", 0)
-    t = cfg.train
-    assert (t.epochs, t.batch_size, t.lr) == (10, 32, 2e-3)
-    assert (t.warmup_steps, t.patience, t.num_threads) == (50, 5, 0)
-    assert isinstance(t.lr, float)
+    t, o = cfg.train, cfg.optim
+    assert (t.epochs, t.batch_size, o.lr) == (10, 32, 2e-3)
+    assert (o.warmup_steps, t.patience, t.num_threads) == (50, 5, 0)
+    assert isinstance(o.lr, float)
     assert cfg.eval == EvalConfig()
     assert cfg.run.out_dir == "runs"
 
 
 def test_beauty_config_values() -> None:
     cfg = load_config(str(REPO / "configs" / "beauty.yaml"))
-    m, d, t = cfg.model, cfg.data, cfg.train
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     assert m.nested_sizes == [8, 16, 32, 64, 128, 256, 512, 1024]
     assert (m.num_blocks, m.dropout, m.attn_dropout, m.r_min, m.r_max) == (2, 0.6, 0.6, 0.0, 0.1)
     assert d.path == "runs/data/beauty" and d.features_url == "runs/data/beauty/features"
-    assert (t.epochs, t.batch_size, t.max_len, t.lr, t.weight_decay) == (500, 32, 50, 1e-4, 0.01)
-    assert (t.warmup_steps, t.grad_clip, t.patience) == (100, 5.0, 10)
+    assert (t.epochs, t.batch_size, t.max_len, o.lr, o.weight_decay) == (500, 32, 50, 1e-4, 0.01)
+    assert (o.warmup_steps, o.grad_clip, t.patience) == (100, 5.0, 10)
     assert cfg.eval.ks == [5, 10, 20]
 
 
@@ -105,7 +107,7 @@ def test_overrides_of_each_type() -> None:
         None,
         [
             "train.epochs=3",
-            "train.lr=3e-4",
+            "optim.lr=3e-4",
             "eval.exclude_history=true",
             "model.nested_sizes=[8,16,32]",
             "eval.ks=[1, 10]",
@@ -113,7 +115,7 @@ def test_overrides_of_each_type() -> None:
         ],
     )
     assert cfg.train.epochs == 3
-    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.eval.exclude_history is True
     assert cfg.model.nested_sizes == [8, 16, 32]
     assert cfg.eval.ks == [1, 10]
@@ -130,15 +132,15 @@ def test_overrides_apply_on_top_of_file_in_order(tmp_path: Path) -> None:
 
 
 def test_int_accepted_for_float_and_converted() -> None:
-    cfg = load_config(None, ["train.lr=1", "train.grad_clip=2"])
-    assert cfg.train.lr == 1.0 and type(cfg.train.lr) is float
-    assert type(cfg.train.grad_clip) is float
+    cfg = load_config(None, ["optim.lr=1", "optim.grad_clip=2"])
+    assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float
+    assert type(cfg.optim.grad_clip) is float
 
 
 def test_yaml11_exponent_floats_are_floats(tmp_path: Path) -> None:
     # PyYAML reads "1e-3" as a string; float fields must still take it.
-    cfg = load_config(write(tmp_path, "train:\n  lr: 1e-3\n  weight_decay: 5E-2\n"))
-    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.weight_decay == pytest.approx(5e-2)
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 1e-3\n  weight_decay: 5E-2\n"))
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.weight_decay == pytest.approx(5e-2)
 
 
 def test_str_override_keeps_text() -> None:
@@ -146,7 +148,7 @@ def test_str_override_keeps_text() -> None:
     assert cfg.run.name == "2024" and cfg.run.out_dir == "no"
 
 
-@pytest.mark.parametrize("override", ["train.lr", "=3", " =3", "train..lr=1", ".lr=1"])
+@pytest.mark.parametrize("override", ["optim.lr", "=3", " =3", "optim..lr=1", ".lr=1"])
 def test_malformed_override(override: str) -> None:
     with pytest.raises(ConfigError, match="invalid override") as info:
         load_config(None, [override])
@@ -159,8 +161,8 @@ def test_override_with_invalid_yaml_value() -> None:
 
 
 def test_override_below_a_scalar() -> None:
-    with pytest.raises(ConfigError, match="'train.lr' is a float, not a section"):
-        load_config(None, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match="'optim.lr' is a float, not a section"):
+        load_config(None, ["optim.lr.x=1"])
 
 
 # ---- unknown keys -------------------------------------------------------------------------------------
@@ -168,11 +170,24 @@ def test_override_below_a_scalar() -> None:
 
 def test_unknown_nested_key_in_override() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["train.lrr=1e-3"])
+        load_config(None, ["optim.lrr=1e-3"])
     message = str(info.value)
-    assert "unknown key 'train.lrr'" in message
-    assert "valid keys in 'train': batch_size, epochs," in message
+    assert "unknown key 'optim.lrr'" in message
+    assert "valid keys in 'optim': grad_accum_steps, grad_clip, lr," in message
     assert "did you mean 'lr'?" in message
+
+
+def test_a_moved_key_names_its_new_place(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^'train\.lr' is now 'optim\.lr': rename it$"):
+        load_config(None, ["train.lr=1e-3"])
+    with pytest.raises(
+        ConfigError, match=r"'parallel\.id_table_optimizer' is now 'parallel\.table_optimizer'"
+    ):
+        load_config(write(tmp_path, "parallel:\n  id_table_optimizer: sgd\n"))
+    # a config saved by an earlier run (its config.yaml, a checkpoint marker) is read in today's keys
+    old = {"train": {"lr": 0.5, "epochs": 3}, "parallel": {"id_table_lr": 0.2}}
+    cfg = config_from_dict(upgrade_saved_config(old))
+    assert (cfg.optim.lr, cfg.train.epochs, cfg.parallel.table_lr) == (0.5, 3, 0.2)
 
 
 def test_unknown_nested_key_in_file(tmp_path: Path) -> None:
@@ -193,7 +208,7 @@ def test_unknown_section_in_file_and_override(tmp_path: Path) -> None:
         load_config(write(tmp_path, "trian:\n  lr: 0.1\n"))
     with pytest.raises(
         ConfigError,
-        match=r"unknown section 'evl'.*valid sections: data, dlrm, eval, model, parallel, run, task, train",
+        match=r"unknown section 'evl'.*valid sections: data, dlrm, eval, model, optim, parallel, run, task, train",
     ):
         load_config(None, ["evl.ks=[10]"])
 
@@ -213,7 +228,7 @@ def test_wrong_type_names_key_and_value() -> None:
         load_config(None, ["train.epochs=ten"])
 
 
-@pytest.mark.parametrize("override", ["train.epochs=true", "data.num_workers=false", "train.lr=true"])
+@pytest.mark.parametrize("override", ["train.epochs=true", "data.num_workers=false", "optim.lr=true"])
 def test_bool_rejected_for_numbers(override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key} must be an? (int|float), got bool"):
@@ -247,11 +262,11 @@ def test_section_not_a_mapping(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [
-        ("train.lr=-1", r"^train\.lr must be > 0, got -1\.0$"),
-        ("train.lr=.nan", r"^train\.lr must be > 0"),
+        ("optim.lr=-1", r"^optim\.lr must be > 0, got -1\.0$"),
+        ("optim.lr=.nan", r"^optim\.lr must be > 0"),
         ("train.epochs=0", r"^train\.epochs must be >= 1"),
         ("train.max_len=1", r"^train\.max_len must be >= 2"),
-        ("train.grad_clip=0", r"^train\.grad_clip must be > 0"),
+        ("optim.grad_clip=0", r"^optim\.grad_clip must be > 0"),
         ("eval.ks=[5, 20]", r"^eval\.ks must contain 10"),
         ("eval.ks=[]", r"^eval\.ks must not be empty"),
         ("eval.ks=[20, 10]", r"^eval\.ks must be strictly increasing"),
@@ -278,8 +293,12 @@ def test_model_errors_are_prefixed_with_model() -> None:
 
 
 def test_sections_validate_on_direct_construction() -> None:
-    with pytest.raises(ConfigError, match=r"^train\.lr must be > 0"):
-        TrainConfig(lr=0.0)
+    with pytest.raises(ConfigError, match=r"^train\.epochs must be >= 1"):
+        TrainConfig(epochs=0)
+    with pytest.raises(
+        ValueError, match=r"^lr must be > 0"
+    ):  # a section of sharding/: the builder prefixes it
+        OptimConfig(lr=0.0)
     with pytest.raises(ConfigError, match=r"^run\.out_dir must not be empty"):
         RunConfig(out_dir="")
     assert issubclass(ConfigError, ValueError)
@@ -352,7 +371,7 @@ def test_round_trip_through_file(tmp_path: Path) -> None:
     cfg = load_config(
         None,
         [
-            "train.lr=1e-10",
+            "optim.lr=1e-10",
             "run.name=2024",
             "model.nested_sizes=[4, 8]",
             "run.out_dir=a b/c",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.metrics import RankingMetrics, target_ranks
+from trainer.evaluation.metrics import RankingMetrics, target_ranks
 
 
 def _brute_force_rank(scores, target, history=None) -> int:

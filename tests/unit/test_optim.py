@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.fmrl import FMRLConfig, FMRLRec
-from trainer.optim import build_optimizer, cosine_with_warmup
+from sharding.optim import build_optimizer, cosine_with_warmup
 
 NUM_ITEMS = 15
 

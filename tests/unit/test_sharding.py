@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharding.fmrl import _sharding_type, nested_min_partition
-from trainer.evaluate import popularity_ranks
-from trainer.metrics import target_ranks
+from sharding.core import table_sharding_type
+from sharding.fmrl import nested_min_partition
+from trainer.evaluation.metrics import target_ranks
+from trainer.evaluation.ranking import popularity_ranks
 
 SIZES = [8, 16, 32, 64, 128]
 
@@ -27,12 +28,12 @@ def test_column_shards_are_nested_sizes(dim: int, world: int, width: int) -> Non
 
 def test_auto_sharding_types_and_row_wise_needs_cuda() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert _sharding_type("auto", cpu, "table_wise") == "table_wise"
-    assert _sharding_type("auto", cpu, "column_wise") == "column_wise"
-    assert _sharding_type("auto", cuda, "column_wise") == "row_wise"
-    assert _sharding_type("column_wise", cuda, "table_wise") == "column_wise"
+    assert table_sharding_type("auto", cpu, "table_wise") == "table_wise"
+    assert table_sharding_type("auto", cpu, "column_wise") == "column_wise"
+    assert table_sharding_type("auto", cuda, "column_wise") == "row_wise"
+    assert table_sharding_type("column_wise", cuda, "table_wise") == "column_wise"
     with pytest.raises(ValueError, match="row_wise table sharding needs CUDA"):
-        _sharding_type("row_wise", cpu, "table_wise")
+        table_sharding_type("row_wise", cpu, "table_wise")
 
 
 @pytest.mark.parametrize("exclude", [False, True])
@@ -68,7 +69,7 @@ def test_dlrm_tables_plan_row_wise_on_a_simulated_64_gpu_cluster() -> None:
 
     cfg = DLRMConfig(hash_buckets=MLPERF_ROWS, embedding_dim=128, bottom_mlp=[512, 256, 128])
     topology = Topology(world_size=64, local_world_size=8, compute_device="cuda", hbm_cap=80 * 2**30)
-    plans = _table_plans(cfg, topology, _sharding_type("auto", torch.device("cuda", 0), "table_wise"))
+    plans = _table_plans(cfg, topology, table_sharding_type("auto", torch.device("cuda", 0), "table_wise"))
     assert len(plans) == 26
     for i, rows in enumerate(MLPERF_ROWS):
         plan = plans[f"t_cat_{i}"]

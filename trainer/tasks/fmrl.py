@@ -4,7 +4,8 @@ report against the most-popular baseline.
 
 TorchRec shards the item tables, the dense trunk runs under ``parallel.backend`` (sharding/fmrl.py), every
 rank reads its own part of the user shards, and evaluation ranks against item representations sharded
-over the ranks. The loop itself is :func:`trainer.train.train`.
+over the ranks. The loop itself is :func:`trainer.train.train`; :meth:`FMRLTask.from_config` picks the
+config sections the task uses.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ from models.fmrl import (
     matryoshka_loss,
     sampled_matryoshka_loss,
 )
+from models.fmrl.config import FMRLConfig
+from sharding.config import OptimConfig, ParallelConfig
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from sharding.world import World
-from trainer.config import Config, DataConfig
+from trainer.config import Config, DataConfig, EvalConfig, TrainConfig
 from trainer.dist import all_reduce_sum
-from trainer.evaluate import evaluate, evaluate_popularity
+from trainer.evaluation.ranking import evaluate, evaluate_popularity
 from trainer.export import ItemCatalog, export_model, load_trained_model, open_attributes
 from trainer.report import format_size_table, save_size_plot
-from trainer.train import RunResult, TrainingTask, dense_settings, total_training_steps, write_json
+from trainer.tasks.base import RunResult, TrainingTask, total_training_steps, write_json
 
 log = logging.getLogger("fmrl")
 
@@ -114,20 +117,6 @@ def forward_backward(
     return float(loss.detach()) * positions, positions, per_size
 
 
-def parallelize_from_config(
-    model: FMRLRec, cfg: Config, *, total_steps: int, device: torch.device
-) -> ParallelFMRL:
-    """``parallelize_fmrl`` with the settings of ``cfg`` (the trainer's and the benchmarks' one way)."""
-    return parallelize_fmrl(
-        model,
-        feature_sharding=cfg.parallel.feature_table_sharding,
-        id_sharding=cfg.parallel.id_table_sharding,
-        id_optimizer=cfg.parallel.id_table_optimizer,
-        id_lr=cfg.parallel.id_table_lr or cfg.train.lr,
-        **dense_settings(cfg, total_steps=total_steps, device=device),
-    )
-
-
 class FMRLTask(TrainingTask):
     """fMRLRec on a sequence data set (``data.path``) with its frozen feature tables (``data.features_url``)."""
 
@@ -135,48 +124,76 @@ class FMRLTask(TrainingTask):
     model_section = "model"
     early_stopping = f"valid {EARLY_STOPPING_METRIC} at the largest size"
 
-    def __init__(self, cfg: Config, world: World, device: torch.device, options: StorageOptions) -> None:
-        self.cfg, self.device, self.options = cfg, device, options
-        dataset = self.dataset = SequenceDataset.open(cfg.data.path, options)
-        uses_features = cfg.model.use_text_features or cfg.model.use_image_features
-        text_features, image_features = open_features(cfg.data, dataset, options, uses_features)
+    def __init__(
+        self,
+        *,
+        model: FMRLConfig,
+        data: DataConfig,
+        train: TrainConfig,
+        optim: OptimConfig,
+        parallel: ParallelConfig,
+        evaluation: EvalConfig,
+        export: bool,
+        world: World,
+        device: torch.device,
+        options: StorageOptions,
+    ) -> None:
+        self.train_cfg, self.eval_cfg, self.export, self.device, self.options = (
+            train,
+            evaluation,
+            export,
+            device,
+            options,
+        )
+        dataset = self.dataset = SequenceDataset.open(data.path, options)
+        uses_features = model.use_text_features or model.use_image_features
+        text_features, image_features = open_features(data, dataset, options, uses_features)
         self.stats = scan_users(dataset)
         self.loader = TrainLoader(
             dataset,
             self.stats,
-            batch_size=cfg.train.batch_size,
-            max_len=cfg.train.max_len,
-            seed=cfg.train.seed,
+            batch_size=train.batch_size,
+            max_len=train.max_len,
+            seed=train.seed,
             rank=world.rank,
             world_size=world.world_size,
-            num_workers=cfg.data.num_workers,
-            prefetch_factor=cfg.data.prefetch_factor,
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
         )
-        attribute_bags = open_attributes(dataset, cfg.model.use_attributes)
-        model = FMRLRec(cfg.model, dataset.num_items, text_features, image_features, attribute_bags)
+        attribute_bags = open_attributes(dataset, model.use_attributes)
+        fmrl = FMRLRec(model, dataset.num_items, text_features, image_features, attribute_bags)
         del text_features, image_features
-        self.sizes, self.largest = list(cfg.model.nested_sizes), cfg.model.nested_sizes[-1]
-        trainable = self.trainable_parameters = model.num_parameters()
-        self.total_steps = total_training_steps(self.loader, cfg.train)
-        self.parallel = parallelize_from_config(model, cfg, total_steps=self.total_steps, device=device)
-        loss_kind = resolve_loss(cfg.train.loss, dataset.num_items, cfg.train.full_softmax_max_items)
+        self.sizes, self.largest = list(model.nested_sizes), model.nested_sizes[-1]
+        trainable = self.trainable_parameters = fmrl.num_parameters()
+        self.total_steps = total_training_steps(
+            self.loader, train.epochs, optim.grad_accum_steps, train.max_steps
+        )
+        self.parallel = parallelize_fmrl(
+            fmrl,
+            parallel,
+            optim,
+            total_steps=self.total_steps,
+            micro_batch_size=train.batch_size,
+            device=device,
+        )
+        loss_kind = resolve_loss(train.loss, dataset.num_items, train.full_softmax_max_items)
         sampler = None
         if loss_kind == "sampled":
             counts = torch.from_numpy(self.stats.train_item_counts[1:].astype(np.float64))
             sampler = NegativeSampler(
                 dataset.num_items,
-                cfg.train.num_negatives,
-                cfg.train.negative_sampling,
-                counts if cfg.train.negative_sampling == "popularity" else None,
+                train.num_negatives,
+                train.negative_sampling,
+                counts if train.negative_sampling == "popularity" else None,
             )
         self.inputs = StepInputs(
             sizes=self.sizes,
             num_items=dataset.num_items,
             loss_kind=loss_kind,
-            chunk_mb=cfg.model.loss_chunk_mb,
+            chunk_mb=model.loss_chunk_mb,
             sampler=sampler,
             # different negatives on every rank, the same on a rerun
-            generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + world.rank),
+            generator=torch.Generator().manual_seed(train.seed * 1000 + world.rank),
             device=device,
         )
         self.identity = {"num_items": dataset.num_items}
@@ -191,10 +208,27 @@ class FMRLTask(TrainingTask):
                 self.sizes,
                 trainable / 1e6,
                 loss_kind,
-                cfg.parallel.backend,
+                parallel.backend,
                 world.world_size,
                 self.parallel.sparse.plan,
             )
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, world: World, device: torch.device, options: StorageOptions
+    ) -> FMRLTask:
+        return cls(
+            model=cfg.model,
+            data=cfg.data,
+            train=cfg.train,
+            optim=cfg.optim,
+            parallel=cfg.parallel,
+            evaluation=cfg.eval,
+            export=cfg.run.export,
+            world=world,
+            device=device,
+            options=options,
+        )
 
     def train_step(self, batch: TrainBatch) -> tuple[float, float, int]:
         loss_sum, positions, self._per_size = forward_backward(self.parallel, batch, self.inputs)
@@ -204,17 +238,17 @@ class FMRLTask(TrainingTask):
         return {f"train/loss_size_{s}": v for s, v in zip(self.sizes, self._per_size.tolist())}
 
     def evaluate(self, split: str) -> dict[int, dict[str, float]]:
-        cfg = self.cfg
+        ev = self.eval_cfg
         return evaluate(
             self.parallel,
             self.dataset,
             split,
             self.sizes,
-            cfg.eval.ks,
-            exclude_history=cfg.eval.exclude_history,
-            batch_size=cfg.eval.batch_size,
-            max_len=cfg.train.max_len,
-            max_users=cfg.eval.max_users,
+            ev.ks,
+            exclude_history=ev.exclude_history,
+            batch_size=ev.batch_size,
+            max_len=self.train_cfg.max_len,
+            max_users=ev.max_users,
             device=self.device,
         )
 
@@ -241,23 +275,23 @@ class FMRLTask(TrainingTask):
         self.inputs.generator.set_state(torch.tensor(state["negatives_rng"], dtype=torch.uint8))
 
     def test(self) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
-        cfg = self.cfg
+        ev = self.eval_cfg
         test = self.evaluate("test")
         popularity = torch.from_numpy(self.stats.train_item_counts[1:].astype(np.float64))  # (N,)
         most_popular = evaluate_popularity(
             popularity,
             self.dataset,
-            cfg.eval.ks,
-            exclude_history=cfg.eval.exclude_history,
-            batch_size=cfg.eval.batch_size,
-            max_len=cfg.train.max_len,
-            max_users=cfg.eval.max_users,
+            ev.ks,
+            exclude_history=ev.exclude_history,
+            batch_size=ev.batch_size,
+            max_len=self.train_cfg.max_len,
+            max_users=ev.max_users,
         )
         return test, most_popular
 
     def report(self, result: RunResult) -> None:
         """The per-size test table (printed and saved), metrics.json, the plot; the export if asked."""
-        ks, largest = self.cfg.eval.ks, self.largest
+        ks, largest = self.eval_cfg.ks, self.largest
         table = format_size_table(result.test_metrics, ks, result.baseline_metrics)
         with open(os.path.join(result.run_dir, "test_metrics.txt"), "w") as f:
             f.write(table + "\n")
@@ -288,7 +322,7 @@ class FMRLTask(TrainingTask):
             f" vs most-popular {popular_ndcg:.4f} ({model_ndcg / max(popular_ndcg, 1e-12):.1f}x)"
         )
         print(f"plot: {plot}\nrun directory: {result.run_dir}")
-        if self.cfg.run.export:
+        if self.export:
             out = os.path.join(result.run_dir, "export")
             catalog = ItemCatalog(
                 read_item_source_ids(self.dataset),

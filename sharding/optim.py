@@ -17,15 +17,9 @@ def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, fused: bool = True
 ) -> torch.optim.AdamW:
     decay, no_decay = [], []
-    import os
-
-    official = os.environ.get("FMRL_EXP_DECAY") == "official"
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            if official:
-                (no_decay if "bias" in name else decay).append(p)
-            else:
-                (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # eps 1e-9 as in the official code; the fused kernel avoids foreach temporaries on CPU and GPU alike
     return torch.optim.AdamW(groups, lr=lr, eps=1e-9, fused=fused)

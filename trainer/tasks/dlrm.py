@@ -11,30 +11,28 @@ same resumable machinery as the sequence loader) and the loss is binary cross-en
 the validation split gives ROC AUC and log loss and early stopping follows the validation AUC. At the end
 the best model is tested against the constant predictor (the training click rate): its log loss is the
 denominator of the normalised entropy (NE, He et al. 2014), so NE < 1 means the model has learnt
-something beyond the base rate. The loop itself is :func:`trainer.train.train`.
+something beyond the base rate (trainer/evaluation/ctr.py). The loop itself is :func:`trainer.train.train`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from data_pipeline.ctr import CTRBatch, CTRDataset, iter_ctr_batches, split_shards
+from data_pipeline.ctr import CTRBatch, CTRDataset
 from data_pipeline.loader import CTRTrainLoader
 from data_pipeline.storage import StorageOptions
-from models.dlrm import DLRM, ctr_loss, roc_auc
+from models.dlrm import DLRM, ctr_loss
+from sharding.config import OptimConfig, ParallelConfig
 from sharding.dlrm import ParallelDLRM, parallelize_dlrm
 from sharding.world import World
-from trainer.config import Config
+from trainer.config import Config, DataConfig, DLRMSection, EvalConfig, TrainConfig
 from trainer.dist import all_reduce_sum
+from trainer.evaluation.ctr import constant_logloss, ctr_score, evaluate_ctr
 from trainer.export import export_model, load_trained_model
-from trainer.train import RunResult, TrainingTask, dense_settings, total_training_steps, write_json
+from trainer.tasks.base import RunResult, TrainingTask, total_training_steps, write_json
 
 log = logging.getLogger("fmrl")
 
@@ -55,66 +53,6 @@ def forward_backward(parallel: ParallelDLRM, batch: CTRBatch, world_size: int) -
     return float(loss.detach()) * count, count
 
 
-def evaluate_ctr(
-    parallel: ParallelDLRM,
-    url: str,
-    split: str,
-    batch_size: int,
-    world: World,
-    options: StorageOptions | None = None,
-) -> dict[str, float]:
-    """ROC AUC and mean log loss of ``split``, exact over all its impressions, in batches of ``batch_size``
-    impressions over all ranks. Rank r reads shards r, r+R, ... of the split (:func:`split_shards`), so
-    the split is read once in all. The table lookups are collective: every rank makes as many forward
-    calls as the rank with the most batches, a rank with no rows left looking up one dummy row. The
-    scores are gathered on every rank. The AUC is NaN if the split has one class only."""
-    per_rank = max(1, batch_size // world.world_size)
-    rows = sum(
-        e.samples for e in split_shards(url, split, options, rank=world.rank, world_size=world.world_size)
-    )
-    calls = torch.tensor([math.ceil(rows / per_rank)])
-    dist.all_reduce(calls, op=dist.ReduceOp.MAX)
-    batches = iter_ctr_batches(
-        url, split, per_rank, options=options, rank=world.rank, world_size=world.world_size
-    )
-    scores, labels = [], []
-    parallel.set_training(False)
-    with torch.no_grad():
-        for _ in range(int(calls[0])):
-            batch = next(batches, None)
-            if batch is None:  # this rank is done: it still joins the lookup, with one row
-                parallel.forward(
-                    torch.zeros(1, parallel.model.cfg.num_dense),
-                    torch.zeros(1, parallel.model.cfg.num_sparse, dtype=torch.int64),
-                )
-                continue
-            scores.append(parallel.forward(batch.dense, batch.sparse).cpu())
-            labels.append(batch.labels)
-    parallel.set_training(True)
-    mine = (torch.cat(scores).numpy(), torch.cat(labels).numpy()) if scores else None
-    parts: list[Any] = [None] * world.world_size
-    dist.all_gather_object(parts, mine)
-    logits = torch.from_numpy(np.concatenate([p[0] for p in parts if p is not None]))
-    clicks = torch.from_numpy(np.concatenate([p[1] for p in parts if p is not None]))
-    logloss = float(ctr_loss(logits.double(), clicks))
-    try:
-        auc = roc_auc(logits, clicks)
-    except ValueError:
-        auc = float("nan")
-    return {"auc": auc, "logloss": logloss, "impressions": float(len(clicks))}
-
-
-def constant_logloss(train_rate: float, test_rate: float) -> float:
-    """Mean log loss on a split with click rate ``test_rate`` of always predicting ``train_rate``."""
-    p = min(max(train_rate, 1e-12), 1 - 1e-12)
-    return -(test_rate * math.log(p) + (1 - test_rate) * math.log(1 - p))
-
-
-def _score(metrics: dict[str, float]) -> float:
-    """Early-stopping score: the AUC, or minus the log loss on a split with one class (no AUC)."""
-    return metrics["auc"] if math.isfinite(metrics["auc"]) else -metrics["logloss"]
-
-
 class DLRMTask(TrainingTask):
     """DLRM on a CTR data set (``data.path``, written by ``fmrl data convert-criteo`` and friends)."""
 
@@ -122,28 +60,55 @@ class DLRMTask(TrainingTask):
     model_section = "dlrm"
     early_stopping = "valid AUC"
 
-    def __init__(self, cfg: Config, world: World, device: torch.device, options: StorageOptions) -> None:
-        self.cfg, self.world, self.options = cfg, world, options
-        dataset = self.dataset = CTRDataset.open(cfg.data.path, options)
+    def __init__(
+        self,
+        *,
+        model: DLRMSection,
+        data: DataConfig,
+        train: TrainConfig,
+        optim: OptimConfig,
+        parallel: ParallelConfig,
+        evaluation: EvalConfig,
+        export: bool,
+        world: World,
+        device: torch.device,
+        options: StorageOptions,
+    ) -> None:
+        self.world, self.options, self.eval_batch_size, self.export = (
+            world,
+            options,
+            evaluation.batch_size,
+            export,
+        )
+        dataset = self.dataset = CTRDataset.open(data.path, options)
         self.loader = CTRTrainLoader(
             dataset,
-            batch_size=cfg.train.batch_size,
-            seed=cfg.train.seed,
+            batch_size=train.batch_size,
+            seed=train.seed,
             rank=world.rank,
             world_size=world.world_size,
-            num_workers=cfg.data.num_workers,
-            prefetch_factor=cfg.data.prefetch_factor,
+            num_workers=data.num_workers,
+            prefetch_factor=data.prefetch_factor,
             options=options,
         )
-        model_cfg = cfg.dlrm.model_config(
+        model_cfg = model.model_config(
             num_dense=len(dataset.dense_features),
             hash_buckets=dataset.hash_buckets,
             feature_names=dataset.sparse_features,
         )
-        model = DLRM(model_cfg)
-        parameters = sum(p.numel() for p in model.parameters())
-        self.total_steps = total_training_steps(self.loader, cfg.train)
-        self.parallel = parallelize_from_config(model, cfg, total_steps=self.total_steps, device=device)
+        dlrm = DLRM(model_cfg)
+        parameters = sum(p.numel() for p in dlrm.parameters())
+        self.total_steps = total_training_steps(
+            self.loader, train.epochs, optim.grad_accum_steps, train.max_steps
+        )
+        self.parallel = parallelize_dlrm(
+            dlrm,
+            parallel,
+            optim,
+            total_steps=self.total_steps,
+            micro_batch_size=train.batch_size,
+            device=device,
+        )
         # the data facts that shape the tables (and let `fmrl export` rebuild the model from a checkpoint)
         self.identity = {
             "num_dense": len(dataset.dense_features),
@@ -160,10 +125,27 @@ class DLRMTask(TrainingTask):
                 dataset.rows,
                 model_cfg.interaction,
                 parameters / 1e6,
-                cfg.parallel.backend,
+                parallel.backend,
                 world.world_size,
                 self.parallel.sparse.plan,
             )
+
+    @classmethod
+    def from_config(
+        cls, cfg: Config, world: World, device: torch.device, options: StorageOptions
+    ) -> DLRMTask:
+        return cls(
+            model=cfg.dlrm,
+            data=cfg.data,
+            train=cfg.train,
+            optim=cfg.optim,
+            parallel=cfg.parallel,
+            evaluation=cfg.eval,
+            export=cfg.run.export,
+            world=world,
+            device=device,
+            options=options,
+        )
 
     def train_step(self, batch: CTRBatch) -> tuple[float, float, int]:
         loss_sum, count = forward_backward(self.parallel, batch, self.world.world_size)
@@ -171,11 +153,11 @@ class DLRMTask(TrainingTask):
 
     def evaluate(self, split: str) -> dict[str, float]:
         return evaluate_ctr(
-            self.parallel, self.dataset.url, split, self.cfg.eval.batch_size, self.world, self.options
+            self.parallel, self.dataset.url, split, self.eval_batch_size, self.world, self.options
         )
 
     def score(self, metrics: dict[str, float]) -> float:
-        return _score(metrics)
+        return ctr_score(metrics)
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"AUC {metrics['auc']:.4f}, log loss {metrics['logloss']:.4f}"
@@ -212,23 +194,10 @@ class DLRMTask(TrainingTask):
         )
         print(table)
         print(f"\nrun directory: {result.run_dir}")
-        if self.cfg.run.export:
+        if self.export:
             out = os.path.join(result.run_dir, "export")
             manifest = export_model(load_trained_model(result.run_dir, self.options), out, None, self.options)
             print(f"export: DLRM ({manifest['bytes'] / 2**20:.1f} MiB) in {out}")
-
-
-def parallelize_from_config(
-    model: DLRM, cfg: Config, *, total_steps: int, device: torch.device
-) -> ParallelDLRM:
-    """``parallelize_dlrm`` with the settings of ``cfg`` (the trainer's and the benchmarks' one way)."""
-    return parallelize_dlrm(
-        model,
-        table_sharding=cfg.parallel.id_table_sharding,
-        table_optimizer=cfg.parallel.id_table_optimizer,
-        table_lr=cfg.parallel.id_table_lr or cfg.train.lr,
-        **dense_settings(cfg, total_steps=total_steps, device=device),
-    )
 
 
 def format_ctr_table(result: RunResult) -> str:

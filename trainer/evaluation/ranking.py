@@ -2,7 +2,7 @@
 baseline.
 
 Items are sharded by contiguous id ranges over the ranks: each rank builds the representations of its
-range only and scores every rank's queries against it (:mod:`trainer.distributed_eval`), so no rank
+range only and scores every rank's queries against it (:mod:`trainer.evaluation.sharded`), so no rank
 holds the full score matrix. Users are split over ranks as the shard reader splits them; metric sums
 are added over ranks at the end. With one rank this is plain full ranking.
 """
@@ -19,8 +19,8 @@ from data_pipeline.sequences import EvalBatch
 from models.fmrl import FMRLRec, nested_scores
 from sharding.fmrl import ParallelFMRL
 from trainer.dist import all_reduce_sum
-from trainer.distributed_eval import item_shard_range, sharded_target_ranks
-from trainer.metrics import METRIC_NAMES, RankingMetrics, target_ranks
+from trainer.evaluation.metrics import METRIC_NAMES, RankingMetrics, target_ranks
+from trainer.evaluation.sharded import item_shard_range, sharded_target_ranks
 
 
 def _rank_batches(

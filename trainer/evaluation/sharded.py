@@ -56,7 +56,7 @@ def sharded_target_ranks(
     group: dist.ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """0-based rank of each of this rank's targets among all N items, as `trainer.metrics.target_ranks`.
+    """0-based rank of each of this rank's targets among all N items, as `trainer.evaluation.metrics.target_ranks`.
 
     Args:
         queries: (B, D) this rank's query vectors.
@@ -70,11 +70,11 @@ def sharded_target_ranks(
     Returns:
         (B,) int64 ranks: the items scored strictly higher than the target, history excluded.
     """
-    world = _World(group)
-    meta = world.meta(queries, item_shard, shard_lo, history, local_ok=targets.shape == queries.shape[:1])
-    all_queries = world.gather_rows(queries, meta[:, 0])  # (B_total, D)
-    all_targets = world.gather_rows(targets.long(), meta[:, 0])  # (B_total,)
-    all_history = world.gather_ids(history, meta, queries)  # (B_total, L_max) or None
+    comm = _Collectives(group)
+    meta = comm.meta(queries, item_shard, shard_lo, history, local_ok=targets.shape == queries.shape[:1])
+    all_queries = comm.gather_rows(queries, meta[:, 0])  # (B_total, D)
+    all_targets = comm.gather_rows(targets.long(), meta[:, 0])  # (B_total,)
+    all_history = comm.gather_ids(history, meta, queries)  # (B_total, L_max) or None
     num_rows, num_shard = all_queries.shape[0], item_shard.shape[0]
 
     counts = torch.zeros(num_rows, dtype=torch.long, device=queries.device)  # (B_total,)
@@ -86,14 +86,14 @@ def sharded_target_ranks(
         # the target's score comes out of this very product; the other ranks contribute exact zeros
         target_score = scores.new_zeros(scores.shape[0])  # (C,)
         target_score[owned] = scores[owned, column[owned]]
-        world.all_reduce(target_score)
+        comm.all_reduce(target_score)
         higher = scores > target_score.unsqueeze(1)  # (C, S)
         if all_history is not None:
             # excluding the target would change nothing: its own score is never strictly higher
             higher &= ~_in_shard(all_history[rows], shard_lo, num_shard)
         counts[rows] = higher.sum(dim=1)
-    world.all_reduce(counts)
-    return counts[world.own_rows(meta)]  # (B,)
+    comm.all_reduce(counts)
+    return counts[comm.own_rows(meta)]  # (B,)
 
 
 @torch.no_grad()
@@ -122,13 +122,13 @@ def sharded_topk(
         (B, k) scores, descending, and (B, k) int64 item ids in 1..N. Equal scores come in no set order;
         the scores equal the single-process ones up to float rounding (see the module docstring).
     """
-    world = _World(group)
-    meta = world.meta(queries, item_shard, shard_lo, exclude, local_ok=True)
+    comm = _Collectives(group)
+    meta = comm.meta(queries, item_shard, shard_lo, exclude, local_ok=True)
     num_items = int(meta[:, 2].sum())
     if not 0 <= k <= num_items:
         raise ValueError(f"k={k} must be in 0..{num_items}, the number of items")
-    all_queries = world.gather_rows(queries, meta[:, 0])  # (B_total, D)
-    all_exclude = world.gather_ids(exclude, meta, queries)  # (B_total, L_max) or None
+    all_queries = comm.gather_rows(queries, meta[:, 0])  # (B_total, D)
+    all_exclude = comm.gather_ids(exclude, meta, queries)  # (B_total, L_max) or None
     num_rows, num_shard = all_queries.shape[0], item_shard.shape[0]
 
     # this shard's best min(k, S) per gathered query, padded up to k with -inf so every rank sends k
@@ -145,9 +145,9 @@ def sharded_topk(
         best_ids[rows, :local_k] = top_columns + shard_lo
 
     # every rank's candidates for this rank's queries, merged: (B, W * k) -> (B, k)
-    own = world.own_rows(meta)
-    candidates = torch.cat(world.all_gather(best), dim=1)[own]
-    candidate_ids = torch.cat(world.all_gather(best_ids), dim=1)[own]
+    own = comm.own_rows(meta)
+    candidates = torch.cat(comm.all_gather(best), dim=1)[own]
+    candidate_ids = torch.cat(comm.all_gather(best_ids), dim=1)[own]
     top, picked = candidates.topk(k, dim=1)  # (B, k)
     return top, candidate_ids.gather(1, picked)
 
@@ -162,7 +162,7 @@ def _in_shard(ids: torch.Tensor, shard_lo: int, num_shard: int) -> torch.Tensor:
     return seen[:, 1:]
 
 
-class _World:
+class _Collectives:
     """The collectives used here, reduced to no-ops when there is a single process."""
 
     # columns of the per-rank metadata gathered first

@@ -1,0 +1,169 @@
+"""The generic parallel core that every model family's parallelisation (sharding/fmrl.py,
+sharding/dlrm.py) is built from:
+
+* :class:`ParallelModel`: a model split into TorchRec-sharded tables (``sparse``) and a dense part run
+  by a :class:`~sharding.backends.DenseBackend`; stepping, checkpoint state for DCP, snapshots for early
+  stopping, the gathered weights at the end;
+* table helpers: the sharding type a table gets (:func:`table_sharding_type`), the TorchRec planner
+  (:func:`plan`), filling this rank's shards from full tables (:func:`fill_shards`), and the fused table
+  optimizers TorchRec's kernels offer (:func:`table_optimizer_class`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sharding.backends import DenseBackend
+
+__all__ = ["ParallelModel", "fill_shards", "plan", "table_optimizer_class", "table_sharding_type"]
+
+DMP_PREFIX = "_dmp_wrapped_module."
+
+
+def table_sharding_type(setting: str, device: torch.device, default_cpu: str) -> str:
+    """The TorchRec sharding type of a table for ``parallel.*_sharding`` = ``setting``: as given, or for
+    "auto" row-wise on GPU and ``default_cpu`` on CPU (TorchRec has no CPU kernel for row-wise)."""
+    if setting != "auto":
+        if setting == "row_wise" and device.type != "cuda":
+            raise ValueError(
+                "row_wise table sharding needs CUDA (TorchRec has no CPU kernel for it); "
+                "use table_wise or column_wise on CPU"
+            )
+        return setting
+    return "row_wise" if device.type == "cuda" else default_cpu
+
+
+def table_optimizer_class(name: str, device: torch.device) -> type:
+    """The optimizer class TorchRec fuses into the backward of a table for ``parallel.table_optimizer``."""
+    if name == "adam" and device.type != "cuda":
+        raise ValueError(
+            "parallel.table_optimizer 'adam' needs CUDA: TorchRec's CPU kernels offer adagrad, "
+            "rowwise_adagrad and sgd"
+        )
+    if name == "rowwise_adagrad":
+        from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+        return RowWiseAdagrad
+    return {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+
+
+def plan(
+    module: nn.Module, sharders: list[Any], constraints: dict[str, Any], topology: Any, *, collective: bool
+) -> Any:
+    """The TorchRec ``ShardingPlan`` of ``module`` 's tables on ``topology`` under ``constraints`` (per
+    table: ``ParameterConstraints``). ``collective=True`` makes the ranks of the job agree on one plan
+    (every rank calls it); otherwise it plans offline, for any topology, e.g. a simulated 64-GPU cluster
+    on a laptop, to check the plan and the memory per rank before a job is launched."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    if collective:
+        return planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
+    return planner.plan(module, sharders)
+
+
+def fill_shards(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Fill every local shard of a DistributedModelParallel's tables from the full (unsharded) tables,
+    which every rank holds at start-up (keyed like the unwrapped module's state dict)."""
+    for key, value in dmp.state_dict().items():
+        source = full[key.removeprefix(DMP_PREFIX)]
+        for shard in value.local_shards():
+            (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            with torch.no_grad():
+                shard.tensor.copy_(source[r0 : r0 + rows, c0 : c0 + cols])
+
+
+@dataclass
+class ParallelModel:
+    """A distributed model: TorchRec-sharded tables, the dense part under a backend, and how to step and
+    save them. The model-specific subclasses (sharding.fmrl.ParallelFMRL, sharding.dlrm.ParallelDLRM) add
+    the forward and say which tables are trained."""
+
+    model: nn.Module
+    """The single-device model; its dense parameters are the ones the backend trains."""
+    sparse: Any
+    """The sharded tables: ``.dmp`` (DistributedModelParallel), ``.fused_optimizer``, ``.device``."""
+    dense: DenseBackend
+    autocast_dtype: torch.dtype | None
+
+    def autocast(self) -> Any:
+        device = "cuda" if self.sparse.device.type == "cuda" else "cpu"
+        return torch.autocast(
+            device, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
+
+    def trainable_table(self, key: str) -> bool:
+        """Whether the table state-dict entry ``key`` is trained (and so checkpointed); all by default."""
+        return True
+
+    def set_training(self, mode: bool) -> None:
+        self.dense.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (averaged over the accumulation steps)."""
+        self.dense.backward(loss)
+
+    def micro_step(self, boundary: bool) -> None:
+        """After each micro-batch: at an accumulation boundary the dense part is clipped and stepped with
+        its schedule (the tables' fused optimizer already stepped in backward)."""
+        self.dense.step(boundary)
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Skip the gradient all-reduce on accumulation micro-batches."""
+        self.dense.set_grad_sync(enabled)
+
+    def last_lr(self) -> float:
+        return self.dense.last_lr()
+
+    def dense_parameters(self) -> list[torch.Tensor]:
+        return self.dense.parameters()
+
+    def _trained_tables(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in self.sparse.dmp.state_dict().items()
+            if self.trainable_table(k.removeprefix(DMP_PREFIX))
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainable state for DCP: the backend's dense weights, optimizer and schedule (the same
+        names under every backend), the trained tables and their fused optimizer state (ShardedTensors:
+        live, so a DCP load fills them in place). Frozen tables are not included: they come from their
+        files."""
+        state = self.dense.state_dict()
+        tables = self._trained_tables()
+        fused = {
+            k: v
+            for k, v in self.sparse.fused_optimizer.state_dict()["state"].items()
+            if self.trainable_table(k.removeprefix(DMP_PREFIX)) and v
+        }
+        if tables:
+            state["tables"] = tables
+        if fused:  # empty on ranks that hold no shard of a trained table
+            state["tables_optimizer"] = fused
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Apply a ``state_dict()`` that DCP has filled (the tables were filled in place)."""
+        self.dense.load_state_dict(state)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of this rank's local trainable state (dense shards and table shards), for
+        :meth:`restore` (the early-stopping best model)."""
+        return [t.detach().clone() for t in self._local_tensors()]
+
+    def restore(self, snapshot: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for target, saved in zip(self._local_tensors(), snapshot, strict=True):
+                target.copy_(saved)
+
+    def _local_tensors(self) -> list[torch.Tensor]:
+        tensors = self.dense.local_tensors()
+        for value in self._trained_tables().values():
+            tensors += [shard.tensor for shard in value.local_shards()]
+        return tensors
