@@ -95,6 +95,31 @@ def _diagnose(line: bytes) -> None:
             raise _BadRow("bad_categorical", f"{name} = {raw.decode(errors='replace')!r} is not hex")
 
 
+def criteo_writer(
+    out_url: str,
+    name: str,
+    num_rows: int,
+    hash_buckets: list[int],
+    valid_fraction: float,
+    test_fraction: float,
+    max_samples_per_shard: int,
+    options: StorageOptions | None,
+) -> CTRDatasetWriter:
+    """The writer of a data set with Criteo's 13 dense and 26 categorical features."""
+    return CTRDatasetWriter(
+        out_url,
+        name=name,
+        num_rows=num_rows,
+        dense_names=CRITEO_DENSE_NAMES,
+        sparse_names=CRITEO_SPARSE_NAMES,
+        hash_buckets=hash_buckets,
+        valid_fraction=valid_fraction,
+        test_fraction=test_fraction,
+        max_samples_per_shard=max_samples_per_shard,
+        options=options,
+    )
+
+
 def _write_criteo_lines(
     writer: CTRDatasetWriter, lines: Iterable[tuple[str, int, bytes]], problems: RowProblems
 ) -> None:
@@ -139,17 +164,8 @@ def convert_criteo(
                 yield url, lineno, line
 
     num_rows = sum(1 for _ in lines())  # the split needs the total; one cheap extra pass
-    writer = CTRDatasetWriter(
-        out_url,
-        name=name,
-        num_rows=num_rows,
-        dense_names=CRITEO_DENSE_NAMES,
-        sparse_names=CRITEO_SPARSE_NAMES,
-        hash_buckets=buckets,
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
-        max_samples_per_shard=max_samples_per_shard,
-        options=options,
+    writer = criteo_writer(
+        out_url, name, num_rows, buckets, valid_fraction, test_fraction, max_samples_per_shard, options
     )
     with writer:
         _write_criteo_lines(writer, lines(), problems)

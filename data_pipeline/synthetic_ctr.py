@@ -17,13 +17,12 @@ import numpy as np
 
 from data_pipeline.converters import RowProblems
 from data_pipeline.criteo import (
-    CRITEO_DENSE_NAMES,
-    CRITEO_SPARSE_NAMES,
     NUM_DENSE,
     NUM_SPARSE,
     _write_criteo_lines,
+    criteo_writer,
 )
-from data_pipeline.ctr import CTRDatasetWriter, CTRSummary, _buckets, _summary
+from data_pipeline.ctr import CTRSummary, _buckets, _summary
 from data_pipeline.shards import generated_dataset
 from data_pipeline.storage import StorageOptions
 
@@ -190,17 +189,8 @@ def prepare_synthetic_ctr(
     existing = _existing_synthetic(out_url, generator, options)
     if existing is not None:
         return existing
-    writer = CTRDatasetWriter(
-        out_url,
-        name="synthetic-ctr",
-        num_rows=rows,
-        dense_names=CRITEO_DENSE_NAMES,
-        sparse_names=CRITEO_SPARSE_NAMES,
-        hash_buckets=buckets,
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
-        max_samples_per_shard=max_samples_per_shard,
-        options=options,
+    writer = criteo_writer(
+        out_url, "synthetic-ctr", rows, buckets, valid_fraction, test_fraction, max_samples_per_shard, options
     )
     problems = RowProblems("raise")  # generated lines are never malformed; one would be a bug
     source = "synthetic"

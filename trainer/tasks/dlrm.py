@@ -28,7 +28,7 @@ from models.dlrm import DLRM, ctr_loss
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.dlrm import ParallelDLRM, parallelize_dlrm
 from sharding.world import World
-from trainer.config import Config, DataConfig, DLRMSection, EvalConfig, TrainConfig
+from trainer.config import DataConfig, DLRMSection, EvalConfig, TrainConfig
 from trainer.dist import all_reduce_sum
 from trainer.evaluation.ctr import constant_logloss, ctr_score, evaluate_ctr
 from trainer.export import export_model, load_trained_model
@@ -129,23 +129,6 @@ class DLRMTask(TrainingTask):
                 world.world_size,
                 self.parallel.sparse.plan,
             )
-
-    @classmethod
-    def from_config(
-        cls, cfg: Config, world: World, device: torch.device, options: StorageOptions
-    ) -> DLRMTask:
-        return cls(
-            model=cfg.dlrm,
-            data=cfg.data,
-            train=cfg.train,
-            optim=cfg.optim,
-            parallel=cfg.parallel,
-            evaluation=cfg.eval,
-            export=cfg.run.export,
-            world=world,
-            device=device,
-            options=options,
-        )
 
     def train_step(self, batch: CTRBatch) -> tuple[float, float, int]:
         loss_sum, count = forward_backward(self.parallel, batch, self.world.world_size)

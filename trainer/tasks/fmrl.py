@@ -34,7 +34,7 @@ from models.fmrl.config import FMRLConfig
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from sharding.world import World
-from trainer.config import Config, DataConfig, EvalConfig, TrainConfig
+from trainer.config import DataConfig, EvalConfig, TrainConfig
 from trainer.dist import all_reduce_sum
 from trainer.evaluation.ranking import evaluate, evaluate_popularity
 from trainer.export import ItemCatalog, export_model, load_trained_model, open_attributes
@@ -212,23 +212,6 @@ class FMRLTask(TrainingTask):
                 world.world_size,
                 self.parallel.sparse.plan,
             )
-
-    @classmethod
-    def from_config(
-        cls, cfg: Config, world: World, device: torch.device, options: StorageOptions
-    ) -> FMRLTask:
-        return cls(
-            model=cfg.model,
-            data=cfg.data,
-            train=cfg.train,
-            optim=cfg.optim,
-            parallel=cfg.parallel,
-            evaluation=cfg.eval,
-            export=cfg.run.export,
-            world=world,
-            device=device,
-            options=options,
-        )
 
     def train_step(self, batch: TrainBatch) -> tuple[float, float, int]:
         loss_sum, positions, self._per_size = forward_backward(self.parallel, batch, self.inputs)
