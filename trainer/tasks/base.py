@@ -66,13 +66,42 @@ class TrainingTask:
     identity: dict[str, Any]
     """Facts of the data that a checkpoint must share (besides the config), e.g. {"num_items": N}."""
 
+    def __init__(
+        self,
+        *,
+        model: Any,
+        data: Any,
+        train: Any,
+        optim: Any,
+        parallel: Any,
+        evaluation: Any,
+        export: bool,
+        world: World,
+        device: torch.device,
+        options: StorageOptions,
+    ) -> None:
+        """Build the task from the config sections it uses: ``model`` is its own model section (the one
+        :attr:`model_section` names), the others are ``data``, ``train``, ``optim``, ``parallel``,
+        ``eval`` and ``run.export``."""
+        raise NotImplementedError
+
     @classmethod
     def from_config(
         cls, cfg: Any, world: World, device: torch.device, options: StorageOptions
     ) -> TrainingTask:
-        """The task of a run's config (``trainer.config.Config``): the one place that reads the root; the
-        task itself takes the sections it uses."""
-        raise NotImplementedError
+        """The task of a run's config (``trainer.config.Config``): the one place that reads the root."""
+        return cls(
+            model=getattr(cfg, cls.model_section),
+            data=cfg.data,
+            train=cfg.train,
+            optim=cfg.optim,
+            parallel=cfg.parallel,
+            evaluation=cfg.eval,
+            export=cfg.run.export,
+            world=world,
+            device=device,
+            options=options,
+        )
 
     def train_step(self, batch: Any) -> tuple[float, float, int]:
         """Forward and backward of one micro-batch on this rank. Returns the sum of its loss terms, their
