@@ -128,10 +128,12 @@ class _AdamWBackend(DenseBackend):
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+        # through the unwrapped module: with a DDP wrapper DCP would match parameter names ("weight_parts.i")
+        # against the state dict's names ("weight", see NestedLinear) and refuse to load
         return {
-            "dense": get_model_state_dict(self.module),
+            "dense": get_model_state_dict(self.inner),
             "dense_optimizer": get_optimizer_state_dict(
-                self.module, self.optimizer, options=_flat_optimizer_options()
+                self.inner, self.optimizer, options=_flat_optimizer_options()
             ),
             "schedule": json.dumps(self.scheduler.state_dict()),
         }
@@ -139,9 +141,9 @@ class _AdamWBackend(DenseBackend):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        set_model_state_dict(self.module, state["dense"])
+        set_model_state_dict(self.inner, state["dense"])
         set_optimizer_state_dict(
-            self.module, self.optimizer, state["dense_optimizer"], options=_flat_optimizer_options()
+            self.inner, self.optimizer, state["dense_optimizer"], options=_flat_optimizer_options()
         )
         self.scheduler.load_state_dict(json.loads(state["schedule"]))
 

@@ -205,10 +205,13 @@ def test_the_best_weights_survive_pruning_and_resume(tmp_path, tiny_dataset) -> 
     assert resumed.test_metrics == whole.test_metrics
 
 
-def test_deepspeed_resume_is_exact(tmp_path, tiny_dataset) -> None:
-    # the engine's ZeRO partitions are saved as full tensors (sharding/fmrl.py); see also
-    # test_checkpoint_deepspeed.py for 2 ranks and every stage
-    settings = ["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.epochs=1"]
+@pytest.mark.parametrize(
+    "backend", [["parallel.backend=deepspeed", "parallel.zero_stage=2"], ["parallel.backend=ddp"]], ids=["zero2", "ddp"]
+)
+def test_resume_is_exact_on_the_deepspeed_and_ddp_backends(tmp_path, tiny_dataset, backend) -> None:
+    # ZeRO partitions are saved as full tensors (sharding/deepspeed_state.py; test_checkpoint_deepspeed.py
+    # covers 2 ranks and every stage); DDP's wrapper must not change the names the nested weights load by
+    settings = [*backend, "train.epochs=1"]
     whole = single(tmp_path, tiny_dataset, "run.name=whole", *settings)
     single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.stop_after_steps=5")
     resumed = single(tmp_path, tiny_dataset, "run.name=cut", *settings, "run.resume=auto")
