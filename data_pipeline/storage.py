@@ -355,17 +355,19 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (BotoConnectionError, HTTPClientError, FSTimeoutError, TimeoutError, ConnectionError)
 
 
-_CALLS: ThreadPoolExecutor | None = None
+_CALLS: dict[int, ThreadPoolExecutor] = {}  # process id -> its pool
 
 
 def _bounded(action: str, url: str, options: StorageOptions, call: Callable[[], _T]) -> _T:
     """``call()`` (an object-storage operation), failing with StorageError after ``options.deadline``
     seconds. It runs on a helper thread; a call that never returns is left there (its connection is
-    hung) while the caller goes on with the error."""
-    global _CALLS
-    if _CALLS is None:
-        _CALLS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="storage")
-    future = _CALLS.submit(call)
+    hung) while the caller goes on with the error. Each process has its own pool: a forked child (a
+    DataLoader worker) inherits the parent's pool object but none of its threads."""
+    pool = _CALLS.get(os.getpid())
+    if pool is None:
+        _CALLS.clear()  # a parent's pool, copied by fork: its threads do not exist here
+        pool = _CALLS[os.getpid()] = ThreadPoolExecutor(max_workers=32, thread_name_prefix="storage")
+    future = pool.submit(call)
     try:
         return future.result(timeout=options.deadline)
     except FutureTimeout:

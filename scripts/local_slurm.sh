@@ -164,12 +164,14 @@ if [[ $conf_changed -eq 1 ]]; then
 fi
 if ! running "$ctld_pid"; then
     log "starting slurmctld"
-    slurmctld || die "slurmctld did not start; see $STATE_DIR/log/slurmctld.log:
+    # -c: forget the jobs of a controller that was killed (a machine stopped mid-test): recovered as
+    # RUNNING with no process behind them, they would hold the node and keep every new job PENDING
+    slurmctld -c || die "slurmctld did not start; see $STATE_DIR/log/slurmctld.log:
 $(tail -n 20 "$STATE_DIR/log/slurmctld.log" 2>/dev/null)"
 fi
 if ! running "$slurmd_pid"; then
     log "starting slurmd"
-    slurmd || die "slurmd did not start; see $STATE_DIR/log/slurmd-$NODE.log:
+    slurmd -c || die "slurmd did not start; see $STATE_DIR/log/slurmd-$NODE.log:
 $(tail -n 20 "$STATE_DIR/log/slurmd-$NODE.log" 2>/dev/null)"
 fi
 

@@ -206,7 +206,9 @@ def test_the_best_weights_survive_pruning_and_resume(tmp_path, tiny_dataset) -> 
 
 
 @pytest.mark.parametrize(
-    "backend", [["parallel.backend=deepspeed", "parallel.zero_stage=2"], ["parallel.backend=ddp"]], ids=["zero2", "ddp"]
+    "backend",
+    [["parallel.backend=deepspeed", "parallel.zero_stage=2"], ["parallel.backend=ddp"]],
+    ids=["zero2", "ddp"],
 )
 def test_resume_is_exact_on_the_deepspeed_and_ddp_backends(tmp_path, tiny_dataset, backend) -> None:
     # ZeRO partitions are saved as full tensors (sharding/deepspeed_state.py; test_checkpoint_deepspeed.py

@@ -7,6 +7,7 @@ round trips, listings, all-or-nothing writes, and errors that name the URL but n
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import time
 
@@ -285,6 +286,25 @@ def test_one_s3_filesystem_per_options_and_process(s3_server) -> None:
     assert other is not first
 
 
+def _read_in_child(url: str, options: StorageOptions) -> None:
+    os._exit(0 if _read(url, options) == b"f" * 100 else 3)
+
+
+def test_a_forked_child_reads_s3_after_its_parent_did(s3_server) -> None:
+    """DataLoader workers are forked from a process that has already used the storage layer: the child
+    must get its own call threads, not wait on the parent's (which fork does not copy) until the deadline."""
+    options = dataclasses.replace(s3_server.options, deadline=30.0)
+    url = join(s3_server.make_bucket(), "f.bin")
+    with atomic_write(url, options) as f:
+        f.write(b"f" * 100)
+    assert _read(url, options) == b"f" * 100  # the parent's pool exists now
+    child = multiprocessing.get_context("fork").Process(target=_read_in_child, args=(url, options))
+    start = time.monotonic()
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and time.monotonic() - start < 20
+
+
 def test_a_hung_s3_server_fails_every_call_within_the_deadline(s3_server) -> None:
     """A server that accepts connections and never answers (SIGSTOP), not one that is down: every kind
     of call gives up after ``deadline`` seconds with an error naming the URL and the endpoint."""
@@ -293,6 +313,9 @@ def test_a_hung_s3_server_fails_every_call_within_the_deadline(s3_server) -> Non
     url = join(bucket, "kept.bin")
     with atomic_write(url, options) as f:
         f.write(b"k" * 1000)
+    doomed = join(bucket, "doomed.bin")  # the remove below may still reach the server once it wakes
+    with atomic_write(doomed, options) as f:
+        f.write(b"d")
     big = join(bucket, "big.bin")
     s3_server.pause()
     try:
@@ -300,7 +323,7 @@ def test_a_hung_s3_server_fails_every_call_within_the_deadline(s3_server) -> Non
             ("check", lambda: exists(url, options)),
             ("list", lambda: list_dir(bucket, options)),
             ("open", lambda: open_read(url, options)),
-            ("remove", lambda: remove(url, options)),
+            ("remove", lambda: remove(doomed, options)),
             ("write", lambda: _write_big(big, options)),
         ]:
             start = time.monotonic()
@@ -313,7 +336,7 @@ def test_a_hung_s3_server_fails_every_call_within_the_deadline(s3_server) -> Non
     finally:
         s3_server.unpause()
     # back: the kept object is intact; the big write either never happened or happened whole (a request
-    # that timed out on our side may still complete on the server's), never in part
+    # that timed out on our side may still complete on the server's, like the remove), never in part
     assert _read(url, options) == b"k" * 1000
     time.sleep(1.0)
     if exists(big, options):

@@ -116,8 +116,10 @@ class Job:
                 return info
             if time.monotonic() > deadline:
                 self.cancel()
+                queue = subprocess.run(["squeue", "-o", "%i %j %T %R"], capture_output=True, text=True).stdout
                 pytest.fail(
-                    f"job {self.id} still {info['JobState']} after {timeout:.0f} s; log:\n{self.log()[-6000:]}"
+                    f"job {self.id} still {info['JobState']} (reason {info.get('Reason')}) after "
+                    f"{timeout:.0f} s; queue:\n{queue}log:\n{self.log()[-6000:]}"
                 )
             time.sleep(0.25)
 
