@@ -116,7 +116,9 @@ class Job:
                 return info
             if time.monotonic() > deadline:
                 self.cancel()
-                queue = subprocess.run(["squeue", "-o", "%i %j %T %R"], capture_output=True, text=True).stdout
+                queue = subprocess.run(
+                    ["squeue", "-o", "%i %j %T %R"], capture_output=True, text=True, timeout=30
+                ).stdout
                 pytest.fail(
                     f"job {self.id} still {info['JobState']} (reason {info.get('Reason')}) after "
                     f"{timeout:.0f} s; queue:\n{queue}log:\n{self.log()[-6000:]}"
