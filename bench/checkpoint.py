@@ -43,6 +43,8 @@ from data import DEMO_CONFIG, DEMO_ITEMS, DEMO_SEQ_LEN, moto_server  # bench/ is
 from scaling import QUIET_CORES, wait_quiet
 from trunk import machine, write_section
 
+from trainer.process_exit import run_as_process
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BEGIN, END = "<!-- bench/checkpoint.py:begin -->", "<!-- bench/checkpoint.py:end -->"
@@ -546,4 +548,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)  # trainer/process_exit.py: why a gloo process exits this way

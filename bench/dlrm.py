@@ -48,6 +48,8 @@ import torch
 from scaling import QUIET_CORES, run_job  # bench/ is on sys.path
 from trunk import machine, write_section
 
+from trainer.process_exit import run_as_process
+
 if TYPE_CHECKING:
     from models.dlrm import DLRM
     from trainer.config import Config
@@ -630,4 +632,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)  # trainer/process_exit.py: why a gloo process exits this way

@@ -31,6 +31,8 @@ import torch
 from data import DEMO_CONFIG, DEMO_ITEMS, DEMO_SEQ_LEN  # bench/, the script's folder, is on sys.path
 from trunk import machine, write_section
 
+from trainer.process_exit import run_as_process
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BEGIN, END = "<!-- bench/scaling.py:begin -->", "<!-- bench/scaling.py:end -->"
@@ -364,4 +366,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)  # trainer/process_exit.py: why a gloo process exits this way

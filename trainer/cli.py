@@ -18,8 +18,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from trainer.config import ConfigError, load_config
+from trainer.process_exit import run_as_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,5 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The ``fmrl`` command and ``python -m trainer.cli``: ``main``, ended as trainer/process_exit.py says."""
+    run_as_process(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sharding.world import World
+from trainer.process_exit import mark_group_joined
 
 log = logging.getLogger("fmrl")
 
@@ -64,6 +65,7 @@ def distributed() -> Iterator[tuple[World, torch.device]]:
         for name in added:
             os.environ.pop(name, None)
         raise
+    mark_group_joined()  # the process now ends through trainer/process_exit.py's exit_process
     try:
         yield world, device
     finally:

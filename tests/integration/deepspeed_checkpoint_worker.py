@@ -33,6 +33,7 @@ from sharding.config import OptimConfig, ParallelConfig
 from sharding.fmrl import ParallelFMRL, parallelize_fmrl
 from trainer.checkpoint import CheckpointManager
 from trainer.dist import World, all_reduce_sum, distributed
+from trainer.process_exit import run_as_process
 from trainer.tasks.fmrl import StepInputs, forward_backward
 
 SIZES = [8, 16, 32]
@@ -159,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)  # trainer/process_exit.py: why a gloo process exits this way

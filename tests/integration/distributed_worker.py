@@ -28,6 +28,7 @@ from sharding.config import OptimConfig, ParallelConfig
 from sharding.fmrl import parallelize_fmrl
 from trainer.dist import all_reduce_sum, distributed
 from trainer.evaluation.ranking import evaluate
+from trainer.process_exit import run_as_process
 from trainer.tasks.fmrl import StepInputs, forward_backward
 
 
@@ -165,4 +166,4 @@ def fixed_attribute_bags(num_items: int, num_attributes: int = 12) -> AttributeB
 
 
 if __name__ == "__main__":
-    main()
+    run_as_process(main)  # trainer/process_exit.py: why a gloo process exits this way
