@@ -19,6 +19,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,6 +87,8 @@ class ClusterPlan:
     trunk_per_rank: int
     trunk_note: str
     checkpoint_bytes: int
+    sharding_plan: Any
+    """TorchRec's ShardingPlan of the item tables (what DistributedModelParallel would apply)."""
 
     @property
     def nodes(self) -> int:
@@ -169,7 +172,7 @@ def plan_cluster(
     recorder = PlanStorage()
     tower = model.item_tower
     try:
-        plan_item_tables(
+        _, sharding_plan, _ = plan_item_tables(
             tower,
             topology,
             nested_sizes=list(model_cfg.nested_sizes),
@@ -228,6 +231,7 @@ def plan_cluster(
         trunk_per_rank=trunk_per_rank,
         trunk_note=trunk_note,
         checkpoint_bytes=checkpoint,
+        sharding_plan=sharding_plan,
     )
 
 
