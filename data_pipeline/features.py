@@ -42,7 +42,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,7 @@ __all__ = [
     "extract_features",
     "load_feature_tables",
     "merge_features",
+    "write_feature_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -476,6 +477,45 @@ def merge_features(
     # last: a features.json means both tables are complete
     _write_bytes(join(out_url, "features.json"), json.dumps(info, indent=1, sort_keys=True).encode(), options)
     return info
+
+
+def write_feature_table(
+    url: str,
+    num_rows: int,
+    dim: int,
+    blocks: Iterable[np.ndarray],
+    model: str,
+    options: StorageOptions | None = None,
+) -> str:
+    """Write a (num_rows, dim) float32 table as ``{"features": table}`` in safetensors format, byte for
+    byte what ``safetensors.torch.save(..., metadata={"model": model})`` writes, from row ``blocks``
+    ((n, dim) arrays, in order) streamed to storage, so a table larger than memory can be written.
+    Returns the file's sha256 (for ``features.json``)."""
+    nbytes = num_rows * dim * 4
+    header = json.dumps(
+        {
+            "__metadata__": {"model": model},
+            "features": {"dtype": "F32", "shape": [num_rows, dim], "data_offsets": [0, nbytes]},
+        },
+        separators=(",", ":"),
+    ).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+    digest = hashlib.sha256()
+    rows = 0
+    with atomic_write(url, options) as f:
+        for chunk in (len(header).to_bytes(8, "little"), header):
+            digest.update(chunk)
+            f.write(chunk)
+        for block in blocks:
+            if block.ndim != 2 or block.shape[1] != dim:
+                raise ValueError(f"{url}: a block of shape {block.shape} in a table of width {dim}")
+            data = np.ascontiguousarray(block, dtype="<f4").tobytes()
+            digest.update(data)
+            f.write(data)
+            rows += len(block)
+        if rows != num_rows:
+            raise ValueError(f"{url}: the blocks hold {rows} rows, the table has {num_rows}")
+    return digest.hexdigest()
 
 
 def load_feature_tables(

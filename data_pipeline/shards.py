@@ -62,6 +62,8 @@ log = logging.getLogger("fmrl")
 _CHUNK = 1 << 20
 # shards are built in a spooled temp file: in memory while small, on local disk once larger
 _SPOOL_MAX = 64 << 20
+_PENDING_SAMPLES = 256  # members are joined and spooled in groups of about this many samples
+_ZEROS = bytes(512)  # tar pads every member to 512-byte blocks
 
 
 class ManifestError(ValueError):
@@ -132,7 +134,8 @@ class ShardWriter:
         self.meta = dict(meta or {})
         self.shards: list[ShardEntry] = []
         self._spool: tempfile.SpooledTemporaryFile[bytes] | None = None
-        self._tar: tarfile.TarFile | None = None
+        self._offset = 0  # bytes of members in the shard being built
+        self._pending: list[bytes] = []  # members not yet in the spool
         self._count = 0  # samples in the shard being built
         self._keys: set[str] = set()
 
@@ -164,20 +167,19 @@ class ShardWriter:
         for ext, value in fields.items():
             if not ext or "/" in ext:
                 raise ValueError(f"sample {key!r}: invalid extension {ext!r}")
-            if not isinstance(value, bytes | bytearray | memoryview):
+            if not isinstance(value, (bytes, bytearray, memoryview)):  # noqa: UP038 (the tuple is faster)
                 raise TypeError(f"sample {key!r}: field {ext!r} must be bytes, got {type(value).__name__}")
-        if self._tar is None:
+        if self._spool is None:
             self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX)
-            self._tar = tarfile.open(fileobj=self._spool, mode="w", format=tarfile.PAX_FORMAT)
-        for ext in sorted(fields):
+            self._offset = 0
+        for ext in sorted(fields) if len(fields) > 1 else fields:
             data = bytes(fields[ext])
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            header, padding = _member_header(f"{key}.{ext}", len(data)), _ZEROS[: -len(data) % 512]
+            self._pending += (header, data, padding)
+            self._offset += len(header) + len(data) + len(padding)
+        if len(self._pending) >= 3 * _PENDING_SAMPLES:  # a spool write per sample was a 1/4 of the time
+            self._spool.write(b"".join(self._pending))
+            self._pending.clear()
         self._keys.add(key)
         self._count += 1
         if self._count >= self.max_samples_per_shard:
@@ -185,8 +187,12 @@ class ShardWriter:
 
     def _flush(self) -> None:
         """Finish the current tar and commit it under its final name, hashing it on the way out."""
-        assert self._tar is not None and self._spool is not None
-        self._tar.close()  # writes the end-of-archive blocks into the spool
+        assert self._spool is not None
+        self._spool.write(b"".join(self._pending))
+        self._pending.clear()
+        # the end of the archive as tarfile writes it: two zero blocks, then zeros up to a whole record
+        end = 2 * tarfile.BLOCKSIZE
+        self._spool.write(tarfile.NUL * (end + -(self._offset + end) % tarfile.RECORDSIZE))
         name = shard_name(self.prefix, len(self.shards))
         self._spool.seek(0)
         digest = hashlib.sha256()
@@ -198,12 +204,13 @@ class ShardWriter:
                 out.write(chunk)
         self._spool.close()
         self.shards.append(ShardEntry(name=name, samples=self._count, bytes=size, sha256=digest.hexdigest()))
-        self._tar, self._spool, self._count = None, None, 0
+        self._spool, self._count = None, 0
 
     def _discard(self) -> None:
+        self._pending.clear()
         if self._spool is not None:
             self._spool.close()
-        self._tar, self._spool, self._count = None, None, 0
+        self._spool, self._count = None, 0
 
     def _write_manifest(self) -> None:
         manifest = Manifest(
@@ -216,6 +223,47 @@ class ShardWriter:
         payload = json.dumps(dataclasses.asdict(manifest), indent=1, sort_keys=True).encode()
         with atomic_write(manifest_url(self.base_url, self.prefix), self.options) as f:
             f.write(payload)
+
+
+# the parts of a member's ustar header that are the same for every shard member (mode 0o444, uid/gid 0,
+# mtime 0, regular file, no link, ustar magic, empty owner names): all but its name, size and checksum
+_HEADER_MODE_TO_SIZE = b"0000444\x000000000\x000000000\x00"  # bytes 100:124
+_HEADER_MTIME = b"00000000000\x00"  # bytes 136:148
+_HEADER_TAIL = tarfile.REGTYPE + bytes(100) + tarfile.POSIX_MAGIC + bytes(512 - 265)  # bytes 156:512
+# the checksum is the byte sum of the header with its own field as 8 spaces
+_HEADER_FIXED_SUM = sum(_HEADER_MODE_TO_SIZE) + sum(_HEADER_MTIME) + 8 * ord(" ") + sum(_HEADER_TAIL)
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """The tar header block(s) of a regular file member ``name`` of ``size`` bytes, with the fixed
+    owner, mode and mtime of every shard: byte for byte what ``tarfile`` (PAX format) writes, built
+    directly for the usual short ASCII name (a ``tarfile.TarInfo`` per member was 4/5 of a small
+    sample's write time) and by ``tarfile`` otherwise."""
+    if len(name) <= 100 and name.isascii() and size < 8**11:
+        encoded, size_field = name.encode("ascii"), b"%011o\x00" % size
+        checksum = _HEADER_FIXED_SUM + sum(encoded) + sum(size_field)
+        return b"".join(
+            (
+                encoded,
+                bytes(100 - len(encoded)),
+                _HEADER_MODE_TO_SIZE,
+                size_field,
+                _HEADER_MTIME,
+                b"%06o\x00 " % checksum,
+                _HEADER_TAIL,
+            )
+        )
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+        size,
+        0,
+        0o444,
+        0,
+        0,
+        "",
+        "",
+    )
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 def generated_dataset(

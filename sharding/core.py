@@ -20,7 +20,14 @@ from torch import nn
 
 from sharding.backends import DenseBackend
 
-__all__ = ["ParallelModel", "fill_shards", "plan", "table_optimizer_class", "table_sharding_type"]
+__all__ = [
+    "ParallelModel",
+    "PlanStorage",
+    "fill_shards",
+    "plan",
+    "table_optimizer_class",
+    "table_sharding_type",
+]
 
 DMP_PREFIX = "_dmp_wrapped_module."
 
@@ -53,18 +60,51 @@ def table_optimizer_class(name: str, device: torch.device) -> type:
 
 
 def plan(
-    module: nn.Module, sharders: list[Any], constraints: dict[str, Any], topology: Any, *, collective: bool
+    module: nn.Module,
+    sharders: list[Any],
+    constraints: dict[str, Any],
+    topology: Any,
+    *,
+    collective: bool,
+    stats: list[Any] | None = None,
 ) -> Any:
     """The TorchRec ``ShardingPlan`` of ``module`` 's tables on ``topology`` under ``constraints`` (per
     table: ``ParameterConstraints``). ``collective=True`` makes the ranks of the job agree on one plan
     (every rank calls it); otherwise it plans offline, for any topology, e.g. a simulated 64-GPU cluster
-    on a laptop, to check the plan and the memory per rank before a job is launched."""
+    on a laptop, to check the plan and the memory per rank before a job is launched. ``stats``: TorchRec
+    ``Stats`` objects that receive the chosen plan (default: TorchRec's EmbeddingStats log;
+    :class:`PlanStorage` keeps the planner's storage estimate of every shard)."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
 
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, stats=stats)
     if collective:
         return planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     return planner.plan(module, sharders)
+
+
+class PlanStorage:
+    """A TorchRec planner ``Stats`` that keeps the chosen plan's sharding options: per table its sharding
+    type, compute kernel and shards, each with the planner's own storage estimate (``Storage(hbm, ddr)``,
+    bytes: weights, optimizer state, input/output buffers, the HBM cache of a UVM-cached table) and rank.
+    Pass it in ``plan(..., stats=[PlanStorage()])``; after planning, :attr:`options` holds them."""
+
+    def __init__(self) -> None:
+        self.options: list[Any] = []
+
+    def log(
+        self, sharding_plan: Any, topology: Any, *args: Any, best_plan: Any = None, **kwargs: Any
+    ) -> None:
+        # TorchRec calls Stats.log with keyword arguments; best_plan is the list of ShardingOptions
+        self.options = list(best_plan or [])
+
+    def per_rank(self, world_size: int) -> list[tuple[int, int]]:
+        """(HBM bytes, host-memory bytes) of the tables on each rank."""
+        totals = [[0, 0] for _ in range(world_size)]
+        for option in self.options:
+            for shard in option.shards:
+                totals[shard.rank][0] += shard.storage.hbm
+                totals[shard.rank][1] += shard.storage.ddr
+        return [(hbm, ddr) for hbm, ddr in totals]
 
 
 def fill_shards(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:

@@ -93,6 +93,83 @@ def nested_min_partition(dim: int, sizes: list[int], world_size: int) -> int:
     return dim
 
 
+def plan_item_tables(
+    tower: ItemTower,
+    topology: Any,
+    *,
+    nested_sizes: list[int],
+    device: torch.device,
+    feature_sharding: str,
+    table_sharding: str,
+    table_optimizer: str,
+    table_lr: float,
+    collective: bool,
+    stats: list[Any] | None = None,
+) -> tuple[nn.ModuleDict, Any, list[Any]]:
+    """The item tower's tables as TorchRec collections on the meta device (one per table, each with its
+    fused optimizer), their ``ShardingPlan`` on ``topology`` (a ``torchrec.distributed.planner.Topology``)
+    and the sharders that apply it. Training shards the item tables with it (:class:`ShardedItemTables`,
+    ``collective=True``), and ``fmrl plan`` calls it for a simulated cluster (``collective=False``, a
+    meta-device tower of any size; ``device`` of type "cuda" plans for GPUs on a machine without one).
+
+    Every table is pinned to its sharding type (``feature_sharding`` for the frozen tables,
+    ``table_sharding`` for the learnable ones; "auto" resolves against ``device``); the compute kernel is
+    the planner's choice, so a table that does not fit in HBM gets a UVM-cached kernel. ``stats`` are
+    TorchRec ``Stats`` that receive the chosen plan (default: TorchRec's EmbeddingStats log)."""
+    from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+    from torchrec import (
+        EmbeddingBagCollection,
+        EmbeddingBagConfig,
+        EmbeddingCollection,
+        EmbeddingConfig,
+        PoolingType,
+    )
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import ParameterConstraints
+
+    names = tower.table_names()
+    sources = dict(zip(names, tower.tables()))
+    # one collection per table: an EmbeddingCollection needs equal widths, and the frozen ones are
+    # looked up without autograd
+    tables = nn.ModuleDict()
+    constraints: dict[str, Any] = {}
+    for n in names:
+        source = sources[n]
+        if n == ATTRIBUTE_TABLE:
+            bag_config = EmbeddingBagConfig(
+                name=n,
+                embedding_dim=source.embedding_dim,
+                num_embeddings=source.num_embeddings,
+                feature_names=[n],
+                pooling=PoolingType.MEAN,
+            )
+            tables[n] = EmbeddingBagCollection(tables=[bag_config], device=torch.device("meta"))
+        else:
+            config = EmbeddingConfig(
+                name=n,
+                embedding_dim=source.embedding_dim,
+                num_embeddings=source.num_embeddings,
+                feature_names=[n],
+            )
+            tables[n] = EmbeddingCollection(tables=[config], device=torch.device("meta"))
+        if n in FROZEN_TABLES:
+            # never stepped: the lookup runs under no_grad. TorchRec's CPU kernels are all fused, so a
+            # frozen table still needs some fused optimizer; plain SGD at lr 0 keeps no state.
+            apply_optimizer_in_backward(torch.optim.SGD, tables[n].parameters(), {"lr": 0.0})
+            kind = table_sharding_type(feature_sharding, device, "table_wise")
+            constraints[n] = ParameterConstraints(sharding_types=[kind])
+        else:  # the ID and attribute tables follow parallel.table_*
+            optimizer = table_optimizer_class(table_optimizer, device)
+            apply_optimizer_in_backward(optimizer, tables[n].parameters(), {"lr": table_lr})
+            kind = table_sharding_type(table_sharding, device, "column_wise")
+            width = nested_min_partition(source.embedding_dim, nested_sizes, topology.world_size)
+            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
+    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+    sharding_plan = plan(tables, sharders, constraints, topology, collective=collective, stats=stats)
+    return tables, sharding_plan, sharders
+
+
 class ShardedItemTables(nn.Module):
     """The item tower's tables as TorchRec-sharded EmbeddingCollections (the attribute table: an
     EmbeddingBagCollection that mean-pools each item's attribute bag): ``forward(ids (U,))`` returns the
@@ -111,68 +188,26 @@ class ShardedItemTables(nn.Module):
         table_lr: float,
     ) -> None:
         super().__init__()
-        from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
-        from torchrec import (
-            EmbeddingBagCollection,
-            EmbeddingBagConfig,
-            EmbeddingCollection,
-            EmbeddingConfig,
-            PoolingType,
-        )
-        from torchrec.distributed.embedding import EmbeddingCollectionSharder
-        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.planner import ParameterConstraints, Topology
+        from torchrec.distributed.planner import Topology
 
         self.names = tower.table_names()
         sources = dict(zip(self.names, tower.tables()))
         self.attribute_bags = tower.attribute_bags
         world_size = dist.get_world_size()
-        frozen = [n for n in self.names if n in FROZEN_TABLES]
-        learnable = [n for n in self.names if n in LEARNABLE_TABLES]
-
-        # one collection per table: an EmbeddingCollection needs equal widths, and the frozen ones are
-        # looked up without autograd
-        tables = nn.ModuleDict()
-        for n in self.names:
-            source = sources[n]
-            if n == ATTRIBUTE_TABLE:
-                bag_config = EmbeddingBagConfig(
-                    name=n,
-                    embedding_dim=source.embedding_dim,
-                    num_embeddings=source.num_embeddings,
-                    feature_names=[n],
-                    pooling=PoolingType.MEAN,
-                )
-                tables[n] = EmbeddingBagCollection(tables=[bag_config], device=torch.device("meta"))
-            else:
-                config = EmbeddingConfig(
-                    name=n,
-                    embedding_dim=source.embedding_dim,
-                    num_embeddings=source.num_embeddings,
-                    feature_names=[n],
-                )
-                tables[n] = EmbeddingCollection(tables=[config], device=torch.device("meta"))
-            if n in frozen:
-                # never stepped: the lookup runs under no_grad. TorchRec's CPU kernels are all fused, so a
-                # frozen table still needs some fused optimizer; plain SGD at lr 0 keeps no state.
-                apply_optimizer_in_backward(torch.optim.SGD, tables[n].parameters(), {"lr": 0.0})
-            else:
-                optimizer = table_optimizer_class(table_optimizer, device)
-                apply_optimizer_in_backward(optimizer, tables[n].parameters(), {"lr": table_lr})
-
-        constraints: dict[str, Any] = {}
-        for n in frozen:
-            kind = table_sharding_type(feature_sharding, device, "table_wise")
-            constraints[n] = ParameterConstraints(sharding_types=[kind])
-        for n in learnable:  # the ID and attribute tables follow parallel.table_*
-            kind = table_sharding_type(table_sharding, device, "column_wise")
-            width = nested_min_partition(sources[n].embedding_dim, nested_sizes, world_size)
-            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         topology = Topology(world_size=world_size, local_world_size=local_world, compute_device=device.type)
-        sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
-        self.plan = plan(tables, sharders, constraints, topology, collective=True)
+        tables, self.plan, sharders = plan_item_tables(
+            tower,
+            topology,
+            nested_sizes=nested_sizes,
+            device=device,
+            feature_sharding=feature_sharding,
+            table_sharding=table_sharding,
+            table_optimizer=table_optimizer,
+            table_lr=table_lr,
+            collective=True,
+        )
         self.dmp = DistributedModelParallel(
             tables, device=device, plan=self.plan, sharders=sharders, init_data_parallel=False
         )

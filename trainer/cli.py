@@ -1,8 +1,10 @@
 """The ``fmrl`` command.
 
     fmrl train --config configs/demo.yaml [KEY=VALUE ...]
+    fmrl plan --config C --num-items 100000000 --world-size 64,128,256,512 [--device h100|a100|cpu]
     fmrl launch [--nproc N] [--nnodes M --rdzv-endpoint HOST:PORT] [--dry-run] --config ... [KEY=VALUE ...]
     fmrl data prepare-synthetic OUT_URL [--num-items 2000 --num-users 4000 ...]
+    fmrl data prepare-synthetic-scale OUT_URL [--num-items 1000000 --num-categories 500 --num-brands 10000]
     fmrl data convert-movielens OUT_URL
     fmrl data prepare-synthetic-ctr OUT_URL [--rows 50000]      (DLRM; also convert-criteo, convert-obp)
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4"
     )
     _add_launch_command(commands)
+    _add_plan_command(commands)
     _add_data_commands(commands)
     export = commands.add_parser(
         "export",
@@ -98,6 +101,34 @@ def _add_launch_command(commands: argparse._SubParsersAction) -> None:
     launch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for `fmrl train`")
 
 
+def _add_plan_command(commands: argparse._SubParsersAction) -> None:
+    from trainer.plan import DEVICES
+
+    plan = commands.add_parser(
+        "plan",
+        help="TorchRec's plan of the item tables on a simulated cluster: sharding, per-rank memory, UVM "
+        "caching, trunk memory, checkpoint size",
+    )
+    plan.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    plan.add_argument("--num-items", type=int, required=True)
+    plan.add_argument("--world-size", required=True, help="ranks, comma-separated, e.g. 64,128,256,512")
+    plan.add_argument("--device", choices=sorted(DEVICES), default="h100", help="hardware preset")
+    plan.add_argument("--hbm-gb", type=float, help="device memory per GPU, GiB (default: the preset's)")
+    plan.add_argument("--ddr-gb", type=float, help="host memory per node, GiB (default: the preset's)")
+    plan.add_argument("--ranks-per-node", type=int, help="GPUs (ranks) per node (default: the preset's)")
+    plan.add_argument("--text-dim", type=int, default=384, help="text feature width (MiniLM: 384); 0: none")
+    plan.add_argument(
+        "--image-dim", type=int, default=1280, help="image feature width (EfficientNet: 1280); 0: none"
+    )
+    plan.add_argument(
+        "--num-attributes",
+        type=int,
+        default=100_000,
+        help="rows of the attribute table (model.use_attributes)",
+    )
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="write datasets as WebDataset shards (local or s3://)")
     writers = data.add_subparsers(dest="data_command", required=True)
@@ -114,6 +145,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--image-size", type=int, default=64)
     synthetic.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
+    _add_synthetic_scale_command(writers)
 
     movielens = writers.add_parser(
         "convert-movielens", help="MovieLens-100k from the recbole wheel (text only)"
@@ -187,6 +219,31 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         )
 
 
+def _add_synthetic_scale_command(writers: argparse._SubParsersAction) -> None:
+    scale = writers.add_parser(
+        "prepare-synthetic-scale",
+        help="a synthetic catalog at scale: no images, category/brand attributes that drive the users' "
+        "transitions, synthetic frozen feature tables (vectorised; millions of items in minutes)",
+    )
+    scale.add_argument("out_url")
+    scale.add_argument("--num-items", type=int, default=1_000_000)
+    scale.add_argument("--num-users", type=int, default=200_000)
+    scale.add_argument("--num-categories", type=int, default=500, help="item categories (attributes)")
+    scale.add_argument(
+        "--num-brands", type=int, default=10_000, help="brands (attributes), each in a category"
+    )
+    scale.add_argument("--min-seq-len", type=int, default=5)
+    scale.add_argument("--max-seq-len", type=int, default=30)
+    scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument(
+        "--text-dim", type=int, default=384, help="width of the synthetic text feature table; 0: none"
+    )
+    scale.add_argument(
+        "--image-dim", type=int, default=0, help="width of the synthetic image feature table; 0: none"
+    )
+    scale.add_argument("--shard-size", type=int, default=50_000, help="samples per shard")
+
+
 def _run_data_command(args: argparse.Namespace) -> None:
     from data_pipeline import converters
 
@@ -203,6 +260,22 @@ def _run_data_command(args: argparse.Namespace) -> None:
             seed=args.seed,
             max_samples_per_shard=args.shard_size,
             image_size=args.image_size,
+        )
+    elif args.data_command == "prepare-synthetic-scale":
+        from data_pipeline.synthetic_scale import prepare_synthetic_scale
+
+        summary = prepare_synthetic_scale(
+            args.out_url,
+            num_items=args.num_items,
+            num_users=args.num_users,
+            num_categories=args.num_categories,
+            num_brands=args.num_brands,
+            min_seq_len=args.min_seq_len,
+            max_seq_len=args.max_seq_len,
+            seed=args.seed,
+            text_dim=args.text_dim,
+            image_dim=args.image_dim,
+            max_samples_per_shard=args.shard_size,
         )
     elif args.data_command == "convert-movielens":
         summary = converters.convert_movielens(
@@ -339,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size, entry in manifest.get("sizes", {}).items():
             print(f"size {size:>5}: {entry['bytes'] / 2**20:8.2f} MiB  {entry['folder']}")
         return 0
+    if args.command == "plan":
+        from trainer.plan import run_plan
+
+        return run_plan(args)
     if args.command == "launch":
         from trainer.launch import launch
 

@@ -168,3 +168,34 @@ def test_round_trip_on_s3(s3_server) -> None:
     assert [(s["__key__"], s["seq.npy"], s["json"]) for s in got] == [
         (k, f["seq.npy"], f["json"]) for k, f in samples
     ]
+
+
+def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path) -> None:
+    # the writer builds tar headers itself (fast path) and through tarfile for long or non-ASCII names
+    import io
+    import tarfile
+
+    samples = [
+        ("000000001", {"json": b'{"a": 1}', "png": bytes(range(256)) * 3}),
+        ("k" * 120, {"json": b"x" * 512}),  # a name over 100 characters: a PAX header
+        ("caf\u00e9", {"txt": b""}),
+    ]
+    with ShardWriter(str(tmp_path), "t", 10) as writer:
+        for key, fields in samples:
+            writer.write(key, fields)
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, fields in samples:
+            for ext in sorted(fields):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(fields[ext]),
+                    0,
+                    0o444,
+                    0,
+                    0,
+                    "",
+                    "",
+                )
+                tar.addfile(info, io.BytesIO(fields[ext]))
+    assert (tmp_path / "t-000000.tar").read_bytes() == expected.getvalue()
