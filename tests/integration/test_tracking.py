@@ -45,9 +45,7 @@ def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
 
     events = EventAccumulator(os.path.join(run_dir, "tensorboard"))
     events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-    }
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_mlflow_local_store_logs_what_tensorboard_does_and_continues_on_resume(
