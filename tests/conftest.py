@@ -65,6 +65,19 @@ def _isolated_aws_env() -> Iterator[None]:
                 os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def _fmrl_logger_restored() -> Iterator[None]:
+    """The ``fmrl`` logger as it was before each test: ``fmrl``'s main() (called in-process by tests)
+    gives it a terminal handler of its own and stops its propagation, which would hide its records from
+    a later test's caplog."""
+    import logging
+
+    logger = logging.getLogger("fmrl")
+    saved = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
 def _free_port() -> int:
     # the port may be taken again between here and the server's bind; start() then fails loudly
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -17,12 +17,12 @@ OUT_URL is a local path or an s3:// URL (endpoint and credentials from the envir
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from trainer.config import ConfigError, load_config
+from trainer.logs import configure_logging
 from trainer.process_exit import run_as_process
 
 
@@ -354,11 +354,7 @@ def _run_ctr_command(args: argparse.Namespace) -> object:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # INFO from this project only: libraries (fbgemm, deepspeed, torchrec) log at INFO on the root logger
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("fmrl").setLevel(logging.INFO)
+    configure_logging()
     if args.command == "features":
         from data_pipeline.features import extract_features
         from data_pipeline.storage import StorageError

@@ -178,6 +178,10 @@ class EvalConfig:
         _at_least("eval.max_users", self.max_users, 0)
 
 
+LOGGERS = ("tensorboard", "mlflow")
+"""The names run.loggers accepts (trainer/tracking.py)."""
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """Where outputs go and how progress is reported."""
@@ -186,8 +190,16 @@ class RunConfig:
     """Parent folder of run folders: a local path or a URL (kept a str since it may become remote)."""
     name: str = ""
     """Run folder name inside out_dir; "" derives a timestamped name."""
-    tensorboard: bool = True
-    """Write TensorBoard event files into the run folder."""
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where the training scalars (loss, learning rate, throughput, validation and test metrics) go:
+    "tensorboard" (event files in <run dir>/tensorboard) and/or "mlflow" (the scalars, the resolved
+    config and the final report's files; see mlflow_tracking_uri); [] for none."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking server or store (run.loggers has "mlflow"), e.g. http://127.0.0.1:5000 or
+    sqlite:///runs/mlflow.db; "" means sqlite:///<out_dir>/mlflow.db with artefacts in
+    <out_dir>/mlartifacts."""
+    mlflow_experiment: str = "fmrl"
+    """MLflow experiment the run is logged under (created if missing)."""
     progress_bar: bool = True
     """Show a progress bar on the terminal."""
     log_every: int = 10
@@ -236,6 +248,15 @@ class RunConfig:
         _positive("run.checkpoint_timeout", self.checkpoint_timeout)
         _at_least("run.checkpoint_max_abandoned", self.checkpoint_max_abandoned, 1)
         _at_least("run.stop_after_steps", self.stop_after_steps, 0)
+        for i, logger in enumerate(self.loggers):
+            _one_of(f"run.loggers[{i}]", logger, LOGGERS)
+        _require(len(set(self.loggers)) == len(self.loggers), f"run.loggers repeats a name: {self.loggers}")
+        _require(
+            not self.mlflow_tracking_uri or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", self.mlflow_tracking_uri),
+            f"run.mlflow_tracking_uri must be a URI such as http://127.0.0.1:5000 or sqlite:///runs/mlflow.db, "
+            f"got {self.mlflow_tracking_uri!r}",
+        )
+        _require(self.mlflow_experiment != "", "run.mlflow_experiment must not be empty")
 
 
 def _dlrm_default(name: str) -> Any:
@@ -372,10 +393,16 @@ MOVED_KEYS = {
 earlier runs (run folders, checkpoint markers) are upgraded when read (:func:`upgrade_saved_config`)."""
 
 
+REPLACED_KEYS = {"run.tensorboard": "run.loggers (a list: run.loggers=[tensorboard], or [] for none)"}
+"""Keys replaced by a key of another type (old -> what to write instead); saved configs are upgraded."""
+
+
 def upgrade_saved_config(data: Mapping[str, Any]) -> dict[str, Any]:
     """A config saved by an earlier version (a run's config.yaml, a checkpoint marker's) in today's
-    keys (:data:`MOVED_KEYS`)."""
+    keys (:data:`MOVED_KEYS`, :data:`REPLACED_KEYS`)."""
     out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
+    if isinstance(out.get("run"), dict) and "tensorboard" in out["run"]:
+        out["run"]["loggers"] = ["tensorboard"] if out["run"].pop("tensorboard") else []
     for old, new in MOVED_KEYS.items():
         old_section, old_key = old.split(".")
         new_section, new_key = new.split(".")
@@ -388,6 +415,9 @@ def _unknown_key(prefix: str, name: object, valid: Sequence[str]) -> ConfigError
     moved = MOVED_KEYS.get(_join(prefix, str(name)))
     if moved:
         return ConfigError(f"'{_join(prefix, str(name))}' is now '{moved}': rename it")
+    replaced = REPLACED_KEYS.get(_join(prefix, str(name)))
+    if replaced:
+        return ConfigError(f"'{_join(prefix, str(name))}' was replaced by {replaced}")
     valid = sorted(valid)
     if prefix:
         message = f"unknown key '{_join(prefix, str(name))}' (valid keys in '{prefix}': {', '.join(valid)})"

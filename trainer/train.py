@@ -27,7 +27,8 @@ The loop's state lives in objects that the checkpoint manager saves and loads as
 :class:`~trainer.state.RankPositions`; the model's own in :class:`~sharding.core.ParallelModel`).
 
 Rank 0 writes the run directory (``run.out_dir/run.name``, trainer/run_folder.py): the resolved config,
-the TorchRec plan, TensorBoard scalars, the best model's weights (safetensors), and the task's report.
+the TorchRec plan, the log file (``train.log``, trainer/logs.py), the scalars of ``run.loggers``
+(TensorBoard, MLflow: trainer/tracking.py), the best model's weights (safetensors), and the task's report.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from data_pipeline.storage import StorageOptions
 from sharding.world import World, set_cpu_threads
@@ -61,11 +61,13 @@ from trainer.config import (
     with_absolute_paths,
 )
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
+from trainer.logs import progress_bar, run_log_file
 from trainer.preemption import StopRequest
 from trainer.run_folder import RunFolderError, RunLease, choose_run_folder, empty_folder
 from trainer.state import EarlyStopping, Progress, RankPositions, RunState
 from trainer.tasks import task_class
 from trainer.tasks.base import RunResult, TrainingTask
+from trainer.tracking import Trackers, TrackingError, open_trackers
 
 log = logging.getLogger("fmrl")
 
@@ -79,7 +81,8 @@ def train(cfg: Config) -> RunResult:
     cfg = with_absolute_paths(cfg)
     with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
         options = storage_options(cfg.data)
-        with run_folder(cfg, world, options) as run_dir:
+        with run_folder(cfg, world, options) as run_dir, run_log_file(run_dir, world.rank):
+            log.debug("command line: %s", " ".join(sys.argv))
             seed_everything(cfg.train.seed)  # the same initial model on every rank
             threads = set_cpu_threads(cfg.train.num_threads, world)
             log.info(
@@ -124,7 +127,7 @@ class Trainer:
             max_abandoned=cfg.run.checkpoint_max_abandoned,
         )
         self.identity = {"config": config_to_dict(cfg), **task.identity}
-        self.writer: Any = None
+        self.trackers = Trackers([])
         self.keys_log: Any = None
         self.best_weights: list[torch.Tensor] = []
         self.window = StepWindow()
@@ -133,6 +136,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the run
 
     def run(self) -> RunResult:
+        """The run, from start (or resume) to its report; the trackers learn how it ended."""
+        try:
+            return self._run()
+        except BaseException:
+            self.trackers.close("FAILED")
+            raise
+
+    def _run(self) -> RunResult:
         self.start()
         self.parallel.set_training(True)
         if self.should_stop():  # resumed at the limit: save in this job's layout, then stop
@@ -170,28 +181,36 @@ class Trainer:
             log.info("run.resume=auto: no complete checkpoint in %s, starting afresh", self.checkpoints.root)
         if not self.best_weights:
             self.best_weights = self.parallel.snapshot()
+        error = ""
         if self.main:
-            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            config = os.path.join(self.run_dir, "config.yaml")
+            dump_config(cfg, config)
             with open(os.path.join(self.run_dir, "sharding_plan.txt"), "w") as f:
                 f.write(str(self.parallel.sparse.plan) + "\n")
-            if cfg.run.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+            try:
+                self.trackers = open_trackers(cfg.run, self.run_dir, config_to_dict(cfg), resumed=bool(url))
+                self.trackers.log_files([config])
+            except TrackingError as exc:
+                error = str(exc)
+        error = str(broadcast_object(error))  # every rank stops, not rank 0 alone (its peers would hang)
+        if error:
+            raise TrackingError(error)
         if cfg.run.log_sample_keys:
             self.keys_log = open(os.path.join(self.run_dir, f"sample_keys.rank{self.world.rank}.txt"), "a")
 
     def train_epoch(self, epoch: int) -> bool:
         """One epoch's steps (the rest of it, after a mid-epoch resume); True if the job must stop now."""
         loader, cfg = self.loader, self.cfg
-        bar = tqdm(
+        accum = cfg.optim.grad_accum_steps
+        # micro-batches: the epoch's, or fewer when the run's steps (train.max_steps) end it early
+        steps_left = self.task.total_steps - self.progress.steps
+        total = min(loader.steps_in_epoch(loader.epoch), loader.batches_in_epoch + steps_left * accum)
+        bar = progress_bar(
             loader,
-            total=loader.steps_in_epoch(loader.epoch),
+            total=total,
+            initial=loader.batches_in_epoch,
             desc=f"epoch {epoch}",
-            disable=not (cfg.run.progress_bar and self.main),
-            leave=False,
-            # redraws flood log files (batch jobs, CI): redraw rarely when stderr is not a terminal
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            enabled=cfg.run.progress_bar and self.main,
         )
         self.window.start_epoch(self.progress.steps - loader.batches_in_epoch // cfg.optim.grad_accum_steps)
         batches_left = loader.steps_in_epoch(loader.epoch) - loader.batches_in_epoch
@@ -288,6 +307,7 @@ class Trainer:
         self.save()  # a no-op when this step's checkpoint exists already
         self.checkpoints.close()
         self.close_logs()
+        self.trackers.close("KILLED")  # to be resumed: the resumed job sets it running again
         stop_file = self.cfg.run.stop_file
         if self.main and self.stop_requested and stop_file:
             # consumed: tells the launcher the trainer did stop early (and a requeued job must not stop)
@@ -305,7 +325,7 @@ class Trainer:
         has written the report: a peer dying in its teardown makes torchrun kill the job, and that must
         not cut a finished run's artefacts short."""
         self.checkpoints.close()  # the last asynchronous save commits before the run reports
-        self.close_logs(writer=False)
+        self.close_logs()
         self.parallel.restore(self.best_weights)
         weights = self.parallel.full_state_dict()
         if self.main:
@@ -314,7 +334,6 @@ class Trainer:
         result = self.result()
         result.test_metrics, result.baseline_metrics = self.task.test()
         self.log_scalars(self.task.scalars("test", result.test_metrics))
-        self.close_logs()
         log.info(
             "rank %d: %d steps in %.0f s (%.2f steps/s), peak RSS %.0f MiB",
             self.world.rank,
@@ -326,6 +345,9 @@ class Trainer:
         try:
             if self.main:
                 self.task.report(result)
+                report = ["test_metrics.txt", "metrics.json", "metrics_by_size.png", "train.log"]
+                self.trackers.log_files([os.path.join(self.run_dir, name) for name in report])
+                self.trackers.close("FINISHED")
         finally:
             dist.barrier()
         return result
@@ -379,17 +401,12 @@ class Trainer:
         )
 
     def log_scalars(self, scalars: dict[str, float]) -> None:
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, self.progress.steps)
+        self.trackers.log_scalars(scalars, self.progress.steps)
 
-    def close_logs(self, writer: bool = True) -> None:
+    def close_logs(self) -> None:
         if self.keys_log is not None:
             self.keys_log.close()
             self.keys_log = None
-        if writer and self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 class StepWindow:

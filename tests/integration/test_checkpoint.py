@@ -33,7 +33,7 @@ COMMON = [
     "train.num_threads=1",
     "run.log_sample_keys=true",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
 ]
 
 

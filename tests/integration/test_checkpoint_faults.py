@@ -41,7 +41,7 @@ COMMON = [
     "train.num_threads=1",
     "data.num_workers=0",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
     "run.export=false",
     "run.log_sample_keys=true",
 ]

@@ -45,7 +45,7 @@ COMMON = [
     "eval.batch_size=2048",
     "data.num_workers=0",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
     "run.export=false",
 ]
 # float32 sums re-associated over ranks; 2e-7 relative per step measured for fMRL
@@ -326,7 +326,7 @@ def test_the_obp_config_trains_and_exports_on_real_clicks(tmp_path) -> None:
 
     convert_obp(str(tmp_path / "obp"), policy="random", campaign="all")
     overrides = [f"data.path={tmp_path / 'obp'}", f"run.out_dir={tmp_path}", "run.name=obp", "train.epochs=2"]
-    overrides += ["train.num_threads=1", "run.progress_bar=false", "run.tensorboard=false"]
+    overrides += ["train.num_threads=1", "run.progress_bar=false", "run.loggers=[]"]
     assert main(["train", "--config", "configs/dlrm-obp.yaml", *overrides]) == 0
     metrics = json.loads((tmp_path / "obp" / "metrics.json").read_text())
     dataset = CTRDataset.open(str(tmp_path / "obp"))

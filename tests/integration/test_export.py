@@ -32,7 +32,7 @@ def run_dir(tiny_dataset, tmp_path_factory) -> str:
         "train.batch_size=32",
         "data.num_workers=0",
         "run.progress_bar=false",
-        "run.tensorboard=false",
+        "run.loggers=[]",
     ]
     return train(load_config(None, overrides)).run_dir
 
@@ -120,7 +120,7 @@ def test_sizes_add_up_in_one_folder_and_another_model_is_refused(
                 "train.epochs=1",
                 "train.seed=7",
                 "run.progress_bar=false",
-                "run.tensorboard=false",
+                "run.loggers=[]",
                 "run.export=false",
             ],
         )

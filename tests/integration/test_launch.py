@@ -24,7 +24,7 @@ SMALL = [
     "train.batch_size=16",
     "train.num_threads=1",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
     "data.num_workers=0",
     "run.export=false",
 ]

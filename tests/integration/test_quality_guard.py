@@ -54,7 +54,7 @@ def test_a_short_run_on_amazon_beauty_clears_the_quality_floor(tmp_path) -> None
             f"run.out_dir={tmp_path}",
             "run.name=guard",
             "run.progress_bar=false",
-            "run.tensorboard=false",
+            "run.loggers=[]",
             "run.export=false",
         ],
     )

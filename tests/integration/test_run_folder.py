@@ -31,7 +31,7 @@ TINY = [
     "train.num_threads=1",
     "eval.batch_size=64",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
     "run.export=false",
 ]
 

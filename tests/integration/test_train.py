@@ -100,11 +100,9 @@ def test_cli_run_writes_every_artefact(tmp_path, tiny_dataset, tiny_config, caps
 def test_same_seed_same_run_other_seed_other_run(tiny_config):
     # with worker processes too: the batch order is a function of the seed and the worker count only
     keys = "run.log_sample_keys=true"
-    first = train(tiny_config("run.name=a", "run.tensorboard=false", "data.num_workers=2", keys))
-    second = train(tiny_config("run.name=b", "run.tensorboard=false", "data.num_workers=2", keys))
-    other = train(
-        tiny_config("run.name=c", "run.tensorboard=false", "data.num_workers=2", keys, "train.seed=7")
-    )
+    first = train(tiny_config("run.name=a", "run.loggers=[]", "data.num_workers=2", keys))
+    second = train(tiny_config("run.name=b", "run.loggers=[]", "data.num_workers=2", keys))
+    other = train(tiny_config("run.name=c", "run.loggers=[]", "data.num_workers=2", keys, "train.seed=7"))
     assert first.steps == second.steps > 0
     assert first.train_losses == second.train_losses
     assert first.test_metrics == second.test_metrics
@@ -133,7 +131,7 @@ def test_early_stopping_and_best_model_is_the_one_tested(tiny_config):
 
 
 def test_excluding_history_only_removes_competitors(tiny_config):
-    cfg = tiny_config("run.name=hist", "train.epochs=1", "run.tensorboard=false")
+    cfg = tiny_config("run.name=hist", "train.epochs=1", "run.loggers=[]")
     result = train(cfg)
     model, dataset = trained_model(cfg, result.run_dir)
 
@@ -175,7 +173,7 @@ def test_model_learns_and_beats_most_popular(tmp_path):
             "optim.warmup_steps=10",
             "train.num_threads=2",
             "run.progress_bar=false",
-            "run.tensorboard=false",
+            "run.loggers=[]",
             f"run.out_dir={tmp_path}",
             "run.name=learn",
         ],

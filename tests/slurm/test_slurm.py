@@ -39,7 +39,7 @@ TRAINING = [
     "train.batch_size=4",
     "train.num_threads=1",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
     "data.num_workers=0",
 ]
 JOB_TIMEOUT_S = 240

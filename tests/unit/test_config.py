@@ -241,8 +241,8 @@ def test_float_rejected_for_int() -> None:
 
 
 def test_wrong_type_for_bool_and_list_items() -> None:
-    with pytest.raises(ConfigError, match=r"run\.tensorboard must be a bool, got int 1"):
-        load_config(None, ["run.tensorboard=1"])
+    with pytest.raises(ConfigError, match=r"run\.progress_bar must be a bool, got int 1"):
+        load_config(None, ["run.progress_bar=1"])
     with pytest.raises(ConfigError, match=r"eval\.ks\[1\] must be an int, got str 'x'"):
         load_config(None, ["eval.ks=[5, x]"])
     with pytest.raises(ConfigError, match=r"model\.nested_sizes must be a list of int, got int 8"):

@@ -16,6 +16,7 @@ from data_pipeline.storage import StorageOptions
 from models.dlrm import ctr_loss, roc_auc
 from sharding.dlrm import ParallelDLRM
 from sharding.world import World
+from trainer.logs import progress_bar
 
 
 def evaluate_ctr(
@@ -25,12 +26,14 @@ def evaluate_ctr(
     batch_size: int,
     world: World,
     options: StorageOptions | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """ROC AUC and mean log loss of ``split``, exact over all its impressions, in batches of ``batch_size``
     impressions over all ranks. Rank r reads shards r, r+R, ... of the split (:func:`split_shards`), so
     the split is read once in all. The table lookups are collective: every rank makes as many forward
     calls as the rank with the most batches, a rank with no rows left looking up one dummy row. The
-    scores are gathered on every rank. The AUC is NaN if the split has one class only."""
+    scores are gathered on every rank. The AUC is NaN if the split has one class only. ``progress`` shows
+    a progress bar."""
     per_rank = max(1, batch_size // world.world_size)
     rows = sum(
         e.samples for e in split_shards(url, split, options, rank=world.rank, world_size=world.world_size)
@@ -43,7 +46,7 @@ def evaluate_ctr(
     scores, labels = [], []
     parallel.set_training(False)
     with torch.no_grad():
-        for _ in range(int(calls[0])):
+        for _ in progress_bar(range(int(calls[0])), total=int(calls[0]), desc=split, enabled=progress):
             batch = next(batches, None)
             if batch is None:  # this rank is done: it still joins the lookup, with one row
                 parallel.forward(

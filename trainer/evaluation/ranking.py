@@ -21,6 +21,7 @@ from sharding.fmrl import ParallelFMRL
 from trainer.dist import all_reduce_sum
 from trainer.evaluation.metrics import METRIC_NAMES, RankingMetrics, target_ranks
 from trainer.evaluation.sharded import item_shard_range, sharded_target_ranks
+from trainer.logs import progress_bar
 
 
 def _rank_batches(
@@ -65,8 +66,10 @@ def evaluate(
     max_len: int,
     max_users: int = 0,
     device: torch.device | None = None,
+    progress: bool = False,
 ) -> dict[int, dict[str, float]]:
-    """Full-ranking metrics of ``split`` ("valid" or "test") per nested size: {size: {"NDCG@10": ...}}."""
+    """Full-ranking metrics of ``split`` ("valid" or "test") per nested size: {size: {"NDCG@10": ...}};
+    ``progress`` shows a progress bar (rank 0's batches)."""
     device = device or torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     parallel.set_training(False)
@@ -74,7 +77,7 @@ def evaluate(
     item_shard = parallel.item_representations(torch.arange(lo, hi, device=device))  # (S, D)
     batches, count = _rank_batches(dataset, split, batch_size, max_len, max_users)
     metrics = RankingMetrics(ks)
-    for _ in range(count):
+    for _ in progress_bar(range(count), total=count, desc=split, enabled=progress):
         batch = next(batches, None)
         if batch is None:  # this rank is done; join the collectives with no queries
             tokens = torch.zeros(0, 1, dtype=torch.int64, device=device)

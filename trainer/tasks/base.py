@@ -65,6 +65,8 @@ class TrainingTask:
     """Optimizer steps of the whole run (train.epochs, capped by train.max_steps)."""
     identity: dict[str, Any]
     """Facts of the data that a checkpoint must share (besides the config), e.g. {"num_items": N}."""
+    progress_bar: bool = False
+    """Show a progress bar while evaluating (run.progress_bar, on rank 0)."""
 
     def __init__(
         self,
@@ -90,7 +92,7 @@ class TrainingTask:
         cls, cfg: Any, world: World, device: torch.device, options: StorageOptions
     ) -> TrainingTask:
         """The task of a run's config (``trainer.config.Config``): the one place that reads the root."""
-        return cls(
+        task = cls(
             model=getattr(cfg, cls.model_section),
             data=cfg.data,
             train=cfg.train,
@@ -102,6 +104,8 @@ class TrainingTask:
             device=device,
             options=options,
         )
+        task.progress_bar = cfg.run.progress_bar and world.rank == 0
+        return task
 
     def train_step(self, batch: Any) -> tuple[float, float, int]:
         """Forward and backward of one micro-batch on this rank. Returns the sum of its loss terms, their

@@ -136,7 +136,13 @@ class DLRMTask(TrainingTask):
 
     def evaluate(self, split: str) -> dict[str, float]:
         return evaluate_ctr(
-            self.parallel, self.dataset.url, split, self.eval_batch_size, self.world, self.options
+            self.parallel,
+            self.dataset.url,
+            split,
+            self.eval_batch_size,
+            self.world,
+            self.options,
+            progress=self.progress_bar,
         )
 
     def score(self, metrics: dict[str, float]) -> float:

@@ -233,6 +233,7 @@ class FMRLTask(TrainingTask):
             max_len=self.train_cfg.max_len,
             max_users=ev.max_users,
             device=self.device,
+            progress=self.progress_bar,
         )
 
     def score(self, metrics: dict[int, dict[str, float]]) -> float:
