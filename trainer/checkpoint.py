@@ -189,7 +189,7 @@ class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
         except pickle.UnpicklingError as error:
             # torch's message advises weights_only=False, i.e. running whatever the file says: never that
             detail = next(
-                (line.strip() for line in str(error).splitlines() if "Unsupported global" in line), ""
+                (line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()), ""
             )
             raise CheckpointError(
                 f"entry {read_item.dest_index.fqn!r} holds a pickle of more than plain data"
