@@ -138,6 +138,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (reading the installed packages' metadata takes time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
+
+
 # every subcommand takes --debug too, so that it may follow the command (fmrl train --debug ...)
 _COMMON = argparse.ArgumentParser(add_help=False)
 _COMMON.add_argument(
@@ -178,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and serve Matryoshka recommenders (fMRLRec) and DLRM.",
         epilog="`fmrl COMMAND --help` describes a command; docs/cli.md all of them.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument(
         "--debug", action="store_true", help="print the traceback of a failure (it always goes to the log)"
     )
@@ -528,7 +539,8 @@ def _config(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from trainer.evaluation.saved import evaluate_saved
 
-    result = evaluate_saved(args.source, args.split, args.overrides, _options(args))
+    options = _options(args) if args.s3_endpoint_url else None  # else the run's data.s3_endpoint_url
+    result = evaluate_saved(args.source, args.split, args.overrides, options)
     what = "per nested size, full ranking over all items" if result.task == "fmrl" else "every impression"
     print(f"{args.split} metrics of {args.source} ({what}):\n")
     print(result.table)

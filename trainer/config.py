@@ -12,12 +12,10 @@ Supported field types: int, float, bool, str, list[...] of those, and nested dat
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import difflib
 import functools
-import inspect
 import itertools
 import os
 import re
@@ -688,6 +686,9 @@ def dump_config(cfg: Config, path: str) -> None:
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of dataclass ``cls`` (the string literal under each field), by field name,
     read from its source with ``ast``: the one place a key's meaning is written is beside the key."""
+    import ast
+    import inspect
+
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
@@ -735,6 +736,6 @@ def show_config(cfg: Config, width: int = 100) -> str:
             comment(f"{doc} (default: {_yaml_value(plain_default)})".strip(), indent)
             lines.append(f"{indent}{name}: {_yaml_value(plain)}")
 
-    comment(inspect.cleandoc(Config.__doc__ or ""), "")
+    comment(" ".join((Config.__doc__ or "").split()), "")
     section(cfg, Config(), "")
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.checkpoint import COMMIT, _MetadataUnpickler
@@ -51,14 +52,26 @@ def _dead_port() -> int:
         return s.getsockname()[1]  # closed again: nothing listens there
 
 
-def test_a_data_command_with_a_dead_endpoint_is_one_storage_line(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "prepare-synthetic", "s3://bucket/demo"],
+        ["data", "prepare-synthetic-ctr", "s3://bucket/demo"],
+        ["features", "s3://bucket/demo"],
+        ["export", "s3://bucket/run/checkpoints", "--sizes", "8"],
+        ["eval", "s3://bucket/run/checkpoints"],
+        ["recommend", "s3://bucket/export", "--history", "1"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_every_url_command_reaches_the_given_endpoint_and_fails_in_one_line(command: list[str]) -> None:
     endpoint = f"http://127.0.0.1:{_dead_port()}"
-    done = fmrl("data", "prepare-synthetic", "s3://bucket/demo", "--s3-endpoint-url", endpoint)
+    done = fmrl(*command, "--s3-endpoint-url", endpoint)
     assert done.returncode == 1, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("fmrl data prepare-synthetic: storage error: cannot reach object storage at ")
-    assert endpoint in lines[0] and "s3://bucket/demo" in lines[0]
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("fmrl ")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"fmrl {' '.join(command[:2]) if command[0] == 'data' else command[0]}: ")
+    assert f"storage error: cannot reach object storage at {endpoint} for s3://bucket/" in lines[0]
 
 
 def test_a_missing_input_file_is_exit_2_and_names_it(tmp_path) -> None:

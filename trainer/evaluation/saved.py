@@ -50,7 +50,8 @@ def evaluate_saved(
     source: str, split: str = "test", overrides: Sequence[str] = (), options: StorageOptions | None = None
 ) -> SavedEvaluation:
     """Evaluate the model saved at ``source`` (run folder or checkpoint) on ``split``; ``overrides``
-    (``eval.max_users=500``, ``data.path=...``) change the run's evaluation settings."""
+    (``eval.max_users=500``, ``data.path=...``) change the run's evaluation settings. ``options`` default
+    to the environment's for ``source`` and the run's ``data`` settings for its data set."""
     from trainer.export import load_model, source_config
 
     if split not in SPLITS:
@@ -61,8 +62,9 @@ def evaluate_saved(
             f"{fixed[0]!r}: the saved weights fix the sections {', '.join(_FIXED_SECTIONS)}; an evaluation "
             "may change eval.*, train.max_len and data.*"
         )
-    cfg = with_overrides(source_config(source, options), overrides)
-    options = options if options is not None else cfg.data.storage_options()
+    # the run's own endpoint (data.s3_endpoint_url) for its data set, unless the caller gave options
+    cfg = with_overrides(source_config(source, options or StorageOptions.from_env()), overrides)
+    options = options or cfg.data.storage_options()
     model = load_model(source, options, features=cfg.data.features_url)
     if cfg.task == "dlrm":
         return _evaluate_dlrm(source, split, cfg, model, options)
