@@ -54,12 +54,12 @@ class UsageError(ValueError):
 EXPECTED_ERRORS: tuple[tuple[str, str, int, str], ...] = (
     ("trainer.config", "ConfigError", 2, "config error"),
     ("trainer.cli", "UsageError", 2, "error"),
-    ("trainer.run_folder", "RunFolderError", 2, "run folder"),
+    ("trainer.run_folder", "RunFolderError", 2, "error"),
     ("trainer.export", "ExportError", 2, "export error"),
     ("trainer.checkpoint", "CheckpointError", 1, "checkpoint error"),
-    ("data_pipeline.storage", "StorageNotFoundError", 2, "not found"),
+    ("data_pipeline.storage", "StorageNotFoundError", 2, "error"),
     ("data_pipeline.storage", "StorageError", 1, "storage error"),
-    ("builtins", "FileNotFoundError", 2, "not found"),
+    ("builtins", "FileNotFoundError", 2, "error"),
     ("builtins", "ValueError", 2, "error"),  # the data pipeline's errors (bad input) are ValueErrors
     ("builtins", "OSError", 1, "error"),
 )

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import build_parser, undash_overrides
+import trainer.cli
+from trainer.cli import build_parser, report_failure, undash_overrides
 from trainer.config import Config, field_docs, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,3 +150,26 @@ def test_a_config_typo_is_one_line_and_exit_2_and_debug_adds_the_traceback() -> 
         "launch", "--dry-run", "--nproc", "1", "train.epochs=1", "--config", "configs/demo.yaml", "x.y=1"
     )
     assert late.returncode == 2 and "unknown section 'x'" in late.stderr
+
+
+def test_failures_map_to_exit_codes_and_only_a_bug_asks_for_debug(capsys, monkeypatch) -> None:
+    from data_pipeline.storage import StorageError
+    from trainer.config import ConfigError
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert report_failure("train", ConfigError("unknown key 'x'"), debug=False) == 2
+    assert report_failure("data", StorageError("cannot reach object storage at E for U"), debug=False) == 1
+    assert report_failure("data", FileNotFoundError("no such file: in.txt"), debug=False) == 2
+    assert report_failure("train", KeyError("oops"), debug=False) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "fmrl train: config error: unknown key 'x'",
+        "fmrl data: storage error: cannot reach object storage at E for U",
+        "fmrl data: error: no such file: in.txt",
+        "fmrl train: unexpected KeyError: 'oops'",
+        "fmrl train: this looks like a bug; --debug shows the traceback",
+    ]
+    # another torchrun rank: the same code, and its line (after rank 0 had time to say it) names it
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(trainer.cli, "RANK_GRACE_S", 0.0)
+    assert report_failure("train", ConfigError("bad"), debug=False) == 2
+    assert capsys.readouterr().err == "fmrl train (rank 1): config error: bad\n"
