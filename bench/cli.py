@@ -63,14 +63,15 @@ def timed(command: list[str], expected: int, runs: int) -> list[float]:
     return times
 
 
-def render(rows: list[tuple[str, list[float]]], command: str, runs: int) -> str:
+def render(rows: list[tuple[str, list[float]]], command: str, runs: int, load: float) -> str:
     lines = [
         BEGIN,
         "## Command line: answers without training (`bench/cli.py`)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
-        f"Date: {time.strftime('%Y-%m-%d')}",
+        f"Date: {time.strftime('%Y-%m-%d')}, load average {load:.1f} at the start (other jobs share the "
+        "machine)",
         "",
         f"Wall time of a fresh process, median and range of {runs} runs after one warm-up run. `fmrl` is "
         "the console script. None of these commands imports torch, TorchRec, fbgemm or DeepSpeed "
@@ -94,10 +95,11 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     runs = 3 if args.quick else args.runs
+    load = os.getloadavg()[0]
     rows = [(what, timed([*fmrl(), *argv], code, runs)) for what, argv, code in CASES]
     rows += [(what, timed(command, 0, runs)) for what, command in REFERENCES]
     command = "python bench/cli.py" + (f" --runs {args.runs}" if args.runs != 11 and not args.quick else "")
-    section = render(rows, command + (" --quick" if args.quick else ""), runs)
+    section = render(rows, command + (" --quick" if args.quick else ""), runs, load)
     print(section)
     if not args.no_write:
         write_section(args.output, section, BEGIN, END)
