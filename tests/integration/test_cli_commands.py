@@ -120,3 +120,14 @@ def test_data_commands_end_with_a_readable_summary(tmp_path) -> None:
     values = [line.index(line.split()[-1]) for line in lines[1:] if len(line.split()) == 2]
     assert len(set(values)) == 1  # aligned
     assert "CTRSummary(" not in done.stdout
+
+
+def test_features_ends_with_a_readable_summary(tiny_dataset) -> None:
+    # the tiny data set's parts are there already (the session made them): nothing is encoded again
+    done = fmrl("features", tiny_dataset, "--image-size", "32", "--chunk-size", "64")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "item features: tables written"
+    assert lines[1].split() == ["features", f"{tiny_dataset}/features"]
+    assert lines[2].split()[:2] == ["items", "150"] and "0 encoded, 3 already there" in lines[3]
+    assert "FeaturesSummary(" not in done.stdout
