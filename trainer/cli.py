@@ -579,12 +579,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from trainer.export import exported_sizes, load_recommender
+    from trainer.export import ExportError, exported_sizes, load_recommender
 
     options = _options(args)
     url = args.export.rstrip("/")
-    from trainer.export import ExportError
-
     try:
         sizes = exported_sizes(url, options)
     except ExportError:  # a run folder: its export
