@@ -479,6 +479,16 @@ def _verified(url: str, expected: str | None, options: StorageOptions | None) ->
     return data
 
 
+def exported_sizes(url: str, options: StorageOptions | None = None) -> list[int]:
+    """The sizes an fMRL export holds (ExportError for a folder that is not one)."""
+    manifest = _read_manifest(url, options)
+    if manifest is None:
+        raise ExportError(f"{url} has no export.json: not an export (write one with `fmrl export`)")
+    if manifest.get("task") == "dlrm":
+        raise ExportError(f"{url} is a DLRM export: it predicts clicks (load_click_model), not next items")
+    return sorted(map(int, manifest["sizes"]))
+
+
 def load_recommender(url: str, size: int, options: StorageOptions | None = None) -> Recommender:
     """Load the size-``size`` model of an export (safetensors and JSON only; every file checked against
     the sha256 that export.json records)."""

@@ -80,3 +80,10 @@ def test_dlrm_bench_prints_the_tables(tmp_path):
         for ranks, threads in ((1, 2), (2, 1)):
             assert f"| {implementation} | {ranks} | {threads} |" in section, (implementation, ranks)  # speed
             assert section.count(f"| {implementation} | {ranks} |") == 2, (implementation, ranks)  # + AUC
+
+
+def test_cli_bench_prints_its_table(tmp_path):
+    out = run_quick(tmp_path, "cli.py")
+    assert "<!-- bench/cli.py:begin -->" in out and "<!-- bench/cli.py:end -->" in out
+    for row in ("| `fmrl --help` |", "| config typo: ", "| reference: `python -c 'import torch'` |"):
+        assert row in out
