@@ -23,7 +23,7 @@ COMMON = [
     "train.epochs=1",
     "train.num_threads=1",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
 ]
 
 

@@ -28,7 +28,7 @@ TINY = [
     "train.batch_size=32",
     "train.num_threads=1",
     "run.progress_bar=false",
-    "run.tensorboard=false",
+    "run.loggers=[]",
     "run.export=false",
 ]
 
