@@ -10,6 +10,7 @@
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
     fmrl data convert-p5 OUT_URL --data-dir data/beauty [--images photos/beauty]
     fmrl data convert-seqrec OUT_URL Beauty.txt [--attributes Beauty_item2attributes.json]
+    fmrl serve EXPORT [--size auto|m] [--port 8000] [--host 127.0.0.1]   (docs/deploy.md)
 
 OUT_URL is a local path or an s3:// URL (endpoint and credentials from the environment, docs/storage.md).
 """
@@ -17,6 +18,7 @@ OUT_URL is a local path or an s3:// URL (endpoint and credentials from the envir
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_command(commands)
     _add_plan_command(commands)
     _add_data_commands(commands)
+    _add_serve_command(commands)
     export = commands.add_parser(
         "export",
         help="write a standalone model (fMRL: at each nested size; DLRM: whole) of a finished run or a "
@@ -408,6 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size, entry in manifest.get("sizes", {}).items():
             print(f"size {size:>5}: {entry['bytes'] / 2**20:8.2f} MiB  {entry['folder']}")
         return 0
+    if args.command == "serve":
+        # the service runs in a process of its own that loads torch, the web framework and the export only
+        from deploy.options import argv_of
+
+        os.execv(sys.executable, [sys.executable, "-m", "deploy.serve", *argv_of(args)])
     if args.command == "plan":
         from trainer.plan import run_plan
 
@@ -436,6 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         train(cfg)
     return 0
+
+
+def _add_serve_command(commands: argparse._SubParsersAction) -> None:
+    from deploy.options import add_arguments
+
+    serve = commands.add_parser(
+        "serve", help="serve recommendations of an export over HTTP (POST /recommend, GET /health, /info)"
+    )
+    add_arguments(serve)
 
 
 def run() -> NoReturn:
