@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an export of another model in --out (sizes of the same model are always added)",
     )
+    _add_export_format_option(export)
     features = commands.add_parser(
         "features", help="encode item text and images of a dataset into frozen feature tables"
     )
@@ -402,7 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"fmrl export: note: without item source ids and popularity ({data_url}: {error})",
                         file=sys.stderr,
                     )
-            manifest = export_model(model, out, sizes, options, catalog, overwrite=args.overwrite)
+            formats = [f for f in args.formats.split(",") if f.strip()] if args.formats else []
+            manifest = export_model(
+                model, out, sizes, options, catalog, overwrite=args.overwrite, formats=formats
+            )
         except (CheckpointError, ExportError, StorageError, ValueError) as error:
             print(f"fmrl export: {error}", file=sys.stderr)
             return 2
@@ -444,6 +448,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         train(cfg)
     return 0
+
+
+def _add_export_format_option(export: argparse.ArgumentParser) -> None:
+    export.add_argument(
+        "--formats",
+        help="also write portable programs of each size: pt2 (torch.export), onnx (onnxruntime); e.g. pt2,onnx",
+    )
 
 
 def _add_serve_command(commands: argparse._SubParsersAction) -> None:

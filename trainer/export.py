@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,9 @@ from data_pipeline.storage import (
 from deploy import ExportError, Recommender
 from deploy import load_recommender as deploy_load_recommender
 from deploy.artifact import sha256
+from deploy.portable import FILES as PORTABLE_FILES
+from deploy.portable import program_bytes
+from deploy.scoring import ScoringModel
 from models.dlrm import DLRM, DLRMConfig, ids_to_kjt
 from models.fmrl import AttributeBags, FMRLRec, slice_state_dict
 
@@ -285,13 +289,18 @@ def export_sizes(
     options: StorageOptions | None = None,
     catalog: ItemCatalog | None = None,
     overwrite: bool = False,
+    formats: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write a standalone model per size in ``sizes`` (each one of the model's nested sizes) into
     ``out_url``, adding to an export of the same model that is there already (its other sizes stay
     listed). An export of another model in ``out_url`` is refused unless ``overwrite``, which replaces it
     as a whole. Every file is written under a name no reader uses yet and ``export.json`` (the index, with
     each file's sha256) last, so a reader sees the old export or the new one, never a mixture; folders
-    the new index no longer names are deleted afterwards."""
+    the new index no longer names are deleted afterwards. ``formats`` ("pt2", "onnx") adds portable
+    programs of each size (deploy/portable.py); a listed size without one of them is written anew."""
+    unknown_formats = sorted(set(formats) - set(PORTABLE_FILES))
+    if unknown_formats:
+        raise ExportError(f"unknown export formats {unknown_formats}: choose from {sorted(PORTABLE_FILES)}")
     unknown = [m for m in sizes if m not in model.cfg.nested_sizes]
     if unknown:
         raise ExportError(f"sizes {unknown} are not nested sizes of this model ({model.cfg.nested_sizes})")
@@ -317,11 +326,19 @@ def export_sizes(
         "sizes": listed,
     }
     for m in sorted(set(sizes)):
-        if str(m) in listed:
+        wanted = {PORTABLE_FILES[f] for f in formats}
+        if str(m) in listed and wanted <= set(listed[str(m)].get("sha256", {})):
             continue  # the same model's size m is there already: identical files
+        if str(m) in listed:  # the same model, more formats: keep the formats it had
+            had = {f for f, name in PORTABLE_FILES.items() if name in listed[str(m)].get("sha256", {})}
+            wanted = {PORTABLE_FILES[f] for f in set(formats) | had}
         folder = f"size-{m}"
         if folder in used_folders:  # replaced: new files under a new name, the old folder goes after
             folder = f"size-{m}-{fingerprint[:12]}"
+            version = 1
+            while folder in used_folders:  # rewritten once more (more formats): yet another name
+                version += 1
+                folder = f"size-{m}-{fingerprint[:12]}-{version}"
         sub_cfg = dataclasses.replace(model.cfg, nested_sizes=[s for s in model.cfg.nested_sizes if s <= m])
         config = {"model": dataclasses.asdict(sub_cfg), "num_items": model.num_items, "size": m}
         files = {
@@ -329,6 +346,15 @@ def export_sizes(
             "items.safetensors": st_save({"items": items[:, :m].contiguous()}),
             "config.json": json.dumps(config, indent=1).encode(),
         }
+        if wanted:
+            program = ScoringModel.from_state(
+                sub_cfg,
+                {k.removeprefix("trunk."): v for k, v in slice_state_dict(state, m).items()},
+                items[:, :m],
+            )
+            for fmt, name in PORTABLE_FILES.items():
+                if name in wanted:
+                    files[name] = program_bytes(program, fmt)
         written = sum(_write(join(out_url, folder, name), data, options) for name, data in files.items())
         listed[str(m)] = {
             "folder": folder,
@@ -436,6 +462,7 @@ def export_model(
     options: StorageOptions | None = None,
     catalog: ItemCatalog | None = None,
     overwrite: bool = False,
+    formats: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Export any trained model: fMRL at ``sizes`` (required), DLRM whole (``sizes`` must be None)."""
     if isinstance(model, DLRM):
@@ -444,4 +471,4 @@ def export_model(
         return export_dlrm(model, out_url, options)
     if not sizes:
         raise ExportError(f"name the nested sizes to export (--sizes), some of {model.cfg.nested_sizes}")
-    return export_sizes(model, out_url, sizes, options, catalog, overwrite)
+    return export_sizes(model, out_url, sizes, options, catalog, overwrite, formats)
