@@ -10,6 +10,7 @@
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
     fmrl data convert-p5 OUT_URL --data-dir data/beauty [--images photos/beauty]
     fmrl data convert-seqrec OUT_URL Beauty.txt [--attributes Beauty_item2attributes.json]
+    fmrl sizes RUN_OR_EXPORT [--max-latency-ms X --max-memory-mb Y --min-ndcg Z]
     fmrl serve EXPORT [--size auto|m] [--port 8000] [--host 127.0.0.1]   (docs/deploy.md)
 
 OUT_URL is a local path or an s3:// URL (endpoint and credentials from the environment, docs/storage.md).
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_command(commands)
     _add_data_commands(commands)
     _add_serve_command(commands)
+    _add_sizes_command(commands)
     export = commands.add_parser(
         "export",
         help="write a standalone model (fMRL: at each nested size; DLRM: whole) of a finished run or a "
@@ -415,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size, entry in manifest.get("sizes", {}).items():
             print(f"size {size:>5}: {entry['bytes'] / 2**20:8.2f} MiB  {entry['folder']}")
         return 0
+    if args.command == "sizes":
+        from trainer.sizes import run_sizes
+
+        return run_sizes(args)
     if args.command == "serve":
         # the service runs in a process of its own that loads torch, the web framework and the export only
         from deploy.options import argv_of
@@ -455,6 +461,23 @@ def _add_export_format_option(export: argparse.ArgumentParser) -> None:
         "--formats",
         help="also write portable programs of each size: pt2 (torch.export), onnx (onnxruntime); e.g. pt2,onnx",
     )
+
+
+def _add_sizes_command(commands: argparse._SubParsersAction) -> None:
+    sizes = commands.add_parser(
+        "sizes", help="cost and quality of every exported size; the largest size that fits a budget"
+    )
+    sizes.add_argument("source", help="a run folder (its export/) or an export folder")
+    sizes.add_argument("--max-latency-ms", type=float, help="budget: p99 latency of one user's query")
+    sizes.add_argument("--max-memory-mb", type=float, help="budget: trunk + item table in MB")
+    sizes.add_argument("--min-ndcg", type=float, help="budget: the least test NDCG@10")
+    sizes.add_argument("--quantised", action="store_true", help="budget with the int8 item table")
+    sizes.add_argument("--repeats", type=int, default=30, help="timed queries per size (one user)")
+    sizes.add_argument(
+        "--max-users", type=int, default=2000, help="test users for the int8 NDCG check (-1: skip it)"
+    )
+    sizes.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sizes.add_argument("--out", help="where sizes.json and sizes.png go (default: the export folder)")
 
 
 def _add_serve_command(commands: argparse._SubParsersAction) -> None:
