@@ -68,6 +68,24 @@ class PrefixIndex:
         return torch.from_numpy(index).long() + 1
 
 
+def distinct_items(tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) number of distinct items (padding not counted) in each row of (B, L) ``tokens``."""
+    ordered = tokens.sort(dim=1).values
+    new = torch.cat([ordered[:, :1] > 0, (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)], dim=1)
+    return new.sum(dim=1)
+
+
+def mask_history_(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Set the scores (B, N) of items 1..N that appear in each history (B, L) to -inf, in place, touching
+    only B * L entries (no (B, N) mask). A padding position points at the row's last item (real unless
+    the row is empty) and writes -inf there too; an empty row writes column 0's own score back."""
+    real = tokens > 0
+    nonempty = real.any(dim=1, keepdim=True)  # (B, 1)
+    index = torch.where(real, tokens - 1, (tokens[:, -1:] - 1).clamp(min=0))  # (B, L)
+    fill = torch.where(nonempty, float("-inf"), scores.gather(1, index))
+    return scores.scatter_(1, index, fill.to(scores.dtype))
+
+
 class Recommender:
     """A size-m model: the scoring program (trunk + (N + 1, m) item table) and the item catalog.
 
@@ -92,6 +110,8 @@ class Recommender:
         if funnel is not None:
             if funnel.prefix > model.size:
                 raise ValueError(f"funnel prefix {funnel.prefix} is larger than the size {model.size}")
+            # the items' prefixes, contiguous (N, p): a strided slice would be copied at every query
+            self._prefix_table = model.items()[1:, : funnel.prefix].contiguous()
             if funnel.ann:
                 self._index = PrefixIndex(model.items(), funnel.prefix)
 
@@ -180,28 +200,23 @@ class Recommender:
         tokens = self.as_batch(histories)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
             raise ValueError(f"k must be an integer in 1..{self.num_items} (the number of items), got {k!r}")
-        seen = None
-        if exclude_history:
-            seen = torch.zeros(tokens.shape[0], self.num_items + 1, dtype=torch.bool)
-            seen.scatter_(1, tokens, True)
-            seen = seen[:, 1:]  # (B, N); column 0 was padding
-            left = self.num_items - int(seen.sum(dim=1).max())
+        exclude = exclude_history
+        if exclude:
+            left = self.num_items - int(distinct_items(tokens).max())
             if k > left:
                 raise ValueError(
                     f"k = {k} but a history covers all but {left} of the {self.num_items} items: ask for at "
                     "most that many, or pass exclude_history=False"
                 )
         if self.funnel is not None:
-            return self._funnel_top_k(tokens, k, seen)
+            return self._funnel_top_k(tokens, k, exclude)
         scores = self.scores(tokens)
-        if seen is not None:
-            scores = scores.masked_fill(seen, float("-inf"))
+        if exclude:
+            mask_history_(scores, tokens)
         values, index = torch.topk(scores, k, dim=1)
         return values, index + 1
 
-    def _funnel_top_k(
-        self, tokens: torch.Tensor, k: int, seen: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _funnel_top_k(self, tokens: torch.Tensor, k: int, exclude: bool) -> tuple[torch.Tensor, torch.Tensor]:
         funnel = self.funnel
         assert funnel is not None
         empty = self._empty_rows(tokens)
@@ -210,27 +225,20 @@ class Recommender:
         count = min(max(funnel.candidates, k), self.num_items)
         if self._index is not None:
             # ask for enough more that the history's items can be dropped and `count` still remain
-            extra = int(seen.sum(dim=1).max()) if seen is not None else 0
+            extra = int(distinct_items(tokens).max()) if exclude else 0
             found = self._index.search(prefix, min(count + extra, self.num_items))  # (B, C + extra)
-            found = found.clamp(min=1)  # faiss answers -1 when it finds fewer
-            valid = torch.ones_like(found, dtype=torch.bool)
-            if seen is not None:
-                valid = ~seen.gather(1, found - 1)
+            valid = found >= 1  # faiss answers -1 (here 0) when it finds fewer
+            if exclude:
+                valid &= ~(found[:, :, None] == tokens[:, None, :]).any(dim=2)  # (B, C + extra)
             # keep the first `count` valid ids per row, in the index's order
             order = torch.argsort((~valid).int(), dim=1, stable=True)[:, :count]
-            candidates, valid = found.gather(1, order), valid.gather(1, order)
+            candidates, valid = found.gather(1, order).clamp(min=1), valid.gather(1, order)
         else:
-            table = self.model.item_values[1:, : funnel.prefix]
-            short = prefix @ table.T.float()  # (B, N)
-            if self.model.item_scales is not None:
-                short = short * self.model.item_scales[1:]
-            if seen is not None:
-                short = short.masked_fill(seen, float("-inf"))
-            _, index = torch.topk(short, count, dim=1)
-            candidates = index + 1  # (B, C)
-            valid = torch.ones_like(candidates, dtype=torch.bool)
-            if seen is not None:
-                valid = ~seen.gather(1, index)
+            short = prefix @ self._prefix_table.T  # (B, N)
+            if exclude:
+                mask_history_(short, tokens)
+            shortlist, index = torch.topk(short, count, dim=1)
+            candidates, valid = index + 1, torch.isfinite(shortlist)  # (B, C)
         rows = self.model.item_rows(candidates)  # (B, C, m)
         full = torch.einsum("bm,bcm->bc", query, rows).masked_fill(~valid, float("-inf"))  # (B, C)
         values, order = torch.topk(full, k, dim=1)

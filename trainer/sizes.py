@@ -101,7 +101,8 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
         one, batch = e["latency_ms"]["1"], e["latency_ms"]["64"]
         lines.append(
             f"{e['size']:>5} {quality.get('NDCG@10', float('nan')):>8.4f} "
-            f"{quality.get('Recall@10', float('nan')):>7.4f} {effect.get('change', float('nan')):>+10.4f} "
+            f"{quality.get('Recall@10', float('nan')):>7.4f} "
+            f"{format(effect['change'], '+.4f') if effect else 'n/a':>10} "
             f"{e['parameters']:>9,} {e['model_bytes']['fp32'] / MB:>8.3f} "
             f"{items['fp32'] / MB:>10.3f}/{items['fp16'] / MB:.3f}/{items['int8'] / MB:.3f} "
             f"{one['p50']:>9.2f}/{one['p99']:<8.2f} {batch['p50']:>10.2f}/{batch['p99']:<9.2f} "
