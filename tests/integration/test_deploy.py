@@ -202,16 +202,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def service(export_dir):
-    """`fmrl serve` of the size-16 model: a real uvicorn process on 127.0.0.1, stopped at the end."""
+def _start_service(export_dir: str, *options: str):
+    """`fmrl serve` of ``export_dir``: a real uvicorn process on 127.0.0.1; yields its URL, then stops it."""
     import time
 
     import httpx
 
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "trainer.cli", "serve", export_dir, "--size", "16", "--port", str(port)]
+    command = [sys.executable, "-m", "trainer.cli", "serve", export_dir, *options, "--port", str(port)]
     process = subprocess.Popen(command + ["--threads", "1"], env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -229,6 +228,12 @@ def service(export_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(export_dir):
+    """The service of the size-16 model."""
+    yield from _start_service(export_dir, "--size", "16")
 
 
 def test_the_service_answers_recommend_health_and_info(service, export_dir) -> None:
@@ -299,10 +304,8 @@ print(json.dumps({"scores": scores.tolist(), "project": sorted(m for m in sys.mo
 def test_portable_programs_score_like_the_eager_export_on_local_disk_and_s3(
     trained, s3_server, tmp_path
 ) -> None:
-    from data_pipeline.storage import s3_filesystem_kwargs
+    from data_pipeline.storage import filesystem, s3_filesystem_kwargs
     from deploy.portable import load_program
-
-    from data_pipeline.storage import filesystem
 
     local = str(tmp_path / "portable")
     remote = s3_server.make_bucket() + "/exports/demo"
@@ -336,3 +339,17 @@ def test_portable_programs_score_like_the_eager_export_on_local_disk_and_s3(
     assert answer["project"] == []
     expected = eager.scores(torch.tensor([[0, 0, 5, 17, 42], [1, 2, 3, 4, 5]]))
     torch.testing.assert_close(torch.tensor(answer["scores"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_service_funnels_and_quantises_when_asked(export_dir) -> None:
+    import httpx
+
+    options = ("--size", "32", "--quantised", "--funnel-prefix", "8", "--funnel-candidates", "40")
+    for url in _start_service(export_dir, *options):
+        info = httpx.get(f"{url}/info").json()
+        assert info["funnel"] == {"prefix": 8, "candidates": 40, "ann": False} and info["quantised"]
+        rec = load_recommender(export_dir, 32, quantised=True, funnel=Funnel(prefix=8, candidates=40))
+        for history in ([5, 17, 42], [9], [1, 2, 3, 4, 5, 6, 7, 8]):
+            body = {"history": [f"item-{i}" for i in history], "k": 10}
+            answer = httpx.post(f"{url}/recommend", json=body).json()
+            assert answer["ids"] == rec.recommend([history], 10)[1][0].tolist()
