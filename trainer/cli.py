@@ -15,6 +15,8 @@
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
     fmrl data convert-p5 OUT_URL --data-dir data/beauty [--images photos/beauty]
     fmrl data convert-seqrec OUT_URL Beauty.txt [--attributes Beauty_item2attributes.json]
+    fmrl sizes RUN_OR_EXPORT [--max-latency-ms X --max-memory-mb Y --min-ndcg Z]
+    fmrl serve EXPORT [--size auto|m] [--port 8000] [--host 127.0.0.1]   (docs/deploy.md)
 
 URLs are local paths or s3:// URLs (endpoint and credentials from the environment or --s3-endpoint-url;
 docs/storage.md). docs/cli.md describes every command.
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(commands)
     _add_export_command(commands)
     _add_recommend_command(commands)
+    _add_sizes_command(commands)
+    _add_serve_command(commands)
     _add_features_command(commands)
     _add_data_commands(commands)
     return parser
@@ -315,6 +319,7 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace an export of another model in --out (sizes of the same model are always added)",
     )
+    _add_export_format_option(export)
     _add_storage(export)
 
 
@@ -632,12 +637,27 @@ def _export(args: argparse.Namespace) -> int:
                 f"fmrl export: note: without item source ids and popularity ({data_url}: {error})",
                 file=sys.stderr,
             )
-    manifest = export_model(model, out, sizes, options, catalog, overwrite=args.overwrite)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else []
+    manifest = export_model(model, out, sizes, options, catalog, overwrite=args.overwrite, formats=formats)
     if manifest.get("task") == "dlrm":
         print(f"DLRM: {manifest['bytes'] / 2**20:.2f} MiB in {out}")
     for size, entry in manifest.get("sizes", {}).items():
         print(f"size {size:>5}: {entry['bytes'] / 2**20:8.2f} MiB  {entry['folder']}")
     return 0
+
+
+def _sizes(args: argparse.Namespace) -> int:
+    from trainer.sizes import run_sizes
+
+    return run_sizes(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # the service runs in a process of its own that loads torch, the web framework and the export only
+    from deploy.options import argv_of
+
+    os.execv(sys.executable, [sys.executable, "-m", "deploy.serve", *argv_of(args)])
+    return 1  # not reached: execv replaces this process
 
 
 def _recommend(args: argparse.Namespace) -> int:
@@ -847,6 +867,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": _eval,
     "export": _export,
     "recommend": _recommend,
+    "sizes": _sizes,
+    "serve": _serve,
     "features": _features,
     "data": _data,
 }
@@ -872,6 +894,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as error:
         return report_failure(name, error, args.debug)
+
+
+def _add_export_format_option(export: argparse.ArgumentParser) -> None:
+    export.add_argument(
+        "--formats",
+        help="also write portable programs of each size: pt2 (torch.export), onnx (onnxruntime); e.g. pt2,onnx",
+    )
+
+
+def _add_sizes_command(commands: argparse._SubParsersAction) -> None:
+    sizes = _command(
+        commands, "sizes", "cost and quality of every exported size; the largest size that fits a budget"
+    )
+    sizes.add_argument("source", help="a run folder (its export/) or an export folder")
+    sizes.add_argument("--max-latency-ms", type=float, help="budget: p99 latency of one user's query")
+    sizes.add_argument("--max-memory-mb", type=float, help="budget: trunk + item table in MB")
+    sizes.add_argument("--min-ndcg", type=float, help="budget: the least test NDCG@10")
+    sizes.add_argument("--quantised", action="store_true", help="budget with the int8 item table")
+    sizes.add_argument("--repeats", type=int, default=30, help="timed queries per size (one user)")
+    sizes.add_argument(
+        "--max-users", type=int, default=2000, help="test users for the int8 NDCG check (-1: skip it)"
+    )
+    sizes.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sizes.add_argument("--out", help="where sizes.json and sizes.png go (default: the export folder)")
+
+
+def _add_serve_command(commands: argparse._SubParsersAction) -> None:
+    from deploy.options import add_arguments
+
+    serve = _command(
+        commands,
+        "serve",
+        "serve recommendations of an export over HTTP (POST /recommend, GET /health, /info)",
+    )
+    add_arguments(serve)
 
 
 def run() -> NoReturn:
