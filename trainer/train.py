@@ -61,7 +61,7 @@ from trainer.config import (
     with_absolute_paths,
 )
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
-from trainer.logs import progress_bar, run_log_file
+from trainer.logs import log_file_name, progress_bar, run_log_file
 from trainer.preemption import StopRequest
 from trainer.run_folder import RunFolderError, RunLease, choose_run_folder, empty_folder
 from trainer.state import EarlyStopping, Progress, RankPositions, RunState
@@ -513,8 +513,19 @@ def run_folder(cfg: Config, world: World, options: StorageOptions) -> Iterator[s
     finally:
         if lease is not None:
             lease.release()
-        if created and world.rank == 0 and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)  # nothing was written: the start failed
+        if created and world.rank == 0 and os.path.isdir(folder):
+            remove_failed_start(folder, world.world_size)
+
+
+def remove_failed_start(folder: str, world_size: int) -> None:
+    """Remove a run folder this job created if the start failed: nothing in it but the log files (the
+    failure itself is on the terminal, its traceback with ``--debug``). Anything else keeps it."""
+    logs = {log_file_name(rank) for rank in range(world_size)}
+    if not set(os.listdir(folder)) <= logs:
+        return
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    os.rmdir(folder)
 
 
 # what a checkpoint's tensors depend on besides the model section: another value cannot load it
