@@ -48,6 +48,7 @@ from data_pipeline.storage import (
     open_read,
     remove,
     s3_filesystem_kwargs,
+    translated_errors,
 )
 from deploy import ExportError, Recommender
 from deploy import artifact as deploy_artifact
@@ -387,8 +388,10 @@ def export_sizes(
 
 def exported_sizes(url: str, options: StorageOptions | None = None) -> list[int]:
     """The sizes an fMRL export holds (ExportError for a folder that is not one)."""
-    storage = s3_filesystem_kwargs(options or StorageOptions.from_env()) if is_remote(url) else None
-    return deploy_artifact.exported_sizes(deploy_artifact.fmrl_manifest(url, storage))
+    options = options or StorageOptions.from_env()
+    storage = s3_filesystem_kwargs(options) if is_remote(url) else None
+    with translated_errors("read", url, options if is_remote(url) else None):
+        return deploy_artifact.exported_sizes(deploy_artifact.fmrl_manifest(url, storage))
 
 
 def load_recommender(
@@ -397,8 +400,10 @@ def load_recommender(
     """Load the size-``size`` model of an export: :func:`deploy.load_recommender` (which see, also for
     ``size="auto"`` with ``max_latency_ms`` / ``max_memory_mb`` / ``min_ndcg``, ``quantised`` and
     ``funnel``), with the storage options of this project."""
-    storage = s3_filesystem_kwargs(options or StorageOptions.from_env()) if is_remote(url) else None
-    return deploy_load_recommender(url, size, storage_options=storage, **choice)
+    options = options or StorageOptions.from_env()
+    storage = s3_filesystem_kwargs(options) if is_remote(url) else None
+    with translated_errors("read", url, options if is_remote(url) else None):
+        return deploy_load_recommender(url, size, storage_options=storage, **choice)
 
 
 # ------------------------------------------------------------------------------------------------ DLRM
