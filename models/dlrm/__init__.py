@@ -4,9 +4,12 @@ from models.dlrm.config import DLRMConfig
 from models.dlrm.metrics import roc_auc
 from models.dlrm.model import (
     DLRM,
+    CTRModel,
     DCNInteraction,
     DotInteraction,
+    Pooled,
     SparseArch,
+    cross_ids,
     ctr_loss,
     dot_interaction_reference,
     ids_to_kjt,
@@ -15,7 +18,10 @@ from models.dlrm.model import (
 )
 
 __all__ = [
+    "CTRModel",
     "DLRM",
+    "Pooled",
+    "cross_ids",
     "DCNInteraction",
     "DLRMConfig",
     "DotInteraction",
