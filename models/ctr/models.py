@@ -11,12 +11,12 @@ Every model is a :class:`~models.dlrm.CTRModel` with the same named parts as DLR
 checkpoints and export treat them alike:
 
 * ``sparse_arch`` (:class:`~models.dlrm.SparseArch`): the embeddings E (B, F, D) and, for the models with
-  a linear part, the first-order weights (B, F + C) of width-1 tables;
+  a linear part, the first-order weights (B, F + C) of its first-order tables;
 * ``dense_arch`` (bottom MLP): the dense features' vector x (B, D), an (F+1)-th field for every model
   (as in DLRM), so all six see the dense features the same way;
 * ``over_arch`` (top MLP, ends in one logit): the deep part, over the flattened fields ``[x ; E]``
   ((B, (F+1) D)), or over the cross network's output (DCN);
-* ``first_order`` (:class:`FirstOrder`): sum of the ids' width-1 rows plus a linear map of the raw dense
+* ``first_order`` (:class:`FirstOrder`): sum of the ids' first-order weights plus a linear map of the raw dense
   features (Wide & Deep's wide part, DeepFM's and xDeepFM's linear term).
 
 Logits (B,), with V = [x ; e_1 ; ... ; e_F] (B, F+1, D)::
@@ -126,10 +126,11 @@ class DCN(_DeepModel):
             kind,
             cfg.dcn_num_experts,
         ).to(here)
-        self.deep_arch: nn.Module | None = None
+        deep_arch = None
         if cfg.dcn_structure == "parallel":
             width = (cfg.num_sparse + 1) * cfg.embedding_dim
-            self.deep_arch = mlp(width, cfg.dcn_deep_mlp, relu_last=True, device=here)
+            deep_arch = mlp(width, cfg.dcn_deep_mlp, relu_last=True, device=here)
+        self.add_module("deep_arch", deep_arch)  # a registered submodule even when None (stacked)
 
     def dense_forward(self, dense: torch.Tensor, pooled: Pooled) -> torch.Tensor:
         x = self.dense_arch(dense)  # (B, D)

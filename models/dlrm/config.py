@@ -15,7 +15,7 @@ CTR_MODELS = ("dlrm", "wide_deep", "deepfm", "dcn", "dcn_v2", "xdeepfm")
 DCNStructure = Literal["stacked", "parallel"]
 DCN_STRUCTURES = ("stacked", "parallel")
 LINEAR_MODELS = ("wide_deep", "deepfm", "xdeepfm")
-"""Models with a first-order (linear) part: one width-1 table per categorical feature (and cross)."""
+"""Models with a first-order (linear) part: one first-order table per categorical feature (and cross)."""
 
 MODEL_KEYS = {
     "interaction": ("dlrm",),
@@ -101,7 +101,7 @@ class DLRMConfig:
     """xdeepfm: feature maps H_k of each Compressed Interaction Network layer."""
     wide_crosses: list[str] = field(default_factory=list)
     """wide_deep: hand-made crossed features of the wide part, each "a*b" (two categorical feature names):
-    the pair of ids hashed into ``wide_cross_buckets`` rows of its own width-1 table."""
+    the pair of ids hashed into ``wide_cross_buckets`` rows of its own first-order table."""
     wide_cross_buckets: int = 10_000
     """wide_deep: rows of each crossed feature's table."""
 

@@ -95,8 +95,14 @@ class Pooled(NamedTuple):
     vectors: torch.Tensor
     """(B, F, D) pooled embeddings e_1..e_F."""
     weights: torch.Tensor | None
-    """(B, F + C) pooled width-1 rows: one per categorical feature, then one per crossed feature (C of
+    """(B, F + C) first-order weights: one per categorical feature, then one per crossed feature (C of
     them); None for models without a linear part."""
+
+
+LINEAR_WIDTH = 4
+"""Width of the first-order tables: a row's LINEAR_WIDTH entries sum to the id's weight. TorchRec's
+batched embedding kernels need widths that are multiples of 4 (on CPU too), so a scalar weight is kept
+as a sum of 4 (the same functions, 4 parameters per id)."""
 
 
 def cross_ids(first: torch.Tensor, second: torch.Tensor, second_rows: int, buckets: int) -> torch.Tensor:
@@ -114,10 +120,11 @@ class SparseArch(nn.Module):
 
     Table ``t_<name>`` has ``hash_buckets[f]`` rows of width D and serves feature ``<name>``. With one id
     per sample and feature (Criteo), sum pooling is just the row; multi-hot inputs are summed. Models with
-    a linear part (``LINEAR_MODELS``) also get ``linear_bag_collection``: a width-1 table ``w_<name>`` per
-    feature and, for Wide & Deep, ``w_<a>*<b>`` per crossed feature (whose ids :func:`cross_ids` forms from
-    the two features' ids: crossed features need exactly one id per sample). Both collections live in
-    this one module, so one TorchRec plan shards them all.
+    a linear part (``LINEAR_MODELS``) also get ``linear_bag_collection``: a first-order table ``w_<name>``
+    (rows of :data:`LINEAR_WIDTH` entries summed to one weight) per feature and, for Wide & Deep,
+    ``w_<a>*<b>`` per crossed feature (whose ids :func:`cross_ids` forms from the two features' ids:
+    crossed features need exactly one id per sample). Both collections live in this one module, so one
+    TorchRec plan shards them all.
     """
 
     def __init__(self, cfg: DLRMConfig, device: torch.device | str | None = None) -> None:
@@ -136,7 +143,7 @@ class SparseArch(nn.Module):
             crosses = [f"{a}*{b}" for a, b in self.cross_pairs]
             rows = list(cfg.hash_buckets) + [self.cross_buckets] * len(crosses)
             self.linear_bag_collection = EmbeddingBagCollection(
-                tables=_tables("w_", self.feature_names + crosses, rows, 1), device=device
+                tables=_tables("w_", self.feature_names + crosses, rows, LINEAR_WIDTH), device=device
             )
 
     def forward(self, features: KeyedJaggedTensor) -> Pooled:
@@ -146,9 +153,9 @@ class SparseArch(nn.Module):
         if self.linear_bag_collection is None:
             return Pooled(vectors, None)
         linear_features = self._with_crosses(features)
-        weights = self.linear_bag_collection(linear_features).to_dict()  # {name: (B, 1)}
-        names = linear_features.keys()
-        return Pooled(vectors, torch.cat([weights[name] for name in names], dim=1))  # (B, F + C)
+        rows = self.linear_bag_collection(linear_features).to_dict()  # {name: (B, LINEAR_WIDTH)}
+        weights = torch.stack([rows[name] for name in linear_features.keys()], dim=1)  # (B, F + C, 4)
+        return Pooled(vectors, weights.sum(dim=2))  # (B, F + C)
 
     def _with_crosses(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """The features in table order, then the crossed features' hashed ids."""

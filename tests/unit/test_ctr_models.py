@@ -177,7 +177,7 @@ def test_deepfm_is_first_order_plus_fm_plus_deep() -> None:
     x = net.dense_arch(dense)
     fields = torch.cat([x.unsqueeze(1), pooled.vectors], dim=1)
     first = net.first_order.dense(dense).squeeze(-1) + sum(
-        net.sparse_arch.linear_bag_collection.embedding_bags[f"w_{name}"].weight[ids[:, f], 0]
+        net.sparse_arch.linear_bag_collection.embedding_bags[f"w_{name}"].weight[ids[:, f]].sum(-1)
         for f, name in enumerate(cfg.sparse_names)
     )
     expected = first + fm_reference(fields) + net.over_arch(fields.flatten(1)).squeeze(-1)
@@ -192,7 +192,7 @@ def test_wide_part_reads_the_hashed_cross_of_the_named_pair() -> None:
     assert pooled.weights is not None and pooled.weights.shape == (6, cfg.num_sparse + 1)
     rows = cross_ids(ids[:, 0], ids[:, 2], cfg.hash_buckets[2], 17)
     table = net.sparse_arch.linear_bag_collection.embedding_bags["w_cat_0*cat_2"].weight
-    torch.testing.assert_close(pooled.weights[:, -1], table[rows, 0])
+    torch.testing.assert_close(pooled.weights[:, -1], table[rows].sum(-1))
 
 
 def test_cross_ids_are_in_range_and_separate_pairs() -> None:
