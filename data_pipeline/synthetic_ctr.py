@@ -26,7 +26,7 @@ from data_pipeline.ctr import CTRSummary, _buckets, _summary
 from data_pipeline.shards import generated_dataset
 from data_pipeline.storage import StorageOptions
 
-__all__ = ["prepare_synthetic_ctr", "synthetic_criteo_lines", "synthetic_ctr_draw"]
+__all__ = ["prepare_synthetic_ctr", "synthetic_criteo_lines", "synthetic_ctr_draw", "synthetic_ctr_pairs"]
 
 
 # Hidden structure of the synthetic data (see synthetic_criteo_lines). The sizes make a logistic
@@ -145,6 +145,12 @@ class _HiddenStructure:
             else:
                 high = mid
         return (low + high) / 2
+
+
+def synthetic_ctr_pairs(seed: int, max_cardinality: int = 100) -> list[tuple[int, int]]:
+    """The categorical feature pairs (f, g), f < g, whose factor products drive the clicks: the crosses an
+    engineer with perfect knowledge would hand to Wide & Deep (bench/ctr_models.py)."""
+    return [(int(f), int(g)) for f, g in _HiddenStructure(seed, max_cardinality).pairs]
 
 
 def synthetic_ctr_draw(
