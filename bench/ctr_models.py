@@ -22,8 +22,9 @@ who knew the data would write).
   batch order) and scores the test split: ROC AUC, log loss and NE (log loss over the constant predictor's,
   the training click rate). Data: the synthetic Criteo-format set (``prepare_synthetic_ctr``, 20,000
   impressions, one pass: the CPU budget of ~20 minutes for 60 trainings), the same impressions with the
-  higher-order terms on (``--third-order 1.5 --element-cross 1.5``: same features, other clicks), and the Open Bandit Dataset sample (``fmrl data
-  convert-obp``, random policy, all campaigns: 10,000 real impressions, ~0.4% clicks).
+  higher-order terms on (``--third-order 1.5 --element-cross 1.5``: same features, other clicks), and the
+  Open Bandit Dataset sample (``fmrl data convert-obp``, random policy, all campaigns: 10,000 real
+  impressions, ~0.4% clicks).
 """
 
 from __future__ import annotations
