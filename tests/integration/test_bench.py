@@ -13,7 +13,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_quick(tmp_path, script: str, *args: str) -> str:
+def run_quick(tmp_path, script: str, *args: str, timeout: int = 180) -> str:
     """stdout of ``bench/<script> --quick --no-write``; fails if it exits non-zero or writes anything."""
     output = tmp_path / "benchmarks.md"
     command = [
@@ -24,7 +24,7 @@ def run_quick(tmp_path, script: str, *args: str) -> str:
         "--output",
         str(output),
     ]
-    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=180, cwd=REPO)
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not output.exists(), "--no-write must not write the section"
     return done.stdout
