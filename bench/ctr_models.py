@@ -91,6 +91,7 @@ def train_one(key: str, data: dict, seed: int, epochs: int, device, timed: int =
     with ``timed``, stop after warm_up + timed steps and return the median step; else score the test split."""
     import torch.distributed as dist
 
+    from data_pipeline.ctr import CTRBatch
     from models.ctr import build_ctr_model
     from models.dlrm import ctr_loss, roc_auc
     from sharding.dlrm import parallelize_dlrm
@@ -118,12 +119,7 @@ def train_one(key: str, data: dict, seed: int, epochs: int, device, timed: int =
         order = torch.from_numpy(np.random.default_rng((seed, epoch)).permutation(len(train["labels"])))
         for i in range(steps_per_epoch):
             rows = order[i * GLOBAL_BATCH : (i + 1) * GLOBAL_BATCH][rank::world]
-            batch = type("Batch", (), {})()
-            batch.dense, batch.sparse, batch.labels = (
-                train["dense"][rows],
-                train["sparse"][rows],
-                train["labels"][rows],
-            )
+            batch = CTRBatch(train["dense"][rows], train["sparse"][rows], train["labels"][rows])
             start = time.perf_counter()
             forward_backward(parallel, batch, world)
             parallel.micro_step(True)

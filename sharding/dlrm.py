@@ -15,7 +15,7 @@ The model (models/dlrm) stays single-device PyTorch. :func:`parallelize_dlrm` ap
 
 Every CTR model (``dlrm.model``: DLRM, Wide & Deep, DeepFM, DCN v1 / v2, xDeepFM) takes this one path:
 its ``sparse_arch`` holds all its tables (the embeddings and, for the models with a linear part, the
-width-1 first-order tables), and its ``dense_forward`` reads only the other submodules.
+first-order tables), and its ``dense_forward`` reads only the other submodules.
 
 One training step on every backend (see :class:`ParallelDLRM`)::
 

@@ -80,3 +80,26 @@ def test_dlrm_bench_prints_the_tables(tmp_path):
         for ranks, threads in ((1, 2), (2, 1)):
             assert f"| {implementation} | {ranks} | {threads} |" in section, (implementation, ranks)  # speed
             assert section.count(f"| {implementation} | {ranks} |") == 2, (implementation, ranks)  # + AUC
+
+
+def test_ctr_models_bench_prints_the_table_and_the_claims(tmp_path):
+    out = run_quick(tmp_path, "ctr_models.py", timeout=600)  # 2 torchrun jobs training 7 models each
+    assert "<!-- bench/ctr_models.py:begin -->" in out and "<!-- bench/ctr_models.py:end -->" in out
+    section = out[out.index("<!-- bench/ctr_models.py:begin -->") :]
+    header = (
+        "| model | table params | dense params | MFLOPs/sample | samples/s, 1 rank | samples/s, 2 ranks |"
+    )
+    assert header in section
+    for model in (
+        "DLRM",
+        "Wide & Deep",
+        "Wide & Deep + true crosses",
+        "DeepFM",
+        "DCN (v1)",
+        "DCN v2",
+        "xDeepFM",
+    ):
+        assert f"| {model} | " in section, model
+    assert "| claim (DLRM paper, §2–3) | measured here | verdict |" in section
+    for claim in ("most computationally efficient", "the CIN is the most expensive", "hand-made crosses"):
+        assert claim in section, claim
