@@ -29,8 +29,9 @@ gathers it onto rank 0.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,17 @@ MODEL_TABLE_KEYS = {
     ID_TABLE: "item_tower.id_embedding.weight",
     ATTRIBUTE_TABLE: "item_tower.attributes.weight",
 }
+
+
+class FrozenTableSource(Protocol):
+    """Where a frozen table's shards come from when the model holds it on meta: any (rows, cols) block,
+    as float32, without the rest (``data_pipeline.features.FeatureTableReader``)."""
+
+    shape: tuple[int, int]
+
+    def read(
+        self, row_start: int, rows: int, col_start: int = 0, cols: int | None = None
+    ) -> torch.Tensor: ...
 
 
 class DenseFMRL(nn.Module):
@@ -89,6 +101,16 @@ def nested_min_partition(dim: int, sizes: list[int], world_size: int) -> int:
     ``dim / world_size`` (at most one shard per rank) and divides ``dim``; ``dim`` if none does."""
     for m in sizes:
         if m * world_size >= dim and dim % m == 0 and m % 4 == 0:
+            return m
+    return dim
+
+
+def even_min_partition(dim: int, world_size: int) -> int:
+    """Column-wise shard width for a frozen width-``dim`` table: the smallest width that is at least
+    ``dim / world_size`` (at most one shard per rank, so each rank reads its own columns), a multiple of
+    4 and divides ``dim``; ``dim`` if none does."""
+    for m in range(4, dim, 4):
+        if m * world_size >= dim and dim % m == 0:
             return m
     return dim
 
@@ -158,7 +180,8 @@ def plan_item_tables(
             # frozen table still needs some fused optimizer; plain SGD at lr 0 keeps no state.
             apply_optimizer_in_backward(torch.optim.SGD, tables[n].parameters(), {"lr": 0.0})
             kind = table_sharding_type(feature_sharding, device, "table_wise")
-            constraints[n] = ParameterConstraints(sharding_types=[kind])
+            width = even_min_partition(source.embedding_dim, topology.world_size)
+            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
         else:  # the ID and attribute tables follow parallel.table_*
             optimizer = table_optimizer_class(table_optimizer, device)
             apply_optimizer_in_backward(optimizer, tables[n].parameters(), {"lr": table_lr})
@@ -174,7 +197,12 @@ class ShardedItemTables(nn.Module):
     """The item tower's tables as TorchRec-sharded EmbeddingCollections (the attribute table: an
     EmbeddingBagCollection that mean-pools each item's attribute bag): ``forward(ids (U,))`` returns the
     rows of every table, (U, F_t) each, in the tower's table order. Collective: every rank must call it
-    the same number of times (with its own ids, any count including zero)."""
+    the same number of times (with its own ids, any count including zero).
+
+    Sharded from birth: the collections are built on meta and TorchRec allocates only this rank's
+    shards; each shard is filled from where its rows live: a tower table that has
+    storage is sliced, a meta one is generated (learnable: ``ItemTower.initial_rows``) or read from
+    ``frozen_tables`` (the feature files, only the shard's bytes)."""
 
     def __init__(
         self,
@@ -186,6 +214,7 @@ class ShardedItemTables(nn.Module):
         table_sharding: str,
         table_optimizer: str,
         table_lr: float,
+        frozen_tables: Mapping[str, FrozenTableSource] | None = None,
     ) -> None:
         super().__init__()
         from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -211,7 +240,29 @@ class ShardedItemTables(nn.Module):
         self.dmp = DistributedModelParallel(
             tables, device=device, plan=self.plan, sharders=sharders, init_data_parallel=False
         )
-        fill_shards(self.dmp, {f"{_collection_key(n)}.weight": sources[n].weight for n in self.names})
+        frozen = dict(frozen_tables or {})
+
+        def read_block(key: str, offsets: tuple[int, int], sizes: tuple[int, int]) -> torch.Tensor:
+            """Block ``sizes`` at ``offsets`` of the table that state-dict entry ``key`` holds."""
+            (r0, c0), (rows, cols) = offsets, sizes
+            name = key.split(".", 1)[0]
+            weight = sources[name].weight
+            if weight.device.type != "meta":
+                return weight[r0 : r0 + rows, c0 : c0 + cols]
+            if name in FROZEN_TABLES:
+                source = frozen.get(name)
+                if source is None:
+                    raise ValueError(
+                        f"the {name} table is on meta and no file to read its shards from was given"
+                    )
+                if tuple(source.shape) != tuple(weight.shape):
+                    raise ValueError(
+                        f"the {name} file holds {tuple(source.shape)}, the model {tuple(weight.shape)}"
+                    )
+                return source.read(r0, rows, c0, cols)
+            return tower.initial_rows(name, r0, r0 + rows)[:, c0 : c0 + cols]
+
+        fill_shards(self.dmp, read_block)
         self.device = device
 
     @property
@@ -319,11 +370,14 @@ def parallelize_fmrl(
     total_steps: int,
     micro_batch_size: int,
     device: torch.device,
+    frozen_tables: Mapping[str, FrozenTableSource] | None = None,
 ) -> ParallelFMRL:
     """Shard the item tables with TorchRec (``parallel.feature_table_sharding`` / ``table_*``), then wrap
     the dense part with ``parallel.backend`` and ``optim``'s AdamW over ``total_steps`` steps. Needs an
-    initialised process group (a job of one rank is fine). The model's own item tables are freed
-    afterwards: each rank keeps only its shards."""
+    initialised process group (a job of one rank is fine). A model built with its tables on meta
+    (``FMRLRec(..., table_device="meta")``, meta feature tensors) is sharded from birth: its frozen
+    shards are read from ``frozen_tables`` ("text", "image"), its learnable ones generated per shard.
+    Either way the model's own tables end on meta: each rank keeps only its shards."""
     if not dist.is_initialized():
         raise RuntimeError("parallelize_fmrl needs torch.distributed to be initialised (see trainer.dist)")
     sparse = ShardedItemTables(
@@ -334,6 +388,7 @@ def parallelize_fmrl(
         table_sharding=parallel.table_sharding,
         table_optimizer=parallel.table_optimizer,
         table_lr=parallel.table_lr or optim.lr,
+        frozen_tables=frozen_tables,
     )
     _free_tables(model.item_tower)
     dense = DenseFMRL(model).to(device)
@@ -351,6 +406,6 @@ def parallelize_fmrl(
 
 
 def _free_tables(tower: ItemTower) -> None:
-    """Drop the unsharded tables' storage (the sharded copies are the live ones)."""
+    """Drop the unsharded tables' storage, keeping their shapes on meta (the shards are the live ones)."""
     for table in tower.tables():
-        table.weight = nn.Parameter(torch.empty(0, table.embedding_dim), requires_grad=False)
+        table.weight = nn.Parameter(table.weight.to("meta"), requires_grad=False)
