@@ -69,6 +69,7 @@ __all__ = [
     "open_feature_tables",
     "merge_features",
     "write_feature_table",
+    "write_safetensors_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -481,6 +482,89 @@ def merge_features(
     return info
 
 
+_SAFETENSORS_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors_blocks(
+    url: str,
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    blocks: Iterable[tuple[str, torch.Tensor | np.ndarray]],
+    metadata: dict[str, str] | None = None,
+    options: StorageOptions | None = None,
+) -> str:
+    """Write tensors of ``layout`` (name -> (dtype, shape)) as one safetensors file, streamed from
+    ``blocks``: ``(name, rows)`` pieces, in sorted-name order, each tensor's pieces consecutive rows
+    in order. No tensor need ever be whole in memory, so a table larger than memory (or than one rank's
+    share of it) can be written. Returns the file's sha256. The layout is what ``safetensors.torch.save``
+    writes for tensors of one dtype (sorted names); mixed dtypes load the same."""
+    names = sorted(layout)
+    header_entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    sizes = {}
+    for name in names:
+        dtype, shape = layout[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        header_entries[name] = {
+            "dtype": _SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        sizes[name] = nbytes
+        offset += nbytes
+    header = json.dumps(header_entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+    digest = hashlib.sha256()
+    written = dict.fromkeys(names, 0)
+    order = iter(names)
+    current = None
+    with atomic_write(url, options) as f:
+        for chunk in (len(header).to_bytes(8, "little"), header):
+            digest.update(chunk)
+            f.write(chunk)
+        for name, block in blocks:
+            while current != name:  # the next tensor starts: the previous one must be complete
+                if current is not None and written[current] != sizes[current]:
+                    raise ValueError(_short_message(url, current, written[current], layout[current]))
+                current = next(order, None)
+                if current is None:
+                    raise ValueError(
+                        f"{url}: a block of {name!r}, which is not in the layout or out of order"
+                    )
+            array = (
+                block.detach().cpu().contiguous()
+                if isinstance(block, torch.Tensor)
+                else torch.from_numpy(np.ascontiguousarray(block))
+            )
+            if array.dtype != layout[name][0] or tuple(array.shape[1:]) != tuple(layout[name][1][1:]):
+                raise ValueError(
+                    f"{url}: a block of {name} is {array.dtype} {tuple(array.shape)}, the layout says "
+                    f"{layout[name][0]} {layout[name][1]}"
+                )
+            data = array.view(torch.uint8).numpy().tobytes() if array.numel() else b""
+            digest.update(data)
+            f.write(data)
+            written[name] += len(data)
+        short = [n for n in names if written[n] != sizes[n]]
+        if short:
+            raise ValueError(_short_message(url, short[0], written[short[0]], layout[short[0]]))
+    return digest.hexdigest()
+
+
+def _short_message(url: str, name: str, written: int, entry: tuple[torch.dtype, tuple[int, ...]]) -> str:
+    dtype, shape = entry
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+    rows = written // max(1, row_bytes)
+    return f"{url}: the blocks of {name} hold {rows} rows, the table has {shape[0] if shape else 1}"
+
+
 def write_feature_table(
     url: str,
     num_rows: int,
@@ -493,31 +577,15 @@ def write_feature_table(
     byte what ``safetensors.torch.save(..., metadata={"model": model})`` writes, from row ``blocks``
     ((n, dim) arrays, in order) streamed to storage, so a table larger than memory can be written.
     Returns the file's sha256 (for ``features.json``)."""
-    nbytes = num_rows * dim * 4
-    header = json.dumps(
-        {
-            "__metadata__": {"model": model},
-            "features": {"dtype": "F32", "shape": [num_rows, dim], "data_offsets": [0, nbytes]},
-        },
-        separators=(",", ":"),
-    ).encode()
-    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
-    digest = hashlib.sha256()
-    rows = 0
-    with atomic_write(url, options) as f:
-        for chunk in (len(header).to_bytes(8, "little"), header):
-            digest.update(chunk)
-            f.write(chunk)
+
+    def checked() -> Iterator[tuple[str, np.ndarray]]:
         for block in blocks:
             if block.ndim != 2 or block.shape[1] != dim:
                 raise ValueError(f"{url}: a block of shape {block.shape} in a table of width {dim}")
-            data = np.ascontiguousarray(block, dtype="<f4").tobytes()
-            digest.update(data)
-            f.write(data)
-            rows += len(block)
-        if rows != num_rows:
-            raise ValueError(f"{url}: the blocks hold {rows} rows, the table has {num_rows}")
-    return digest.hexdigest()
+            yield "features", block.astype("<f4", copy=False)
+
+    layout = {"features": (torch.float32, (num_rows, dim))}
+    return write_safetensors_blocks(url, layout, checked(), {"model": model}, options)
 
 
 def load_feature_tables(

@@ -12,7 +12,7 @@ sharding/dlrm.py) is built from:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +191,20 @@ class ParallelModel:
 
     def dense_parameters(self) -> list[torch.Tensor]:
         return self.dense.parameters()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trained state as full tensors on rank 0 (None elsewhere). Collective."""
+        raise NotImplementedError
+
+    def weight_blocks(self, block_rows: int) -> tuple[dict[str, Any] | None, Iterator[tuple[str, Any]]]:
+        """The trained state for a streamed writer: on rank 0 its layout (name -> (dtype, shape)), None
+        elsewhere, and ``(name, rows)`` blocks in sorted-name order (rank 0's are the data; others'
+        only drive the collectives). Every rank must exhaust the iterator. This default gathers
+        :meth:`full_state_dict`; a model whose tables can be large streams them (ParallelFMRL)."""
+        full = self.full_state_dict()
+        if full is None:
+            return None, iter(())
+        return {k: (v.dtype, tuple(v.shape)) for k, v in full.items()}, iter(sorted(full.items()))
 
     def _trained_tables(self) -> dict[str, Any]:
         return {

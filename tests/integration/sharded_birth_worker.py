@@ -21,8 +21,9 @@ import sys
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
-from data_pipeline.features import load_feature_tables, open_feature_tables
+from data_pipeline.features import load_feature_tables, open_feature_tables, write_safetensors_blocks
 from data_pipeline.loader import SequenceDataset, decode_user
 from data_pipeline.sequences import collate_next_item
 from data_pipeline.storage import join
@@ -134,6 +135,38 @@ def train(
     return {"losses": losses, "rows_before": before, "rows_after": after}
 
 
+BLOCK_ROWS = 64
+
+
+def write_weights(parallel: ParallelFMRL, path: str) -> dict:
+    """Stream the trained weights to ``path`` as trainer.train.save_weights does (blocks of 64 table
+    rows), and check the file against the gathered state (the old way). Rank 0 reports the largest
+    table block it held."""
+    layout, blocks = parallel.weight_blocks(BLOCK_ROWS)
+    tables = parallel.sparse.table_layout()
+    largest: dict[str, int] = {}
+
+    def tracked():
+        for name, block in blocks:
+            if name in tables and block is not None:
+                largest[name] = max(largest.get(name, 0), block.shape[0])
+            yield name, block
+
+    if layout is None:
+        for _ in tracked():
+            pass
+    else:
+        write_safetensors_blocks(path, layout, tracked())
+    gathered = parallel.full_state_dict()
+    report: dict = {"largest_block_rows": largest, "table_rows": {k: v[0] for k, v in tables.items()}}
+    if gathered is not None:
+        written = load_file(path)
+        assert written.keys() == gathered.keys(), (sorted(written), sorted(gathered))
+        report["max_diff"] = max(float((written[k] - gathered[k]).abs().max()) for k in written)
+        report["keys"] = sorted(written)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", required=True)
@@ -141,6 +174,7 @@ def main() -> None:
     parser.add_argument("--sharding", default="column_wise", choices=["column_wise", "table_wise"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--weights", help="stream the from-birth job's trained weights to this file")
     args = parser.parse_args()
 
     with distributed() as (world, device):
@@ -154,6 +188,8 @@ def main() -> None:
         users = [u for u in users if len(u) >= 2]
         parallel, held = build(args, dataset.num_items, device, birth=True)
         birth = train(parallel, users, args, dataset.num_items, device)
+        if args.weights:
+            birth["weights"] = write_weights(parallel, args.weights)
         del parallel
         parallel, _ = build(args, dataset.num_items, device, birth=False)
         old = train(parallel, users, args, dataset.num_items, device)

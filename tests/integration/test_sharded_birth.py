@@ -20,7 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.features import FeaturesError, FeatureTableReader, open_feature_tables
+from data_pipeline.features import (
+    FeaturesError,
+    FeatureTableReader,
+    open_feature_tables,
+    write_safetensors_blocks,
+)
 from data_pipeline.storage import StorageError, filesystem
 from data_pipeline.synthetic_scale import prepare_synthetic_scale
 
@@ -33,6 +38,7 @@ LOSS_RTOL = 1e-5
 def run_worker(
     dataset: str, features: str, out: str, ranks: int, sharding: str, env: dict | None = None
 ) -> dict:
+    weights = out.removesuffix(".json") + "-model.safetensors"
     command = [sys.executable, WORKER]
     if ranks > 1:
         command = [
@@ -44,7 +50,19 @@ def run_worker(
             WORKER,
         ]
     done = subprocess.run(
-        [*command, "--dataset", dataset, "--features", features, "--sharding", sharding, "--out", out],
+        [
+            *command,
+            "--dataset",
+            dataset,
+            "--features",
+            features,
+            "--sharding",
+            sharding,
+            "--out",
+            out,
+            "--weights",
+            weights,
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
@@ -110,11 +128,28 @@ def check_nothing_whole_on_meta(rank: dict) -> None:
     assert rank["held"]["tower_on_meta"] and rank["held"]["tower_storage_bytes"] == 0
 
 
+def check_streamed_weights(result: dict) -> None:
+    """model.safetensors written block by block equals the gathered weights, and rank 0 never held
+    more than one 64-row block of a table (the tables have 301 and 13 rows)."""
+    weights = result["ranks"][0]["birth"]["weights"]
+    assert weights["max_diff"] == 0.0
+    assert {
+        "item_tower.id_embedding.weight",
+        "item_tower.attributes.weight",
+        "trunk.blocks.0.lru.nu_log",
+    } <= set(weights["keys"])
+    assert weights["table_rows"]["item_tower.id_embedding.weight"] == 301
+    assert weights["largest_block_rows"]["item_tower.id_embedding.weight"] == 64
+    for rank in result["ranks"][1:]:
+        assert rank["birth"]["weights"]["largest_block_rows"] == {}  # the other ranks only send
+
+
 def test_one_rank_from_birth_equals_the_old_path(one_rank) -> None:
     assert one_rank["world_size"] == 1
     (rank,) = one_rank["ranks"]
     check_nothing_whole_on_meta(rank)
     check_same_training(one_rank, one_rank)
+    check_streamed_weights(one_rank)
     # one rank owns everything: it reads each file exactly once, whole
     assert rank["held"]["bytes_read"] == rank["held"]["file_bytes"]
 
@@ -146,6 +181,7 @@ def test_two_ranks_column_wise_read_only_their_columns(catalog, one_rank, tmp_pa
     fractions = column_wise_checks(two)
     assert max(fractions) < 0.51  # half the columns of every row, plus the header
     check_same_training(two, one_rank)
+    check_streamed_weights(two)
 
 
 def test_two_ranks_column_wise_from_s3(catalog, s3_features, s3_server, one_rank, tmp_path) -> None:
@@ -175,6 +211,7 @@ def test_two_ranks_table_wise_read_the_tables_they_own(catalog, one_rank, tmp_pa
             TABLES
         )
     check_same_training(two, one_rank)
+    check_streamed_weights(two)
 
 
 # ------------------------------------------------------------------------------------- the reader itself
@@ -220,3 +257,26 @@ def test_reader_names_a_truncated_or_foreign_file(catalog, tmp_path) -> None:
     foreign.write_bytes(b"\xff" * 64)
     with pytest.raises(FeaturesError, match="foreign.safetensors is not a safetensors file"):
         FeatureTableReader(str(foreign))
+
+
+def test_streamed_safetensors_of_several_tensors_load_as_written(tmp_path) -> None:
+    table, bias, steps = torch.randn(10, 3), torch.randn(4), torch.tensor([7, 8], dtype=torch.int64)
+    layout = {
+        "b.table": (torch.float32, (10, 3)),
+        "a.bias": (torch.float32, (4,)),
+        "c.steps": (torch.int64, (2,)),
+    }
+    url = str(tmp_path / "w.safetensors")
+    blocks = [("a.bias", bias), ("b.table", table[:4]), ("b.table", table[4:]), ("c.steps", steps)]
+    write_safetensors_blocks(url, layout, blocks)
+    written = load_file(url)
+    assert written.keys() == {"a.bias", "b.table", "c.steps"}
+    for key, value in (("a.bias", bias), ("b.table", table), ("c.steps", steps)):
+        torch.testing.assert_close(written[key], value, rtol=0, atol=0)
+    # a table short of rows, or blocks out of order: an error naming it, and nothing written
+    bad = str(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="the blocks of b.table hold 4 rows, the table has 10"):
+        write_safetensors_blocks(bad, layout, [("a.bias", bias), ("b.table", table[:4]), ("c.steps", steps)])
+    with pytest.raises(ValueError, match="the blocks of a.bias hold 0 rows"):
+        write_safetensors_blocks(bad, layout, [("b.table", table), ("a.bias", bias)])
+    assert not os.path.exists(bad)
