@@ -326,7 +326,7 @@ def nested_vs_independent(outcomes: dict[str, Outcome], data: str, nested: str, 
         "| nested slice Recall@10 | independent Recall@10 |",
         "|---|---|---|---|---|---|",
     ]
-    sum_params, sum_seconds = 0, 0.0
+    ran: list[Outcome] = []
     for m in sorted(independents):
         other = independents[m]
         nested_ndcg = statistics.mean(base.values(m, "NDCG@10"))
@@ -340,16 +340,29 @@ def nested_vs_independent(outcomes: dict[str, Outcome], data: str, nested: str, 
             f"| {m} | {nested_ndcg:.4f} | {ind_ndcg:.4f} | {(nested_ndcg / ind_ndcg - 1) * 100:+.1f} % "
             f"| {nested_recall:.4f} | {ind_recall:.4f} |"
         )
-        sum_seconds += statistics.mean(r.get("train_seconds", math.nan) for r in other.runs.values())
-        sum_params += statistics.mean(r.get("trainable_parameters", 0) for r in other.runs.values())
-    nested_seconds = statistics.mean(r.get("train_seconds", math.nan) for r in base.runs.values())
-    nested_params = statistics.mean(r.get("trainable_parameters", 0) for r in base.runs.values())
+        ran.append(other)
+    if not ran:
+        return lines
+    # runs from before the trainer recorded its training time have only the harness's wall time
+    timed = all("train_seconds" in r for o in [base, *ran] for r in o.runs.values())
+    key, what = (
+        ("train_seconds", "training time (evaluation excluded)")
+        if timed
+        else ("wall_seconds", "wall time (evaluation included; some runs predate the training timer)")
+    )
+
+    def mean_of(outcome: Outcome, name: str) -> float:
+        values = [r[name] for r in outcome.runs.values() if name in r]
+        return statistics.mean(values) if values else math.nan
+
+    sizes = ", ".join(str(o.sizes()[-1]) for o in ran)
     lines += [
         "",
-        f"Trainable parameters: the one nested model {nested_params / 1e6:.2f}M; the independent models of "
-        f"sizes {', '.join(map(str, sorted(independents)))} together {sum_params / 1e6:.2f}M. "
-        f"Training time (evaluation excluded): nested {nested_seconds / 60:.0f} min, the independent models "
-        f"together {sum_seconds / 60:.0f} min.",
+        f"Trainable parameters: the one nested model {mean_of(base, 'trainable_parameters') / 1e6:.2f}M; "
+        f"the independent models of sizes {sizes} together "
+        f"{sum(mean_of(o, 'trainable_parameters') for o in ran) / 1e6:.2f}M. {what.capitalize()}: nested "
+        f"{mean_of(base, key) / 60:.0f} min, the independent models together "
+        f"{sum(mean_of(o, key) for o in ran) / 60:.0f} min.",
     ]
     return lines
 

@@ -292,7 +292,7 @@ def exists(url: str, options: StorageOptions | None = None) -> bool:
         return os.path.exists(_local_path(url))
     options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
-    with _translated("exists", url, options):
+    with _translated("check", url, options):
         return _bounded("check", url, options, lambda: fs.exists(path))
 
 
@@ -444,6 +444,11 @@ def _translated(action: str, url: str, options: StorageOptions | None) -> Iterat
         if isinstance(e, _connection_errors()):
             endpoint = options.endpoint_url or "the default AWS endpoint"
             raise StorageError(f"cannot reach object storage at {endpoint} for {url}: {detail}") from e
+        if type(e).__name__ == "NoCredentialsError":
+            raise StorageError(
+                f"cannot {action} {url}: no credentials for object storage; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (docs/storage.md)"
+            ) from e
         if isinstance(e, OSError) or type(e).__module__.split(".")[0] in {"botocore", "aiobotocore", "s3fs"}:
             raise StorageError(f"cannot {action} {url}: {detail}") from e
         raise

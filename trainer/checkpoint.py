@@ -184,7 +184,18 @@ class _SafeLoadPlanner(dcp.DefaultLoadPlanner):
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         from torch.distributed.checkpoint._traverse import set_element
 
-        obj = torch.load(value, weights_only=True)
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            # torch's message advises weights_only=False, i.e. running whatever the file says: never that
+            detail = next(
+                (line.strip() for line in str(error).splitlines() if "unsupported global" in line.lower()), ""
+            )
+            raise CheckpointError(
+                f"entry {read_item.dest_index.fqn!r} holds a pickle of more than plain data"
+                + (f" ({detail})" if detail else "")
+                + "; refusing to load it: the checkpoint was not written by fmrl or was tampered with"
+            ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:

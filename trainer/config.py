@@ -15,19 +15,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import itertools
 import os
 import re
 import secrets
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
 from models.dlrm.config import DLRMConfig
 from models.fmrl.config import FMRLConfig
 from sharding.config import OptimConfig, ParallelConfig
+
+if TYPE_CHECKING:
+    from data_pipeline.storage import StorageOptions
 
 __all__ = [
     "PATH_KEYS",
@@ -46,6 +51,9 @@ __all__ = [
     "dump_config",
     "load_config",
     "load_saved_config",
+    "field_docs",
+    "show_config",
+    "with_overrides",
     "upgrade_saved_config",
     "with_absolute_paths",
 ]
@@ -104,6 +112,15 @@ class DataConfig:
     @property
     def features_url(self) -> str:
         return self.features or self.path.rstrip("/") + "/features"
+
+    def storage_options(self) -> StorageOptions:
+        """How to reach object storage: the environment's settings, with ``s3_endpoint_url`` if set."""
+        from data_pipeline.storage import StorageOptions
+
+        options = StorageOptions.from_env()
+        if self.s3_endpoint_url:
+            options = dataclasses.replace(options, endpoint_url=self.s3_endpoint_url)
+        return options
 
 
 @dataclass(kw_only=True)
@@ -562,6 +579,14 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return _to_plain(cfg)
 
 
+def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with dotted ``KEY=VALUE`` overrides applied (as :func:`load_config` applies them to a file)."""
+    data = config_to_dict(cfg)
+    for override in overrides:
+        _apply_override(data, override)
+    return config_from_dict(data)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one
     silently, so half of a section would be ignored)."""
@@ -681,3 +706,66 @@ def dump_config(cfg: Config, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Documentation of the keys
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls`` (the string literal under each field), by field name,
+    read from its source with ``ast``: the one place a key's meaning is written is beside the key."""
+    import ast
+    import inspect
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**6, allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def show_config(cfg: Config, width: int = 100) -> str:
+    """``cfg`` as YAML that loads back to ``cfg``, each key under a comment with its doc and its default
+    (``fmrl config show``)."""
+    lines: list[str] = []
+
+    def comment(text: str, indent: str) -> None:
+        # the docstrings' own line breaks are for their source width: rewrap each paragraph
+        for paragraph in text.split("\n\n"):
+            text_width = width - len(indent) - 2
+            wrapped = textwrap.wrap(" ".join(paragraph.split()), text_width, break_on_hyphens=False) or [""]
+            lines.extend(f"{indent}# {part}".rstrip() for part in wrapped)
+
+    def section(obj: Any, default: Any, indent: str) -> None:
+        docs = field_docs(type(obj))
+        for name in _init_fields(type(obj)):
+            value, value_default = getattr(obj, name), getattr(default, name)
+            doc = docs.get(name, "")
+            if dataclasses.is_dataclass(value):
+                if doc:
+                    comment(doc, indent)
+                lines.append(f"{indent}{name}:")
+                section(value, value_default, indent + "  ")
+                continue
+            plain, plain_default = _to_plain(value), _to_plain(value_default)
+            comment(f"{doc} (default: {_yaml_value(plain_default)})".strip(), indent)
+            lines.append(f"{indent}{name}: {_yaml_value(plain)}")
+
+    comment(" ".join((Config.__doc__ or "").split()), "")
+    section(cfg, Config(), "")
+    return "\n".join(lines) + "\n"

@@ -39,16 +39,28 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from data_pipeline.features import load_feature_tables
-from data_pipeline.storage import StorageOptions, atomic_write, exists, is_remote, join, open_read, remove
+from data_pipeline.storage import (
+    StorageOptions,
+    atomic_write,
+    exists,
+    is_remote,
+    join,
+    open_read,
+    remove,
+    s3_filesystem_kwargs,
+)
+from deploy import ExportError, Recommender
+from deploy import artifact as deploy_artifact
+from deploy import load_recommender as deploy_load_recommender
+from deploy.artifact import sha256
+from deploy.portable import FILES as PORTABLE_FILES
+from deploy.portable import program_bytes
+from deploy.scoring import ScoringModel
 from models.dlrm import DLRM, DLRMConfig, ids_to_kjt
-from models.fmrl import AttributeBags, FMRLConfig, FMRLRec, LRUTrunk, slice_state_dict
+from models.fmrl import AttributeBags, FMRLRec, slice_state_dict
 
 EXPORT_VERSION = 2
 """2: export.json records each file's sha256, the model's fingerprint and the item catalog."""
-
-
-class ExportError(ValueError):
-    """A run folder or an export that cannot be used; the message names the file."""
 
 
 def _read(url: str, options: StorageOptions | None) -> bytes:
@@ -244,10 +256,6 @@ def item_catalog(dataset_url: str, options: StorageOptions | None = None) -> Ite
     return ItemCatalog(read_item_source_ids(dataset), counts)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def model_fingerprint(model: FMRLRec) -> str:
     """sha256 of what an fMRL export holds (trunk weights and the full item table): equal for two exports
     of the same trained model, different otherwise."""
@@ -282,13 +290,18 @@ def export_sizes(
     options: StorageOptions | None = None,
     catalog: ItemCatalog | None = None,
     overwrite: bool = False,
+    formats: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write a standalone model per size in ``sizes`` (each one of the model's nested sizes) into
     ``out_url``, adding to an export of the same model that is there already (its other sizes stay
     listed). An export of another model in ``out_url`` is refused unless ``overwrite``, which replaces it
     as a whole. Every file is written under a name no reader uses yet and ``export.json`` (the index, with
     each file's sha256) last, so a reader sees the old export or the new one, never a mixture; folders
-    the new index no longer names are deleted afterwards."""
+    the new index no longer names are deleted afterwards. ``formats`` ("pt2", "onnx") adds portable
+    programs of each size (deploy/portable.py); a listed size without one of them is written anew."""
+    unknown_formats = sorted(set(formats) - set(PORTABLE_FILES))
+    if unknown_formats:
+        raise ExportError(f"unknown export formats {unknown_formats}: choose from {sorted(PORTABLE_FILES)}")
     unknown = [m for m in sizes if m not in model.cfg.nested_sizes]
     if unknown:
         raise ExportError(f"sizes {unknown} are not nested sizes of this model ({model.cfg.nested_sizes})")
@@ -314,11 +327,19 @@ def export_sizes(
         "sizes": listed,
     }
     for m in sorted(set(sizes)):
-        if str(m) in listed:
+        wanted = {PORTABLE_FILES[f] for f in formats}
+        if str(m) in listed and wanted <= set(listed[str(m)].get("sha256", {})):
             continue  # the same model's size m is there already: identical files
+        if str(m) in listed:  # the same model, more formats: keep the formats it had
+            had = {f for f, name in PORTABLE_FILES.items() if name in listed[str(m)].get("sha256", {})}
+            wanted = {PORTABLE_FILES[f] for f in set(formats) | had}
         folder = f"size-{m}"
         if folder in used_folders:  # replaced: new files under a new name, the old folder goes after
             folder = f"size-{m}-{fingerprint[:12]}"
+            version = 1
+            while folder in used_folders:  # rewritten once more (more formats): yet another name
+                version += 1
+                folder = f"size-{m}-{fingerprint[:12]}-{version}"
         sub_cfg = dataclasses.replace(model.cfg, nested_sizes=[s for s in model.cfg.nested_sizes if s <= m])
         config = {"model": dataclasses.asdict(sub_cfg), "num_items": model.num_items, "size": m}
         files = {
@@ -326,11 +347,20 @@ def export_sizes(
             "items.safetensors": st_save({"items": items[:, :m].contiguous()}),
             "config.json": json.dumps(config, indent=1).encode(),
         }
+        if wanted:
+            program = ScoringModel.from_state(
+                sub_cfg,
+                {k.removeprefix("trunk."): v for k, v in slice_state_dict(state, m).items()},
+                items[:, :m],
+            )
+            for fmt, name in PORTABLE_FILES.items():
+                if name in wanted:
+                    files[name] = program_bytes(program, fmt)
         written = sum(_write(join(out_url, folder, name), data, options) for name, data in files.items())
         listed[str(m)] = {
             "folder": folder,
             "bytes": written,
-            "sha256": {name: _sha256(data) for name, data in files.items()},
+            "sha256": {name: sha256(data) for name, data in files.items()},
         }
     if catalog is not None:
         if len(catalog.source_ids) != model.num_items + 1 or tuple(catalog.popularity.shape) != (
@@ -345,7 +375,7 @@ def export_sizes(
         }
         for name, data in files.items():
             _write(join(out_url, name), data, options)
-        manifest["catalog"] = {name: _sha256(data) for name, data in files.items()}
+        manifest["catalog"] = {name: sha256(data) for name, data in files.items()}
     elif existing is not None and "catalog" in existing and existing.get("fingerprint") == fingerprint:
         manifest["catalog"] = existing["catalog"]
     _write(join(out_url, "export.json"), json.dumps(manifest, indent=1).encode(), options)  # the commit
@@ -355,184 +385,20 @@ def export_sizes(
     return manifest
 
 
-@dataclass
-class Recommender:
-    """A size-m model: LRU trunk of width m and the (N + 1, m) item table (row 0 is padding).
-
-    Histories are item ids 1..N, oldest first. :meth:`recommend` and :meth:`scores` take either a list of
-    histories (any lengths, padded here) or a (B, L) integer tensor left-padded with 0 (padding first,
-    as the model was trained). An empty history has nothing to go on: it gets the most popular items of
-    the training data (when the export records them). Example::
-
-        rec = load_recommender("runs/demo/export", size=64)
-        scores, ids = rec.recommend([[12, 7, 301], [5]], k=10)       # (2, 10) each, history excluded
-        rec.source_ids(ids)                                          # the items' ids in the source data
-    """
-
-    size: int
-    trunk: LRUTrunk
-    items: torch.Tensor
-    item_ids: list[str] | None = None
-    """Source id per internal id (index 0 is padding), if the export records them."""
-    popularity: torch.Tensor | None = None
-    """(N + 1,) training interactions per item, if the export records them."""
-
-    @property
-    def num_items(self) -> int:
-        return self.items.shape[0] - 1
-
-    def as_batch(self, histories: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B, L) left-padded int64 ids from ``histories`` (checked: ids in 1..N, padding on the left)."""
-        n = self.num_items
-        if isinstance(histories, torch.Tensor):
-            if histories.ndim != 2 or histories.dtype.is_floating_point or histories.dtype == torch.bool:
-                raise ValueError(
-                    f"histories must be a (batch, length) integer tensor, got {histories.dtype} of shape "
-                    f"{tuple(histories.shape)}"
-                )
-            tokens = histories.long()
-            bad = (tokens < 0) | (tokens > n)
-            if bool(bad.any()):
-                row, col = (int(v) for v in bad.nonzero()[0])
-                raise ValueError(
-                    f"histories[{row}, {col}] = {int(tokens[row, col])}: item ids are 1..{n} (0 is padding)"
-                )
-            real = tokens > 0
-            # left padding: once a row has a real item, no padding follows
-            right_padded = (real.int().cummax(dim=1).values.bool() & ~real).any(dim=1)
-            if bool(right_padded.any()):
-                row = int(right_padded.nonzero()[0])
-                raise ValueError(
-                    f"histories row {row} has padding (0) after an item: pad on the left (0s first, the most "
-                    "recent item last), or pass the histories as lists of ids"
-                )
-            return tokens
-        rows = []
-        for index, history in enumerate(histories):
-            if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
-                raise ValueError(
-                    f"histories[{index}] must be a sequence of item ids, got {type(history).__name__}"
-                )
-            for value in history:
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
-                    raise ValueError(f"histories[{index}] holds {value!r}: item ids are integers in 1..{n}")
-            rows.append(list(history))
-        width = max((len(r) for r in rows), default=0)
-        tokens = torch.zeros(len(rows), max(width, 1), dtype=torch.int64)
-        for index, row in enumerate(rows):
-            if row:
-                tokens[index, -len(row) :] = torch.tensor(row)
-        return tokens
-
-    @torch.no_grad()
-    def scores(self, histories: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B, N) scores of items 1..N for each history (see :meth:`as_batch`). Rows with an empty history
-        get the items' training popularity instead."""
-        tokens = self.as_batch(histories)
-        hidden = self.trunk(self.items[tokens], tokens > 0)  # (B, L, m)
-        scores = hidden[:, -1] @ self.items[1:].T  # (B, N)
-        empty = ~(tokens > 0).any(dim=1)
-        if bool(empty.any()):
-            if self.popularity is None:
-                raise ValueError(
-                    f"histories row {int(empty.nonzero()[0])} is empty and this export records no item "
-                    "popularity to fall back on: give at least one item"
-                )
-            scores[empty] = self.popularity[1:].to(scores.dtype)
-        return scores
-
-    @torch.no_grad()
-    def recommend(
-        self, histories: torch.Tensor | Sequence[Sequence[int]], k: int = 10, exclude_history: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, item ids 1..N), each (B, k). The items of each history are left out unless
-        ``exclude_history=False``."""
-        tokens = self.as_batch(histories)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_items:
-            raise ValueError(f"k must be an integer in 1..{self.num_items} (the number of items), got {k!r}")
-        scores = self.scores(tokens)
-        if exclude_history:
-            seen = torch.zeros(scores.shape[0], self.num_items + 1, dtype=torch.bool)
-            seen.scatter_(1, tokens, True)
-            seen = seen[:, 1:]  # (B, N); column 0 was padding
-            left = self.num_items - int(seen.sum(dim=1).max())
-            if k > left:
-                raise ValueError(
-                    f"k = {k} but a history covers all but {left} of the {self.num_items} items: ask for at "
-                    "most that many, or pass exclude_history=False"
-                )
-            scores = scores.masked_fill(seen, float("-inf"))
-        values, index = torch.topk(scores, k, dim=1)
-        return values, index + 1
-
-    def source_ids(self, ids: torch.Tensor) -> list[list[str]]:
-        """The source-data ids of internal item ids ``ids`` (B, k), e.g. of :meth:`recommend`'s answer."""
-        if self.item_ids is None:
-            raise ValueError("this export records no source ids (it was written without its data set)")
-        return [[self.item_ids[int(i)] for i in row] for row in ids]
+def exported_sizes(url: str, options: StorageOptions | None = None) -> list[int]:
+    """The sizes an fMRL export holds (ExportError for a folder that is not one)."""
+    storage = s3_filesystem_kwargs(options or StorageOptions.from_env()) if is_remote(url) else None
+    return deploy_artifact.exported_sizes(deploy_artifact.fmrl_manifest(url, storage))
 
 
-def _verified(url: str, expected: str | None, options: StorageOptions | None) -> bytes:
-    data = _read(url, options)
-    if expected is not None and _sha256(data) != expected:
-        raise ExportError(f"{url} does not match the sha256 in export.json: it was changed or damaged")
-    return data
-
-
-def load_recommender(url: str, size: int, options: StorageOptions | None = None) -> Recommender:
-    """Load the size-``size`` model of an export (safetensors and JSON only; every file checked against
-    the sha256 that export.json records)."""
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise ExportError(
-            f"size must be an int (one of the exported sizes), got {size!r} ({type(size).__name__})"
-        )
-    manifest = _read_manifest(url, options)
-    if manifest is None:
-        raise ExportError(f"{url} has no export.json: not an export (write one with `fmrl export`)")
-    if manifest.get("task") == "dlrm":
-        raise ExportError(f"{url} is a DLRM export: use load_click_model")
-    if str(size) not in manifest["sizes"]:
-        raise ExportError(f"{url} has sizes {sorted(map(int, manifest['sizes']))}, not {size}")
-    entry = manifest["sizes"][str(size)]
-    folder = join(url, entry["folder"])
-    hashes = entry.get("sha256", {})
-    config_url = join(folder, "config.json")
-    config = json.loads(_verified(config_url, hashes.get("config.json"), options))
-    try:
-        cfg = FMRLConfig(**config["model"])
-    except (TypeError, ValueError, KeyError) as error:
-        raise ExportError(f"{config_url}: not a model config of this version ({error})") from error
-    if (
-        config.get("size") != size
-        or cfg.nested_sizes[-1] != size
-        or config.get("num_items") != manifest["num_items"]
-    ):
-        raise ExportError(
-            f"{config_url} describes size {config.get('size')} (nested sizes {cfg.nested_sizes}) and "
-            f"{config.get('num_items')} items; export.json lists it as size {size} of {manifest['num_items']} items"
-        )
-    weights_url = join(folder, "model.safetensors")
-    weights = st_load(_verified(weights_url, hashes.get("model.safetensors"), options))
-    trunk = LRUTrunk(cfg)
-    try:
-        trunk.load_state_dict({k.removeprefix("trunk."): v for k, v in weights.items()})
-    except (RuntimeError, ValueError) as error:
-        raise ExportError(f"{weights_url} does not fit {config_url}: {error}") from error
-    items_url = join(folder, "items.safetensors")
-    items = st_load(_verified(items_url, hashes.get("items.safetensors"), options))["items"]
-    if tuple(items.shape) != (manifest["num_items"] + 1, size):
-        raise ExportError(
-            f"{items_url} has shape {tuple(items.shape)}, expected ({manifest['num_items'] + 1}, {size})"
-        )
-    item_ids = popularity = None
-    catalog = manifest.get("catalog")
-    if catalog:
-        item_ids = json.loads(_verified(join(url, "item_ids.json"), catalog["item_ids.json"], options))
-        popularity_data = _verified(
-            join(url, "popularity.safetensors"), catalog["popularity.safetensors"], options
-        )
-        popularity = st_load(popularity_data)["popularity"]
-    return Recommender(size, trunk.eval(), items, item_ids, popularity)
+def load_recommender(
+    url: str, size: int | str = "auto", options: StorageOptions | None = None, **choice: Any
+) -> Recommender:
+    """Load the size-``size`` model of an export: :func:`deploy.load_recommender` (which see, also for
+    ``size="auto"`` with ``max_latency_ms`` / ``max_memory_mb`` / ``min_ndcg``, ``quantised`` and
+    ``funnel``), with the storage options of this project."""
+    storage = s3_filesystem_kwargs(options or StorageOptions.from_env()) if is_remote(url) else None
+    return deploy_load_recommender(url, size, storage_options=storage, **choice)
 
 
 # ------------------------------------------------------------------------------------------------ DLRM
@@ -603,6 +469,7 @@ def export_model(
     options: StorageOptions | None = None,
     catalog: ItemCatalog | None = None,
     overwrite: bool = False,
+    formats: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Export any trained model: fMRL at ``sizes`` (required), DLRM whole (``sizes`` must be None)."""
     if isinstance(model, DLRM):
@@ -611,4 +478,4 @@ def export_model(
         return export_dlrm(model, out_url, options)
     if not sizes:
         raise ExportError(f"name the nested sizes to export (--sizes), some of {model.cfg.nested_sizes}")
-    return export_sizes(model, out_url, sizes, options, catalog, overwrite)
+    return export_sizes(model, out_url, sizes, options, catalog, overwrite, formats)

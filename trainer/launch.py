@@ -31,7 +31,7 @@ import os
 import shlex
 import sys
 
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
 
 SBATCH_TEMPLATE = "slurm/train.sbatch"
 
@@ -92,20 +92,13 @@ def shell_line(command: list[str], env: dict[str, str]) -> str:
 
 
 def launch(args: argparse.Namespace) -> int:
-    """Print the commands, then exec torchrun (or return 0 with ``--dry-run``; 2 on a usage error)."""
+    """Print the commands, then exec torchrun (or return 0 with ``--dry-run``). A usage error raises
+    (ValueError, ConfigError): ``fmrl`` reports it, exit code 2."""
     if args.nnodes < 1 or (args.nproc is not None and args.nproc < 1):
-        print("fmrl launch: --nnodes and --nproc must be at least 1", file=sys.stderr)
-        return 2
+        raise ValueError("--nnodes and --nproc must be at least 1")
     if args.nnodes > 1 and not args.rdzv_endpoint:
-        print(
-            "fmrl launch: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (on the first node)", file=sys.stderr
-        )
-        return 2
-    try:  # a wrong key or file fails here, once, and not in every process
-        load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"fmrl launch: config error: {error}", file=sys.stderr)
-        return 2
+        raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (on the first node)")
+    load_config(args.config, args.overrides)  # a wrong key or file fails here, once, not in every process
     gpus = 0 if args.nproc is not None else local_gpus()
     nproc = args.nproc if args.nproc is not None else default_nproc(gpus)
     command, env = torchrun_command(args, nproc)

@@ -28,31 +28,10 @@ from models.fmrl.config import FMRLConfig
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.core import PlanStorage
 from sharding.fmrl import FROZEN_TABLES, plan_item_tables
+from trainer.hardware import DEVICES, Device
 
 GIB = 2**30
 
-
-@dataclass(frozen=True)
-class Device:
-    """One rank's hardware: compute device, its memory (HBM), and the host memory of its node."""
-
-    compute: str
-    """TorchRec's compute device: "cuda" or "cpu"."""
-    hbm_gb: float
-    """Device memory per GPU, GiB (0 on CPU)."""
-    ddr_gb: float
-    """Host memory (DDR) per node, GiB, shared by the node's ranks."""
-    ranks_per_node: int
-
-
-DEVICES = {
-    # DGX H100: 8 x H100 80 GB, 2 TB of host memory
-    "h100": Device("cuda", 80, 2048, 8),
-    # DGX A100 (80 GB): 8 x A100 80 GB, 2 TB of host memory
-    "a100": Device("cuda", 80, 2048, 8),
-    # a CPU node: 8 ranks sharing 512 GiB
-    "cpu": Device("cpu", 0, 512, 8),
-}
 
 # bytes per dense parameter in the training state: fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
 # moments (8). bf16 autocast keeps these in fp32 (parallel.precision) and only casts the matmuls.

@@ -49,20 +49,20 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.features import write_safetensors_blocks
-from data_pipeline.storage import StorageOptions
+from data_pipeline.storage import StorageOptions, exists, join
 from sharding.core import ParallelModel
 from sharding.world import World, set_cpu_threads
-from trainer.checkpoint import CheckpointError, CheckpointManager, TrainingState
+from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager, TrainingState
 from trainer.config import (
     Config,
-    DataConfig,
+    ConfigError,
     config_to_dict,
     dump_config,
     upgrade_saved_config,
     with_absolute_paths,
 )
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
-from trainer.logs import progress_bar, run_log_file
+from trainer.logs import log_file_name, progress_bar, run_log_file
 from trainer.preemption import StopRequest
 from trainer.run_folder import RunFolderError, RunLease, choose_run_folder, empty_folder
 from trainer.state import EarlyStopping, Progress, RankPositions, RunState
@@ -80,8 +80,9 @@ def train(cfg: Config) -> RunResult:
     report. Runs as one rank of a torchrun job, or as a job of one rank in a plain process. Relative
     paths in ``cfg`` are taken from the current directory; the run records them absolute."""
     cfg = with_absolute_paths(cfg)
+    options = cfg.data.storage_options()
+    check_resume_source(cfg.run.resume, options)  # before a process group, a data set or a model
     with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
-        options = storage_options(cfg.data)
         with run_folder(cfg, world, options) as run_dir, run_log_file(run_dir, world.rank):
             log.debug("command line: %s", " ".join(sys.argv))
             seed_everything(cfg.train.seed)  # the same initial model on every rank
@@ -459,11 +460,24 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def storage_options(cfg: DataConfig) -> StorageOptions:
-    options = StorageOptions.from_env()
-    if cfg.s3_endpoint_url:
-        options = dataclasses.replace(options, endpoint_url=cfg.s3_endpoint_url)
-    return options
+def check_resume_source(url: str, options: StorageOptions) -> None:
+    """Refuse a ``run.resume`` URL that is not a complete checkpoint (ConfigError naming it), so that the
+    job fails at once and not after the data set and the model were built. "" and "auto" pass."""
+    if url in ("", "auto") or exists(join(url, COMMIT), options):
+        return
+    example = "e.g. run.resume=runs/NAME/checkpoints/step-000000100, or run.resume=auto with run.name=NAME"
+    if not exists(url, options):
+        raise ConfigError(f"run.resume={url}: nothing there; give a checkpoint ({example})")
+    newest = CheckpointManager(url, options).latest()
+    if newest is not None:
+        raise ConfigError(
+            f"run.resume={url} is a folder of checkpoints, not one checkpoint: give one of them, e.g. the "
+            f"newest, run.resume={newest} (or run.resume=auto with this run's run.name)"
+        )
+    raise ConfigError(
+        f"run.resume={url} is not a complete checkpoint (no {COMMIT} marker: not a checkpoint, or its save "
+        f"did not finish); give a complete one ({example})"
+    )
 
 
 @contextlib.contextmanager
@@ -497,8 +511,19 @@ def run_folder(cfg: Config, world: World, options: StorageOptions) -> Iterator[s
     finally:
         if lease is not None:
             lease.release()
-        if created and world.rank == 0 and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)  # nothing was written: the start failed
+        if created and world.rank == 0 and os.path.isdir(folder):
+            remove_failed_start(folder, world.world_size)
+
+
+def remove_failed_start(folder: str, world_size: int) -> None:
+    """Remove a run folder this job created if the start failed: nothing in it but the log files (the
+    failure itself is on the terminal, its traceback with ``--debug``). Anything else keeps it."""
+    logs = {log_file_name(rank) for rank in range(world_size)}
+    if not set(os.listdir(folder)) <= logs:
+        return
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    os.rmdir(folder)
 
 
 # what a checkpoint's tensors depend on besides the model section: another value cannot load it

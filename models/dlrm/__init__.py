@@ -1,22 +1,51 @@
-"""DLRM (dot or DCN-v2 interaction) for click-through-rate prediction, single device."""
+"""DLRM (dot or DCN-v2 interaction) for click-through-rate prediction, single device.
 
-from models.dlrm.config import DLRMConfig
-from models.dlrm.metrics import roc_auc
-from models.dlrm.model import (
-    DLRM,
-    DCNInteraction,
-    DotInteraction,
-    SparseArch,
-    ctr_loss,
-    dot_interaction_reference,
-    ids_to_kjt,
-    lower_triangle_order,
-    mlp,
-)
+The names below load on first use (PEP 562): ``models.dlrm.config`` alone imports neither torch nor
+TorchRec, so validating a run's config (``fmrl train`` with a typo, ``fmrl --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.dlrm.config import DLRMConfig
+    from models.dlrm.metrics import roc_auc
+    from models.dlrm.model import (
+        DLRM,
+        DCNInteraction,
+        DotInteraction,
+        SparseArch,
+        ctr_loss,
+        dot_interaction_reference,
+        ids_to_kjt,
+        lower_triangle_order,
+        mlp,
+    )
+
+_MODULES = {
+    "DLRMConfig": "config",
+    "roc_auc": "metrics",
+    **dict.fromkeys(
+        (
+            "DLRM",
+            "DCNInteraction",
+            "DotInteraction",
+            "SparseArch",
+            "ctr_loss",
+            "dot_interaction_reference",
+            "ids_to_kjt",
+            "lower_triangle_order",
+            "mlp",
+        ),
+        "model",
+    ),
+}
 
 __all__ = [
-    "DLRM",
     "DCNInteraction",
+    "DLRM",
     "DLRMConfig",
     "DotInteraction",
     "SparseArch",
@@ -27,3 +56,15 @@ __all__ = [
     "mlp",
     "roc_auc",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -165,6 +165,9 @@ class LRULayer(nn.Module):
         self.out_im = NestedLinear(sizes, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.r_min, self.r_max = r_min, r_max
+        # the recurrence's evaluation: inference programs (deploy/) swap in lru_scan_by_powers, which
+        # torch.export and ONNX trace with a dynamic history length
+        self.scan = lru_scan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -192,7 +195,7 @@ class LRULayer(nn.Module):
         gamma = torch.exp(self.gamma_log)  # (D,)
         u_re = self.in_re(x, row_scale=gamma)  # gamma * (B_re x + b_re), (B, L, D)
         u_im = self.in_im(x, row_scale=gamma)
-        h_re, h_im = lru_scan(u_re, u_im, torch.exp(self.nu_log), torch.exp(self.theta_log), mask)
+        h_re, h_im = self.scan(u_re, u_im, torch.exp(self.nu_log), torch.exp(self.theta_log), mask)
         y = self.out_re(h_re) - self.out_im(h_im)  # Re(C h) = C_re h_re - C_im h_im, (B, L, D)
         return self.dropout(y)
 

@@ -2,7 +2,7 @@
 
 from models.ops.chunked_layer_norm import block_averager, chunked_layer_norm, chunked_layer_norm_reference
 from models.ops.gated_silu import gated_silu, gated_silu_reference
-from models.ops.lru_scan import lru_scan, lru_scan_reference
+from models.ops.lru_scan import lru_scan, lru_scan_by_powers, lru_scan_reference
 from models.ops.matryoshka_loss import (
     chunk_rows_for_budget,
     matryoshka_cross_entropy,
@@ -30,6 +30,7 @@ __all__ = [
     "chunked_layer_norm",
     "chunked_layer_norm_reference",
     "lru_scan",
+    "lru_scan_by_powers",
     "lru_scan_reference",
     "matryoshka_cross_entropy",
     "matryoshka_cross_entropy_reference",

@@ -132,3 +132,28 @@ def lru_scan(
     # the recurrence is complex, which has no bfloat16: float32 also under autocast
     with torch.autocast(u_re.device.type, enabled=False):
         return _LRUScan.apply(at_least_float32(u_re), at_least_float32(u_im), nu, theta, mask)
+
+
+def lru_scan_by_powers(
+    u_re: torch.Tensor, u_im: torch.Tensor, nu: torch.Tensor, theta: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence in closed form for inference programs: h_t = u_t + sum_{s<t} lambda^(t-s) mask_s u_s.
+
+    Exact for left padding (a padded s precedes every real position, so a real s carries into every later
+    t). One (L, L, D) table of powers and one batched product, no Python loop over L and no in-place
+    update: ``torch.export`` and the ONNX exporter trace it with a dynamic batch size and history
+    length. It costs O(L^2 D) per sequence, fine for serving histories (L up to a few hundred), not for
+    training (``lru_scan``). Returns (h_re, h_im), each (B, L, D).
+    """
+    length = u_re.shape[1]
+    steps = torch.arange(length, device=u_re.device)
+    lag = (steps[:, None] - steps[None, :]).to(nu.dtype)  # (L, L): t - s
+    earlier = (lag > 0).to(nu.dtype)[..., None]  # (L, L, 1): s < t
+    lag = lag.clamp(min=0)[..., None]  # (L, L, 1)
+    magnitude = torch.exp(-lag * nu) * earlier  # (L, L, D)
+    k_re, k_im = magnitude * torch.cos(lag * theta), magnitude * torch.sin(lag * theta)
+    gate = mask.to(u_re.dtype)[..., None]  # (B, L, 1)
+    v_re, v_im = u_re * gate, u_im * gate
+    h_re = u_re + torch.einsum("tsd,bsd->btd", k_re, v_re) - torch.einsum("tsd,bsd->btd", k_im, v_im)
+    h_im = u_im + torch.einsum("tsd,bsd->btd", k_re, v_im) + torch.einsum("tsd,bsd->btd", k_im, v_re)
+    return h_re, h_im

@@ -80,3 +80,58 @@ def test_dlrm_bench_prints_the_tables(tmp_path):
         for ranks, threads in ((1, 2), (2, 1)):
             assert f"| {implementation} | {ranks} | {threads} |" in section, (implementation, ranks)  # speed
             assert section.count(f"| {implementation} | {ranks} |") == 2, (implementation, ranks)  # + AUC
+
+
+def test_cli_bench_prints_its_table(tmp_path):
+    out = run_quick(tmp_path, "cli.py")
+    assert "<!-- bench/cli.py:begin -->" in out and "<!-- bench/cli.py:end -->" in out
+    for row in ("| `fmrl --help` |", "| config typo: ", "| reference: `python -c 'import torch'` |"):
+        assert row in out
+
+
+def _tiny_export(tmp_path) -> str:
+    """An export of an untrained model (300 items, sizes 8 and 32) with its catalog."""
+    import torch
+
+    from models.fmrl import FMRLConfig, FMRLRec
+    from trainer.export import ItemCatalog, export_model
+
+    torch.manual_seed(0)
+    model = FMRLRec(FMRLConfig(nested_sizes=[8, 32], num_blocks=1, use_id_embedding=True), 300).eval()
+    popularity = torch.arange(301, dtype=torch.float32)
+    out = str(tmp_path / "export")
+    export_model(
+        model, out, [8, 32], catalog=ItemCatalog([""] + [f"i{n}" for n in range(1, 301)], popularity)
+    )
+    return out
+
+
+def test_funnel_and_serve_benches_print_their_tables(tmp_path):
+    export = _tiny_export(tmp_path)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    funnel = [sys.executable, os.path.join(REPO, "bench", "funnel.py"), export, "--size", "32"]
+    funnel += [
+        "--items",
+        "0,600",
+        "--prefixes",
+        "8",
+        "--candidates",
+        "300",
+        "--queries",
+        "8",
+        "--repeats",
+        "1",
+    ]
+    out = subprocess.run(
+        funnel, capture_output=True, text=True, timeout=180, cwd=REPO, env=env, check=True
+    ).stdout
+    # a shortlist of the whole catalog re-ranked at full size is the exact answer, with or without the index
+    assert "| 300 | export | funnel 8 -> 300 | 1.000 |" in out
+    assert "| 300 | export | HNSW 8 -> 300" in out and "| 600 | synthetic | exact | 1.000 |" in out
+    serve = [sys.executable, os.path.join(REPO, "bench", "serve.py"), export, "--sizes", "8"]
+    serve += ["--clients", "2", "--seconds", "1"]
+    out = subprocess.run(
+        serve, capture_output=True, text=True, timeout=180, cwd=REPO, env=env, check=True
+    ).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| 8 |"))
+    assert row.endswith("| 0 |") and int(row.split("|")[2]) > 0  # no errors, some requests answered

@@ -16,7 +16,9 @@ def test_convert_movielens_from_the_command_line(tmp_path, capsys):
     manifest = read_manifest(out, "items")
     assert manifest.total_samples == dataset["num_items"]
     assert all(entry.samples <= 400 for entry in manifest.shards) and len(manifest.shards) >= 3
-    assert "ConversionSummary" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("data set ml-100k written\n") and "ConversionSummary" not in out
+    assert f"  users         {dataset['num_users']:,}\n" in out
 
 
 def test_missing_input_is_a_clear_error(tmp_path, capsys):

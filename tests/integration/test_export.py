@@ -193,3 +193,31 @@ def test_an_edited_export_is_refused_naming_the_file(run_dir, tmp_path) -> None:
         ExportError, match=r"model.safetensors does not fit .*config.json.*outside the nested blocks"
     ):
         load_recommender(out, 32)
+
+
+def test_fmrl_sizes_table_plot_and_a_size_for_a_budget(run_dir, capsys) -> None:
+    args = ["sizes", run_dir, "--repeats", "3", "--max-users", "60", "--threads", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "int8 dNDCG" in printed and "on 60 test users" in printed
+    saved = json.loads(open(f"{run_dir}/export/sizes.json").read())
+    assert os.path.getsize(f"{run_dir}/export/sizes.png") > 1000
+    table = {e["size"]: e for e in saved["sizes"]}
+    assert sorted(table) == [8, 16, 32]
+    test = json.loads(open(f"{run_dir}/metrics.json").read())["test"]
+    for size, entry in table.items():
+        assert entry["quality"]["NDCG@10"] == test[str(size)]["NDCG@10"]
+        assert entry["items_bytes"]["fp32"] == 4 * 151 * size
+        assert entry["items_bytes"]["int8"] == 151 * size + 4 * 151
+        assert entry["latency_ms"]["1"]["p99"] >= entry["latency_ms"]["1"]["p50"] > 0
+        # the int8 table is scored on the test users: its NDCG@10 is measured, and close
+        assert entry["int8"]["users"] == 60 and abs(entry["int8"]["change"]) < 0.05
+    memory = {s: (e["model_bytes"]["fp32"] + e["items_bytes"]["fp32"]) / 2**20 for s, e in table.items()}
+    assert main([*args[:2], "--max-users", "-1", "--repeats", "2", "--max-memory-mb", str(memory[16])]) == 0
+    assert "size 16 is the largest that fits" in capsys.readouterr().out
+    assert (
+        main([*args[:2], "--max-users", "-1", "--repeats", "2", "--max-memory-mb", str(memory[8] / 2)]) == 1
+    )
+    assert "no size fits the budget: size 8: memory" in capsys.readouterr().out
+    # the same choice in Python, from the saved table
+    assert load_recommender(f"{run_dir}/export", "auto", max_memory_mb=memory[16]).size == 16

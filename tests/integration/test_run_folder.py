@@ -64,10 +64,17 @@ def test_a_finished_run_is_never_overwritten(config, tmp_path) -> None:
     # a start that fails on its data, with the finished run's name: refused too
     with pytest.raises(RunFolderError):
         train(config("run.name=r", f"data.path={tmp_path}/nowhere"))
-    # resuming it with a bad data path fails on the data, and still writes nothing
+    # resuming it with a bad data path fails on the data, and writes nothing but the attempt's lines in
+    # the run's log (appended: the finished run's own lines are kept)
+    log_before = open(os.path.join(first.run_dir, "train.log")).read()
     with pytest.raises(ValueError, match="nowhere"):
         train(config("run.name=r", "run.resume=auto", f"data.path={tmp_path}/nowhere"))
-    assert digest(first.run_dir) == before
+    after = digest(first.run_dir)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {
+        k: v for k, v in before.items() if k != "train.log"
+    }
+    log_after = open(os.path.join(first.run_dir, "train.log")).read()
+    assert log_after.startswith(log_before) and "nowhere" in log_after[len(log_before) :]
 
 
 def test_overwrite_starts_afresh_without_the_old_checkpoints(config, tmp_path) -> None:

@@ -4,6 +4,8 @@ packages, at module level or inside a function (docs/architecture.md draws the s
 * models/ imports no other layer: only torch, torchrec and the standard library;
 * data_pipeline/ imports none of models/, sharding/, trainer/;
 * sharding/ never imports trainer/;
+* deploy/ (serving) imports none of data_pipeline/, sharding/, trainer/ and no training library (torchrec,
+  fbgemm, deepspeed): models/ only;
 * no module imports itself back through others (no import cycle anywhere).
 """
 
@@ -15,12 +17,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("models", "data_pipeline", "sharding", "trainer")
+PACKAGES = ("models", "data_pipeline", "sharding", "trainer", "deploy")
 FORBIDDEN = {
     "models": {"data_pipeline", "sharding", "trainer", "bench"},
     "data_pipeline": {"models", "sharding", "trainer", "bench"},
     "sharding": {"trainer", "bench"},
     "trainer": {"bench"},
+    "deploy": {"data_pipeline", "sharding", "trainer", "bench"},
 }
 
 
@@ -148,6 +151,26 @@ def test_models_import_only_torch_torchrec_and_the_standard_library() -> None:
             else:
                 continue
             bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] not in allowed]
+    assert not bad, bad
+
+
+def test_deploy_imports_no_training_library() -> None:
+    forbidden = {"torchrec", "fbgemm_gpu", "deepspeed", "transformers", "webdataset", "s3fs"}
+    bad = []
+    files = sorted((REPO / "deploy").rglob("*.py"))
+    assert len(files) >= 5
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in forbidden]
+            # of models/, only the fMRL trunk's pure modules (models.dlrm needs torchrec)
+            bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n.startswith("models.dlrm")]
     assert not bad, bad
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TOP_PACKAGES = ("models", "trainer", "sharding", "data_pipeline")
+TOP_PACKAGES = ("models", "trainer", "sharding", "data_pipeline", "deploy")
 FORBIDDEN_IN_MODELS = {"trainer", "sharding", "data_pipeline", "bench"}
 
 

@@ -172,3 +172,17 @@ def test_lru_layer_ring_init(r_min, r_max) -> None:
     torch.testing.assert_close(gamma, torch.sqrt(1 - moduli**2), rtol=1e-5, atol=1e-6)
     theta = torch.exp(layer.theta_log.detach().double())
     assert theta.min() > 0 and theta.max() <= 2 * math.pi + 1e-5
+
+
+@pytest.mark.parametrize("pattern", ["none", "left", "all_pad_row"])
+@pytest.mark.parametrize("length", [1, 2, 7, 50])
+def test_closed_form_for_inference_matches_reference(length, pattern) -> None:
+    from models.ops import lru_scan_by_powers
+
+    nu, theta = _params(length)
+    g = torch.Generator().manual_seed(length + 1)
+    u_re, u_im = (torch.randn(BATCH, length, DIM, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = _mask(pattern, length) if length > 1 else torch.ones(BATCH, 1, dtype=torch.bool)
+    expected = lru_scan_reference(u_re, u_im, nu, theta, mask)
+    for got, want in zip(lru_scan_by_powers(u_re, u_im, nu, theta, mask), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
