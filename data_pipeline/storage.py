@@ -165,11 +165,11 @@ def open_read(url: str, options: StorageOptions | None = None) -> io.RawIOBase |
     cannot be reached; errors during later reads of an S3 object are also :class:`StorageError`.
     """
     if not is_remote(url):
-        with _translated("open", url, None):
+        with translated_errors("open", url, None):
             return open(_local_path(url), "rb")
     options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
-    with _translated("open", url, options):
+    with translated_errors("open", url, options):
         # s3fs asks for the object's size and ETag here, so a missing key or a dead endpoint fails now
         f = _bounded("open", url, options, lambda: fs.open(path, "rb"))
     return _S3Stream(f, url, options)
@@ -255,7 +255,7 @@ def atomic_write(
         return
     options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
-    with _translated("write", url, options):
+    with translated_errors("write", url, options):
         # autocommit: closing the file completes the upload; we only close it on success
         f = _bounded("write", url, options, lambda: fs.open(path, "wb", autocommit=True))
     stream = _S3Stream(f, url, options)
@@ -270,7 +270,7 @@ def atomic_write(
         f.closed = True
         raise
     stream.close()
-    with _translated("write", url, options):
+    with translated_errors("write", url, options):
         try:
             _bounded("write", url, options, f.close)
         except BaseException:
@@ -292,19 +292,19 @@ def exists(url: str, options: StorageOptions | None = None) -> bool:
         return os.path.exists(_local_path(url))
     options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
-    with _translated("check", url, options):
+    with translated_errors("check", url, options):
         return _bounded("check", url, options, lambda: fs.exists(path))
 
 
 def list_dir(url: str, options: StorageOptions | None = None) -> list[str]:
     """Full URLs of the direct children of ``url`` (files and folders / key prefixes), sorted."""
     if not is_remote(url):
-        with _translated("list", url, None):
+        with translated_errors("list", url, None):
             names = os.listdir(_local_path(url))
         return sorted(join(url, name) for name in names)
     options = options or StorageOptions.from_env()
     fs, path = filesystem(url, options)
-    with _translated("list", url, options):
+    with translated_errors("list", url, options):
         # s3fs returns "bucket/prefix/name" without the protocol and may include the prefix itself
         entries = _bounded("list", url, options, lambda: fs.ls(path, detail=False))
     base = path.rstrip("/")
@@ -318,7 +318,7 @@ def remove(url: str, options: StorageOptions | None = None, *, recursive: bool =
     """
     if not is_remote(url):
         path = _local_path(url)
-        with _translated("remove", url, None):
+        with translated_errors("remove", url, None):
             if recursive and os.path.isdir(path):
                 shutil.rmtree(path)
             else:
@@ -333,7 +333,7 @@ def remove(url: str, options: StorageOptions | None = None, *, recursive: bool =
             raise FileNotFoundError(url)
         fs.rm(path, recursive=recursive)
 
-    with _translated("remove", url, options):
+    with translated_errors("remove", url, options):
         _bounded("remove", url, options, delete)
 
 
@@ -342,7 +342,7 @@ def makedirs(url: str, options: StorageOptions | None = None) -> None:
     if is_remote(url):
         filesystem(url, options)  # still reject unsupported protocols
         return
-    with _translated("makedirs", url, None):
+    with translated_errors("makedirs", url, None):
         os.makedirs(_local_path(url), exist_ok=True)
 
 
@@ -427,7 +427,7 @@ def _bounded(action: str, url: str, options: StorageOptions, call: Callable[[], 
 
 
 @contextlib.contextmanager
-def _translated(action: str, url: str, options: StorageOptions | None) -> Iterator[None]:
+def translated_errors(action: str, url: str, options: StorageOptions | None) -> Iterator[None]:
     """Re-raise storage failures as StorageError naming ``url``, with credentials redacted."""
     try:
         yield
@@ -458,13 +458,13 @@ def _translated(action: str, url: str, options: StorageOptions | None) -> Iterat
 def _atomic_write_local(url: str) -> Iterator[io.BufferedWriter]:
     path = os.path.abspath(_local_path(url))
     folder, name = os.path.split(path)
-    with _translated("write", url, None):
+    with translated_errors("write", url, None):
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{name}.tmp-{secrets.token_hex(6)}")
         f = open(tmp, "xb")
     try:
         yield f
-        with _translated("write", url, None):
+        with translated_errors("write", url, None):
             f.flush()
             os.fsync(f.fileno())
             f.close()
@@ -502,7 +502,7 @@ class _S3Stream(io.RawIOBase):
     def _guard(self, action: str) -> contextlib.AbstractContextManager[None]:
         if self.closed:
             raise ValueError(f"I/O operation on closed file {self._url}")
-        return _translated(action, self._url, self._options)
+        return translated_errors(action, self._url, self._options)
 
     def readable(self) -> bool:
         return self._f.readable()

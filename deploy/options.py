@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--funnel-prefix", type=int, help="shortlist with this prefix size, re-rank in full")
     parser.add_argument("--funnel-candidates", type=int, default=200, help="shortlist length of the funnel")
     parser.add_argument("--ann", action="store_true", help="shortlist through a faiss HNSW index")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--max-batch", type=int, default=64, help="most requests in one batched forward")
     parser.add_argument(
         "--batch-wait-ms", type=float, default=2.0, help="how long a request waits for others"

@@ -1,5 +1,5 @@
-"""Distribute a DLRM over the ranks of a job: TorchRec-sharded embedding tables, and FSDP2, DeepSpeed ZeRO
-or DDP for the dense part.
+"""Distribute a DLRM, or any CTR model of models/ctr, over the ranks of a job: TorchRec-sharded embedding
+tables, and FSDP2, DeepSpeed ZeRO or DDP for the dense part.
 
 The model (models/dlrm) stays single-device PyTorch. :func:`parallelize_dlrm` applies two named steps:
 
@@ -9,17 +9,22 @@ The model (models/dlrm) stays single-device PyTorch. :func:`parallelize_dlrm` ap
    type (``parallel.table_sharding``; "auto": table-wise on CPU, row-wise on GPU), and wrapped in
    ``DistributedModelParallel(init_data_parallel=False)``, which materialises only this rank's shards.
    They are filled from the model's own tables, so every layout starts from the same weights.
-2. **wrap the dense part**: bottom MLP, interaction and top MLP as one :class:`DenseDLRM`, run by the
-   backend of ``parallel.backend`` (sharding/backends.py: FSDP2 per MLP then the root, DeepSpeed ZeRO, DDP).
+2. **wrap the dense part**: every submodule but the tables (bottom MLP, interaction, top MLP, ...) as one
+   :class:`DenseCTR`, run by the backend of ``parallel.backend`` (sharding/backends.py: FSDP2 per
+   submodule with parameters then the root, DeepSpeed ZeRO, DDP).
+
+Every CTR model (``dlrm.model``: DLRM, Wide & Deep, DeepFM, DCN v1 / v2, xDeepFM) takes this one path:
+its ``sparse_arch`` holds all its tables (the embeddings and, for the models with a linear part, the
+first-order tables), and its ``dense_forward`` reads only the other submodules.
 
 One training step on every backend (see :class:`ParallelDLRM`)::
 
-    parallel = parallelize_dlrm(DLRM(cfg), ParallelConfig(), OptimConfig(), total_steps=..., ...)
+    parallel = parallelize_dlrm(build_ctr_model(cfg), ParallelConfig(), OptimConfig(), total_steps=..., ...)
     logits = parallel.forward(batch.dense, batch.sparse)   # (B,): (B, N_d) floats, (B, F) ids
     parallel.backward(ctr_loss(logits, batch.labels)); parallel.micro_step(True)
 
 The parameters are shared with the original model object, so :meth:`ParallelDLRM.full_state_dict` names
-everything as ``DLRM.state_dict()`` does.
+everything as the model's ``state_dict()`` does.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.dlrm import DLRM, DLRMConfig, SparseArch, ids_to_kjt
+from models.dlrm import CTRModel, DLRMConfig, Pooled, SparseArch, ids_to_kjt
 from sharding.backends import wrap_dense
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.core import (
@@ -44,24 +49,28 @@ from sharding.core import (
 )
 
 
-class DenseDLRM(nn.Module):
-    """The dense part of DLRM (shared with the model): ``forward(dense (B, N_d), embedded (B, F, D))``
-    returns the logits (B,)."""
+class DenseCTR(nn.Module):
+    """The dense part of a CTR model (shared with the model: the same submodule objects under the same
+    names, so its state dict names match the model's): ``forward(dense (B, N_d), pooled)`` returns the
+    logits (B,) by the model's own ``dense_forward``."""
 
-    def __init__(self, model: DLRM) -> None:
+    def __init__(self, model: CTRModel) -> None:
         super().__init__()
-        self.dense_arch = model.dense_arch
-        self.inter_arch = model.inter_arch
-        self.over_arch = model.over_arch
+        for name, child in model._modules.items():  # with the optional parts that are None
+            if name != "sparse_arch":
+                self.add_module(name, child)
+        self._dense_forward = type(model).dense_forward
 
-    def forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
-        x = self.dense_arch(dense)  # (B, D)
-        interactions = self.inter_arch(x, embedded)  # (B, W)
-        return self.over_arch(interactions).squeeze(-1)  # (B,)
+    def blocks(self) -> list[nn.Module]:
+        """The submodules with parameters (FSDP2 shards each on its own, then the root)."""
+        return [child for child in self.children() if any(True for _ in child.parameters())]
+
+    def forward(self, dense: torch.Tensor, pooled: Pooled) -> torch.Tensor:
+        return self._dense_forward(self, dense, pooled)  # (B,)
 
 
 def plan_tables(tables: SparseArch, topology: Any, sharding_type: str, *, collective: bool = False) -> Any:
-    """The TorchRec ``ShardingPlan`` of DLRM's tables on ``topology`` (a ``torchrec.distributed.planner.
+    """The TorchRec ``ShardingPlan`` of a CTR model's tables on ``topology`` (a ``torchrec.distributed.planner.
     Topology``), every table pinned to ``sharding_type`` ("table_wise", "column_wise", "row_wise", ...).
 
     ``collective=True`` makes the ranks of the job agree on one plan (every rank calls it); otherwise it
@@ -72,13 +81,14 @@ def plan_tables(tables: SparseArch, topology: Any, sharding_type: str, *, collec
     from torchrec.distributed.planner import ParameterConstraints
 
     # column-wise: split every table over the ranks (the planner would otherwise keep a small table whole)
-    dim = tables.embedding_dim
-    width = _column_shard_width(dim, topology.world_size)
-    min_partition = width if sharding_type == "column_wise" else None
-    constraints = {
-        table: ParameterConstraints(sharding_types=[sharding_type], min_partition=min_partition)
-        for table in tables.embedding_bag_collection.embedding_bags
-    }
+    constraints = {}
+    for collection in (tables.embedding_bag_collection, tables.linear_bag_collection):
+        for config in collection.embedding_bag_configs() if collection is not None else []:
+            width = _column_shard_width(config.embedding_dim, topology.world_size)
+            constraints[config.name] = ParameterConstraints(
+                sharding_types=[sharding_type],
+                min_partition=width if sharding_type == "column_wise" else None,
+            )
     return plan(tables, [EmbeddingBagCollectionSharder()], constraints, topology, collective=collective)
 
 
@@ -92,7 +102,8 @@ def _column_shard_width(dim: int, world_size: int) -> int:
 
 class ShardedSparseArch(nn.Module):
     """The embedding tables as a TorchRec-sharded :class:`~models.dlrm.SparseArch`: ``forward(ids (B, F))``
-    returns the pooled rows (B, F, D). Collective: every rank calls it once per step (any B >= 1)."""
+    returns the pooled rows (:class:`~models.dlrm.Pooled`: (B, F, D), and (B, F + C) first-order
+    weights). Collective: every rank calls it once per step (any B >= 1)."""
 
     def __init__(
         self,
@@ -133,11 +144,11 @@ class ShardedSparseArch(nn.Module):
     def fused_optimizer(self) -> Any:
         return self.dmp.fused_optimizer
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dmp(ids_to_kjt(ids.to(self.device), self.feature_names))  # (B, F, D)
+    def forward(self, ids: torch.Tensor) -> Pooled:
+        return self.dmp(ids_to_kjt(ids.to(self.device), self.feature_names))
 
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
-        """The full tables on rank 0 (None elsewhere), keyed like ``DLRM.state_dict()``. Collective."""
+        """The full tables on rank 0 (None elsewhere), keyed like the model's ``state_dict()``. Collective."""
         out: dict[str, torch.Tensor] = {}
         for key, value in self.dmp.state_dict().items():
             full = torch.empty(value.size()) if dist.get_rank() == 0 else None
@@ -148,18 +159,18 @@ class ShardedSparseArch(nn.Module):
 
 @dataclass
 class ParallelDLRM(ParallelModel):
-    """DLRM distributed: sharded tables (:class:`ShardedSparseArch`) and the wrapped :class:`DenseDLRM`.
+    """A CTR model distributed: sharded tables (:class:`ShardedSparseArch`) and the wrapped :class:`DenseCTR`.
     Stepping, checkpoint state (``state_dict`` / ``load_state_dict`` for DCP), snapshots for early
     stopping: see :class:`sharding.core.ParallelModel`; every table is trainable, so all are saved."""
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """Logits (B,) of dense features (B, N_d) and categorical ids (B, F). Collective."""
-        embedded = self.sparse(sparse)  # (B, F, D)
+        pooled = self.sparse(sparse)  # (B, F, D) embeddings [, (B, F + C) first-order weights]
         with self.autocast():
-            return self.dense.module(dense.to(self.sparse.device), embedded).float()
+            return self.dense.module(dense.to(self.sparse.device), pooled).float()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model as full tensors on rank 0, named like ``DLRM.state_dict()``; None on other
+        """The whole model as full tensors on rank 0, named like the model's ``state_dict()``; None on other
         ranks. Collective."""
         dense = self.dense.full_state_dict()
         tables = self.sparse.gather_tables()
@@ -170,7 +181,7 @@ class ParallelDLRM(ParallelModel):
 
 
 def parallelize_dlrm(
-    model: DLRM,
+    model: CTRModel,
     parallel: ParallelConfig,
     optim: OptimConfig,
     *,
@@ -193,10 +204,10 @@ def parallelize_dlrm(
         lr=parallel.table_lr or optim.lr,
     )
     model.sparse_arch.to_empty(device=torch.device("meta"))
-    dense = DenseDLRM(model).to(device)
+    dense = DenseCTR(model).to(device)
     backend = wrap_dense(
         dense,
-        [dense.dense_arch, dense.over_arch],
+        dense.blocks(),
         parallel,
         optim,
         total_steps=total_steps,

@@ -445,6 +445,15 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     synthetic_ctr.add_argument("--seed", type=int, default=0, help="seed of the generator")
     synthetic_ctr.add_argument("--hash-buckets", default="1000", help="N for all 26, or N1,...,N26")
     synthetic_ctr.add_argument("--max-cardinality", type=int, default=100, help="values per feature, at most")
+    synthetic_ctr.add_argument(
+        "--third-order", type=float, default=0.0, help="strength (logit std) of a third-order term; 0: off"
+    )
+    synthetic_ctr.add_argument(
+        "--element-cross",
+        type=float,
+        default=0.0,
+        help="strength (logit std) of an element-level dense x latent cross term; 0: off",
+    )
     obp = _writer("convert-obp", "Open Bandit Dataset click logs from the obp wheel")
     obp.add_argument("--policy", choices=["random", "bts"], default="random", help="logging policy")
     obp.add_argument("--campaign", choices=["all", "men", "women"], default="all", help="campaign")
@@ -855,6 +864,8 @@ def _run_ctr_command(args: argparse.Namespace, options: Any) -> object:
         seed=args.seed,
         hash_buckets=_hash_buckets(args.hash_buckets),
         max_cardinality=args.max_cardinality,
+        third_order=args.third_order,
+        element_cross=args.element_cross,
         **split,
     )
 

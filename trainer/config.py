@@ -282,9 +282,13 @@ def _dlrm_default(name: str) -> Any:
 
 @dataclass(kw_only=True)
 class DLRMSection:
-    """DLRM hyperparameters (models.dlrm.config.DLRMConfig) for ``task: dlrm``, except what the data set
-    fixes: the number of dense features and the categorical features' names and table sizes come from
-    its dataset.json."""
+    """CTR model hyperparameters (models.dlrm.config.DLRMConfig) for ``task: dlrm``, except what the data
+    set fixes: the number of dense features and the categorical features' names and table sizes come from
+    its dataset.json. ``model`` picks DLRM (default) or one of the models the DLRM paper compares it with;
+    the section keeps its name ``dlrm`` so that earlier configs and checkpoints read as they are."""
+
+    model: str = _dlrm_default("model")
+    """"dlrm", "wide_deep", "deepfm", "dcn" (v1), "dcn_v2" or "xdeepfm" (models/ctr)."""
 
     embedding_dim: int = _dlrm_default("embedding_dim")
     """Width D of every embedding row (and of the bottom MLP's output)."""
@@ -297,11 +301,25 @@ class DLRMSection:
     dcn_num_layers: int = _dlrm_default("dcn_num_layers")
     """Cross layers of the "dcn" interaction."""
     dcn_low_rank_dim: int = _dlrm_default("dcn_low_rank_dim")
-    """Rank of each cross layer's factorisation."""
+    """Rank of each cross layer's factorisation (dlrm "dcn", dcn_v2)."""
+    dcn_num_experts: int = _dlrm_default("dcn_num_experts")
+    """dcn_v2: low-rank experts per cross layer (more than 1: a gated mixture, DCN-Mix)."""
+    dcn_structure: str = _dlrm_default("dcn_structure")
+    """dcn / dcn_v2: "stacked" (top MLP over the cross output) or "parallel" (beside a deep tower)."""
+    dcn_deep_mlp: list[int] = field(default_factory=lambda: _dlrm_default("dcn_deep_mlp"))
+    """dcn / dcn_v2 "parallel": output widths of the deep tower's layers."""
+    cin_layers: list[int] = field(default_factory=lambda: _dlrm_default("cin_layers"))
+    """xdeepfm: feature maps of each CIN layer."""
+    wide_crosses: list[str] = field(default_factory=list)
+    """wide_deep: hand-made crossed features, "a*b" with a, b categorical feature names (e.g. cat_3*cat_7)."""
+    wide_cross_buckets: int = _dlrm_default("wide_cross_buckets")
+    """wide_deep: rows of each crossed feature's hashed table."""
 
     def __post_init__(self) -> None:
+        # the crosses' feature names are checked against the data set when the run opens it
+        named = sorted({name for cross in self.wide_crosses for name in str(cross).split("*") if name})
         try:  # DLRMConfig's own checks, on a stand-in data set
-            self.model_config(num_dense=1, hash_buckets=[2], feature_names=None)
+            self.model_config(num_dense=1, hash_buckets=[2] * max(1, len(named)), feature_names=named or None)
         except ValueError as exc:
             text = str(exc)
             names = _init_fields(type(self))
@@ -323,6 +341,13 @@ class DLRMSection:
             interaction=self.interaction,  # type: ignore[arg-type]  # checked by DLRMConfig
             dcn_num_layers=self.dcn_num_layers,
             dcn_low_rank_dim=self.dcn_low_rank_dim,
+            model=self.model,  # type: ignore[arg-type]  # checked by DLRMConfig
+            dcn_num_experts=self.dcn_num_experts,
+            dcn_structure=self.dcn_structure,  # type: ignore[arg-type]  # checked by DLRMConfig
+            dcn_deep_mlp=list(self.dcn_deep_mlp),
+            cin_layers=list(self.cin_layers),
+            wide_crosses=list(self.wide_crosses),
+            wide_cross_buckets=self.wide_cross_buckets,
         )
 
 

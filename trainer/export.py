@@ -48,6 +48,7 @@ from data_pipeline.storage import (
     open_read,
     remove,
     s3_filesystem_kwargs,
+    translated_errors,
 )
 from deploy import ExportError, Recommender
 from deploy import artifact as deploy_artifact
@@ -56,7 +57,8 @@ from deploy.artifact import sha256
 from deploy.portable import FILES as PORTABLE_FILES
 from deploy.portable import program_bytes
 from deploy.scoring import ScoringModel
-from models.dlrm import DLRM, DLRMConfig, ids_to_kjt
+from models.ctr import build_ctr_model
+from models.dlrm import CTRModel, DLRMConfig, ids_to_kjt
 from models.fmrl import AttributeBags, FMRLRec, slice_state_dict
 
 EXPORT_VERSION = 2
@@ -76,7 +78,7 @@ def _write(url: str, data: bytes, options: StorageOptions | None) -> int:
 
 def load_trained_model(
     run_dir: str, options: StorageOptions | None = None, features: str | None = None
-) -> FMRLRec | DLRM:
+) -> FMRLRec | CTRModel:
     """The best model of a finished run: its config, the dataset's frozen features (fMRL; ``features``
     names another copy of them) or its feature list (DLRM), its weights."""
     from trainer.config import load_saved_config
@@ -122,7 +124,7 @@ def load_trained_model(
 
 def load_checkpoint_model(
     url: str, options: StorageOptions | None = None, features: str | None = None
-) -> FMRLRec | DLRM:
+) -> FMRLRec | CTRModel:
     """The model held by a sharded checkpoint (a ``step-N`` folder), or, for a checkpoint root, by the
     checkpoint that its newest complete one names as holding the best weights (else the newest)."""
     from sharding.fmrl import DenseFMRL
@@ -207,7 +209,7 @@ def _attribute_bags(cfg: Any, options: StorageOptions | None) -> AttributeBags |
 
 def load_model(
     url: str, options: StorageOptions | None = None, features: str | None = None
-) -> FMRLRec | DLRM:
+) -> FMRLRec | CTRModel:
     """A finished run folder (``config.yaml`` present) or a checkpoint: the model to export. ``features``
     overrides where the frozen feature tables are read from (the config's ``data.features_url``)."""
     if _is_run_folder(url):
@@ -387,8 +389,10 @@ def export_sizes(
 
 def exported_sizes(url: str, options: StorageOptions | None = None) -> list[int]:
     """The sizes an fMRL export holds (ExportError for a folder that is not one)."""
-    storage = s3_filesystem_kwargs(options or StorageOptions.from_env()) if is_remote(url) else None
-    return deploy_artifact.exported_sizes(deploy_artifact.fmrl_manifest(url, storage))
+    options = options or StorageOptions.from_env()
+    storage = s3_filesystem_kwargs(options) if is_remote(url) else None
+    with translated_errors("read", url, options if is_remote(url) else None):
+        return deploy_artifact.exported_sizes(deploy_artifact.fmrl_manifest(url, storage))
 
 
 def load_recommender(
@@ -397,30 +401,34 @@ def load_recommender(
     """Load the size-``size`` model of an export: :func:`deploy.load_recommender` (which see, also for
     ``size="auto"`` with ``max_latency_ms`` / ``max_memory_mb`` / ``min_ndcg``, ``quantised`` and
     ``funnel``), with the storage options of this project."""
-    storage = s3_filesystem_kwargs(options or StorageOptions.from_env()) if is_remote(url) else None
-    return deploy_load_recommender(url, size, storage_options=storage, **choice)
+    options = options or StorageOptions.from_env()
+    storage = s3_filesystem_kwargs(options) if is_remote(url) else None
+    with translated_errors("read", url, options if is_remote(url) else None):
+        return deploy_load_recommender(url, size, storage_options=storage, **choice)
 
 
 # ------------------------------------------------------------------------------------------------ DLRM
 
 
-def _dlrm_with_weights(cfg: DLRMConfig, weights: dict[str, torch.Tensor], source: str) -> DLRM:
-    """A DLRM of ``cfg`` holding ``weights`` (named like ``DLRM.state_dict()``); every key must fit."""
-    model = DLRM(cfg)
+def _dlrm_with_weights(cfg: DLRMConfig, weights: dict[str, torch.Tensor], source: str) -> CTRModel:
+    """A CTR model of ``cfg`` (DLRM or ``cfg.model``) holding ``weights`` (named like its
+    ``state_dict()``); every key must fit."""
+    model = build_ctr_model(cfg)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         raise ExportError(
-            f"{source} does not hold this DLRM: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"{source} does not hold this {cfg.model} model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"other shapes {wrong[:3]}"
         )
     model.load_state_dict(weights)
     return model.eval()
 
 
-def export_dlrm(model: DLRM, out_url: str, options: StorageOptions | None = None) -> dict[str, Any]:
-    """Write the whole DLRM (``model.safetensors``, ``config.json``), then ``export.json``."""
+def export_dlrm(model: CTRModel, out_url: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """Write the whole CTR model (``model.safetensors``, ``config.json`` with its ``model`` name), then
+    ``export.json``."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     written = _write(join(out_url, "model.safetensors"), st_save(state), options)
     config = {"task": "dlrm", "model": dataclasses.asdict(model.cfg)}
@@ -432,9 +440,9 @@ def export_dlrm(model: DLRM, out_url: str, options: StorageOptions | None = None
 
 @dataclass
 class ClickModel:
-    """An exported DLRM: click probabilities of impressions."""
+    """An exported CTR model (DLRM or any ``dlrm.model``): click probabilities of impressions."""
 
-    model: DLRM
+    model: CTRModel
 
     @torch.no_grad()
     def predict(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
@@ -453,7 +461,8 @@ class ClickModel:
 
 
 def load_click_model(url: str, options: StorageOptions | None = None) -> ClickModel:
-    """Load a DLRM export (safetensors and JSON only)."""
+    """Load a CTR model export (DLRM or any ``dlrm.model``; safetensors and JSON only). Exports written
+    before ``model`` existed hold a DLRM, its default."""
     manifest = json.loads(_read(join(url, "export.json"), options))
     if manifest.get("task") != "dlrm":
         raise ExportError(f"{url} is not a DLRM export (use load_recommender for fMRL exports)")
@@ -463,7 +472,7 @@ def load_click_model(url: str, options: StorageOptions | None = None) -> ClickMo
 
 
 def export_model(
-    model: FMRLRec | DLRM,
+    model: FMRLRec | CTRModel,
     out_url: str,
     sizes: list[int] | None,
     options: StorageOptions | None = None,
@@ -472,7 +481,7 @@ def export_model(
     formats: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Export any trained model: fMRL at ``sizes`` (required), DLRM whole (``sizes`` must be None)."""
-    if isinstance(model, DLRM):
+    if isinstance(model, CTRModel):
         if sizes:
             raise ExportError("a DLRM has no nested sizes: leave out --sizes")
         return export_dlrm(model, out_url, options)

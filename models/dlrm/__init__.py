@@ -14,9 +14,12 @@ if TYPE_CHECKING:
     from models.dlrm.metrics import roc_auc
     from models.dlrm.model import (
         DLRM,
+        CTRModel,
         DCNInteraction,
         DotInteraction,
+        Pooled,
         SparseArch,
+        cross_ids,
         ctr_loss,
         dot_interaction_reference,
         ids_to_kjt,
@@ -30,9 +33,12 @@ _MODULES = {
     **dict.fromkeys(
         (
             "DLRM",
+            "CTRModel",
             "DCNInteraction",
             "DotInteraction",
+            "Pooled",
             "SparseArch",
+            "cross_ids",
             "ctr_loss",
             "dot_interaction_reference",
             "ids_to_kjt",
@@ -44,6 +50,9 @@ _MODULES = {
 }
 
 __all__ = [
+    "CTRModel",
+    "Pooled",
+    "cross_ids",
     "DCNInteraction",
     "DLRM",
     "DLRMConfig",

@@ -33,20 +33,25 @@ Example::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
-from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.crossnet import LowRankCrossNet, LowRankMixtureCrossNet, VectorCrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.dlrm.config import DLRMConfig
+from models.dlrm.config import LINEAR_MODELS, DLRMConfig
 
 __all__ = [
+    "CTRModel",
     "DLRM",
     "DCNInteraction",
     "DotInteraction",
+    "Pooled",
     "SparseArch",
+    "cross_ids",
     "ctr_loss",
     "dot_interaction_reference",
     "ids_to_kjt",
@@ -84,34 +89,107 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+class Pooled(NamedTuple):
+    """What :class:`SparseArch` returns: the embeddings, and the first-order weights if the model has any."""
+
+    vectors: torch.Tensor
+    """(B, F, D) pooled embeddings e_1..e_F."""
+    weights: torch.Tensor | None
+    """(B, F + C) first-order weights: one per categorical feature, then one per crossed feature (C of
+    them); None for models without a linear part."""
+
+
+LINEAR_WIDTH = 4
+"""Width of the first-order tables: a row's LINEAR_WIDTH entries sum to the id's weight. TorchRec's
+batched embedding kernels need widths that are multiples of 4 (on CPU too), so a scalar weight is kept
+as a sum of 4 (the same functions, 4 parameters per id)."""
+
+
+def cross_ids(first: torch.Tensor, second: torch.Tensor, second_rows: int, buckets: int) -> torch.Tensor:
+    """Hashed ids (B,) of the crossed feature of two features' ids (B,), (B,) in ``[0, buckets)``.
+
+    The pair's exact index ``first * second_rows + second`` is spread by Knuth's multiplicative hash
+    (int64 products wrap, which keeps it deterministic) before the modulo, so that pairs that differ only
+    in ``first`` do not all land in a few rows."""
+    pair = first.long() * second_rows + second.long()
+    return ((pair * 2654435761) & 0x7FFFFFFF) % buckets
+
+
 class SparseArch(nn.Module):
-    """Sum-pooled lookups of one table per categorical feature: KJT (F keys) -> (B, F, D).
+    """Sum-pooled lookups of one table per categorical feature: KJT (F keys) -> :class:`Pooled`.
 
     Table ``t_<name>`` has ``hash_buckets[f]`` rows of width D and serves feature ``<name>``. With one id
-    per sample and feature (Criteo), sum pooling is just the row; multi-hot inputs are summed.
+    per sample and feature (Criteo), sum pooling is just the row; multi-hot inputs are summed. Models with
+    a linear part (``LINEAR_MODELS``) also get ``linear_bag_collection``: a first-order table ``w_<name>``
+    (rows of :data:`LINEAR_WIDTH` entries summed to one weight) per feature and, for Wide & Deep,
+    ``w_<a>*<b>`` per crossed feature (whose ids :func:`cross_ids` forms from the two features' ids:
+    crossed features need exactly one id per sample). Both collections live in this one module, so one
+    TorchRec plan shards them all.
     """
 
     def __init__(self, cfg: DLRMConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.feature_names = cfg.sparse_names
         self.embedding_dim = cfg.embedding_dim
-        tables = [
-            EmbeddingBagConfig(
-                name=f"t_{name}",
-                num_embeddings=rows,
-                embedding_dim=cfg.embedding_dim,
-                feature_names=[name],
-                pooling=PoolingType.SUM,
-            )
-            for name, rows in zip(self.feature_names, cfg.hash_buckets)
-        ]
+        self.cross_pairs = cfg.cross_pairs
+        self.cross_buckets = cfg.wide_cross_buckets
+        self.rows = dict(zip(self.feature_names, cfg.hash_buckets))
         device = torch.device(device) if isinstance(device, str) else device
-        self.embedding_bag_collection = EmbeddingBagCollection(tables=tables, device=device)
+        self.embedding_bag_collection = EmbeddingBagCollection(
+            tables=_tables("t_", self.feature_names, cfg.hash_buckets, cfg.embedding_dim), device=device
+        )
+        self.linear_bag_collection: EmbeddingBagCollection | None = None
+        if cfg.model in LINEAR_MODELS:
+            crosses = [f"{a}*{b}" for a, b in self.cross_pairs]
+            rows = list(cfg.hash_buckets) + [self.cross_buckets] * len(crosses)
+            self.linear_bag_collection = EmbeddingBagCollection(
+                tables=_tables("w_", self.feature_names + crosses, rows, LINEAR_WIDTH), device=device
+            )
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, features: KeyedJaggedTensor) -> Pooled:
         pooled = self.embedding_bag_collection(features).to_dict()  # {name: (B, D)}
         # by name, not by position: a sharded collection may return its keys in another order
-        return torch.stack([pooled[name] for name in self.feature_names], dim=1)  # (B, F, D)
+        vectors = torch.stack([pooled[name] for name in self.feature_names], dim=1)  # (B, F, D)
+        if self.linear_bag_collection is None:
+            return Pooled(vectors, None)
+        linear_features = self._with_crosses(features)
+        rows = self.linear_bag_collection(linear_features).to_dict()  # {name: (B, LINEAR_WIDTH)}
+        weights = torch.stack([rows[name] for name in linear_features.keys()], dim=1)  # (B, F + C, 4)
+        return Pooled(vectors, weights.sum(dim=2))  # (B, F + C)
+
+    def _with_crosses(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The features in table order, then the crossed features' hashed ids."""
+        by_name = features.to_dict()
+        keys = list(self.feature_names)
+        values = [by_name[name].values() for name in keys]
+        lengths = [by_name[name].lengths() for name in keys]
+        for a, b in self.cross_pairs:
+            first, second = by_name[a], by_name[b]
+            if first.values().numel() != len(first.lengths()) or second.values().numel() != len(
+                first.lengths()
+            ):
+                raise ValueError(
+                    f"the crossed feature {a}*{b} needs exactly one id per sample in {a} and {b}"
+                )
+            keys.append(f"{a}*{b}")
+            values.append(cross_ids(first.values(), second.values(), self.rows[b], self.cross_buckets))
+            lengths.append(torch.ones_like(first.lengths()))
+        return KeyedJaggedTensor(
+            keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=features.stride()
+        )
+
+
+def _tables(prefix: str, names: list[str], rows: list[int], dim: int) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(
+            name=f"{prefix}{name}",
+            num_embeddings=n,
+            embedding_dim=dim,
+            feature_names=[name],
+            pooling=PoolingType.SUM,
+        )
+        for name, n in zip(names, rows)
+    ]
 
 
 def dot_interaction_reference(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
@@ -163,28 +241,52 @@ def lower_triangle_order(num_sparse: int) -> list[int]:
 
 
 class DCNInteraction(nn.Module):
-    """DCN-v2 low-rank cross layers over ``[x ; e_1 ; ... ; e_F]``: (B, D), (B, F, D) -> (B, (F+1) D).
+    """Cross layers over ``[x ; e_1 ; ... ; e_F]``: (B, D), (B, F, D) -> (B, (F+1) D).
 
-    x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l (TorchRec's ``LowRankCrossNet``, reused as it is; the
-    same module and input layout as ``torchrec.models.dlrm.InteractionDCNArch``).
+    ``kind`` picks TorchRec's cross network, reused as it is: "low_rank" (DCN-v2,
+    x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l, ``LowRankCrossNet``; DLRM's "dcn" interaction, the same
+    module and input layout as ``torchrec.models.dlrm.InteractionDCNArch``), "mixture" (a gated mixture of
+    ``num_experts`` low-rank experts, ``LowRankMixtureCrossNet``) or "vector" (DCN v1,
+    x_{l+1} = x_0 (x_l . w_l) + b_l + x_l, ``VectorCrossNet``).
     """
 
-    def __init__(self, num_sparse: int, dim: int, num_layers: int, low_rank: int) -> None:
+    def __init__(
+        self,
+        num_sparse: int,
+        dim: int,
+        num_layers: int,
+        low_rank: int,
+        kind: str = "low_rank",
+        num_experts: int = 1,
+    ) -> None:
         super().__init__()
-        self.crossnet = LowRankCrossNet(
-            in_features=(num_sparse + 1) * dim, num_layers=num_layers, low_rank=low_rank
-        )
+        width = (num_sparse + 1) * dim
+        if kind == "low_rank":
+            self.crossnet: nn.Module = LowRankCrossNet(
+                in_features=width, num_layers=num_layers, low_rank=low_rank
+            )
+        elif kind == "mixture":
+            self.crossnet = LowRankMixtureCrossNet(
+                in_features=width, num_layers=num_layers, num_experts=num_experts, low_rank=low_rank
+            )
+        elif kind == "vector":
+            self.crossnet = VectorCrossNet(in_features=width, num_layers=num_layers)
+        else:
+            raise ValueError(f"kind must be low_rank, mixture or vector, got {kind!r}")
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         combined = torch.cat([dense.unsqueeze(1), sparse], dim=1)  # (B, F+1, D)
         return self.crossnet(combined.flatten(1))  # (B, (F+1) D)
 
 
-class DLRM(nn.Module):
-    """DLRM on one device; ``forward(dense (B, N_d), sparse KJT) -> logits (B,)``.
+class CTRModel(nn.Module):
+    """A click-through-rate model: ``sparse_arch`` (the tables, :class:`SparseArch`) and a dense part.
 
-    ``device`` places the dense parts, ``sparse_device`` the tables (default: ``device``); building the
-    tables on ``"meta"`` lets a sharder materialise only each rank's shards.
+    ``forward(dense (B, N_d), sparse KJT) -> logits (B,)`` is ``dense_forward(dense, sparse_arch(sparse))``.
+    ``dense_forward`` reads only the submodules other than ``sparse_arch``, so ``sharding/`` can run it on
+    a holder of those submodules (same names) while TorchRec shards the tables. ``device`` places the
+    dense parts, ``sparse_device`` the tables (default: ``device``); building the tables on ``"meta"``
+    lets a sharder materialise only each rank's shards.
     """
 
     def __init__(
@@ -195,8 +297,28 @@ class DLRM(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        device = torch.device(device) if isinstance(device, str) else device
         self.sparse_arch = SparseArch(cfg, device=sparse_device if sparse_device is not None else device)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Args: dense (B, N_d) float features; sparse: a KJT with the F feature keys. Returns (B,) logits."""
+        return self.dense_forward(dense, self.sparse_arch(sparse))
+
+    def dense_forward(self, dense: torch.Tensor, pooled: Pooled) -> torch.Tensor:
+        """Logits (B,) of dense features (B, N_d) and the tables' output."""
+        raise NotImplementedError
+
+
+class DLRM(CTRModel):
+    """DLRM on one device; ``forward(dense (B, N_d), sparse KJT) -> logits (B,)``."""
+
+    def __init__(
+        self,
+        cfg: DLRMConfig,
+        device: torch.device | str | None = None,
+        sparse_device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(cfg, device, sparse_device)
+        device = torch.device(device) if isinstance(device, str) else device
         self.dense_arch = mlp(cfg.num_dense, cfg.bottom_mlp, relu_last=True, device=device)
         if cfg.interaction == "dot":
             self.inter_arch: nn.Module = DotInteraction(cfg.num_sparse)
@@ -208,11 +330,9 @@ class DLRM(nn.Module):
             self.inter_arch.to(device)
         self.over_arch = mlp(cfg.interaction_width, cfg.top_mlp, relu_last=False, device=device)
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """Args: dense (B, N_d) float features; sparse: a KJT with the F feature keys. Returns (B,) logits."""
+    def dense_forward(self, dense: torch.Tensor, pooled: Pooled) -> torch.Tensor:
         x = self.dense_arch(dense)  # (B, D)
-        embedded = self.sparse_arch(sparse)  # (B, F, D)
-        interactions = self.inter_arch(x, embedded)  # (B, W)
+        interactions = self.inter_arch(x, pooled.vectors)  # (B, W)
         return self.over_arch(interactions).squeeze(-1)  # (B,)
 
 

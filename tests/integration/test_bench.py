@@ -13,7 +13,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_quick(tmp_path, script: str, *args: str) -> str:
+def run_quick(tmp_path, script: str, *args: str, timeout: int = 180) -> str:
     """stdout of ``bench/<script> --quick --no-write``; fails if it exits non-zero or writes anything."""
     output = tmp_path / "benchmarks.md"
     command = [
@@ -24,7 +24,7 @@ def run_quick(tmp_path, script: str, *args: str) -> str:
         "--output",
         str(output),
     ]
-    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=180, cwd=REPO)
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not output.exists(), "--no-write must not write the section"
     return done.stdout
@@ -135,3 +135,26 @@ def test_funnel_and_serve_benches_print_their_tables(tmp_path):
     ).stdout
     row = next(line for line in out.splitlines() if line.startswith("| 8 |"))
     assert row.endswith("| 0 |") and int(row.split("|")[2]) > 0  # no errors, some requests answered
+
+
+def test_ctr_models_bench_prints_the_table_and_the_claims(tmp_path):
+    out = run_quick(tmp_path, "ctr_models.py", timeout=600)  # 2 torchrun jobs training 7 models each
+    assert "<!-- bench/ctr_models.py:begin -->" in out and "<!-- bench/ctr_models.py:end -->" in out
+    section = out[out.index("<!-- bench/ctr_models.py:begin -->") :]
+    header = (
+        "| model | table params | dense params | MFLOPs/sample | samples/s, 1 rank | samples/s, 2 ranks |"
+    )
+    assert header in section
+    for model in (
+        "DLRM",
+        "Wide & Deep",
+        "Wide & Deep + true crosses",
+        "DeepFM",
+        "DCN (v1)",
+        "DCN v2",
+        "xDeepFM",
+    ):
+        assert f"| {model} | " in section, model
+    assert "| claim (DLRM paper, §2–3) | measured here | verdict |" in section
+    for claim in ("most computationally efficient", "the CIN is the most expensive", "hand-made crosses"):
+        assert claim in section, claim

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -111,7 +112,9 @@ def test_under_torchrun_the_message_appears_once(tmp_path) -> None:
     ours = [line for line in done.stderr.splitlines() if "fmrl train" in line]
     assert len(ours) == 1, done.stderr
     assert ours[0].startswith("fmrl train: error: ") and str(nowhere) in ours[0]
-    assert "trainer/train.py" not in done.stderr and "[rank" not in done.stderr  # no worker traceback
+    # no worker traceback: nothing of ours in a traceback frame, no torchrun "[rankN]:" prefixed lines
+    assert 'trainer/train.py", line' not in done.stderr
+    assert re.search(r"^\[rank\d+\]:", done.stderr, flags=re.M) is None, done.stderr
 
 
 class _Exploit:

@@ -119,7 +119,7 @@ def test_dlrm_learns_the_synthetic_clicks_better_than_logistic_regression(tmp_pa
 def worker() -> None:
     """One rank: 12 steps on fixed global batches (rank r takes rows r, r+W, ... of global batch g, the
     g-th batch of the train split in file order); rank 0 writes losses, weights and valid metrics."""
-    from models.dlrm import DLRM
+    from models.ctr import build_ctr_model
     from sharding.config import OptimConfig, ParallelConfig
     from sharding.dlrm import parallelize_dlrm
     from trainer.dist import all_reduce_sum
@@ -134,18 +134,23 @@ def worker() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="dlrm")
+    parser.add_argument("--crosses", default="[]")
     args = parser.parse_args()
     with distributed() as (world, device):
         torch.set_num_threads(1)
         torch.manual_seed(0)
         dataset = CTRDataset.open(args.data)
-        cfg = load_config(None, COMMON).dlrm.model_config(
+        settings = [*COMMON, f"dlrm.model={args.model}"]
+        if args.model == "wide_deep":
+            settings.append(f"dlrm.wide_crosses={args.crosses}")
+        cfg = load_config(None, settings).dlrm.model_config(
             num_dense=len(dataset.dense_features),
             hash_buckets=dataset.hash_buckets,
             feature_names=dataset.sparse_features,
         )
         parallel = parallelize_dlrm(
-            DLRM(cfg),
+            build_ctr_model(cfg),
             ParallelConfig(
                 backend=args.backend,
                 zero_stage=args.zero_stage,
@@ -229,6 +234,28 @@ def test_two_ranks_follow_one_rank(small, one_rank, tmp_path, backend_args) -> N
         np.testing.assert_allclose(two["weights"][key], value, rtol=WEIGHT_RTOL, atol=1e-7, err_msg=key)
     for name in ("auc", "logloss"):
         assert two["metrics"][name] == pytest.approx(one_rank["metrics"][name], abs=1e-5), name
+
+
+@pytest.mark.parametrize(
+    "model_args",
+    [
+        ("--model", "wide_deep", "--crosses", "[cat_0*cat_1,cat_2*cat_5]", "--backend", "fsdp2"),
+        ("--model", "xdeepfm", "--backend", "ddp", "--table-sharding", "column_wise"),
+    ],
+    ids=["wide_deep-fsdp2-table_wise", "xdeepfm-ddp-column_wise"],
+)
+def test_ctr_models_with_linear_tables_follow_one_rank_on_two(small, tmp_path, model_args) -> None:
+    """The first-order tables (and the crossed features' tables) shard like the embeddings:
+    2 ranks take the same steps as 1, table-wise and column-wise."""
+    one = run_worker(small, str(tmp_path / "one.json"), 1, *model_args, "--steps", "6")
+    two = run_worker(small, str(tmp_path / "two.json"), 2, *model_args, "--steps", "6")
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=LOSS_RTOL)
+    linear = [k for k in one["weights"] if "linear_bag_collection" in k]
+    assert len(linear) == 26 + (2 if "wide_deep" in model_args else 0)
+    assert one["weights"].keys() == two["weights"].keys()
+    for key, value in one["weights"].items():
+        # atol: an Adagrad-stepped entry near 0 moved 3e-7 apart (float sums re-associated over ranks)
+        np.testing.assert_allclose(two["weights"][key], value, rtol=WEIGHT_RTOL, atol=1e-6, err_msg=key)
 
 
 # ------------------------------------------------------------------------------------ checkpoints, resume
@@ -316,6 +343,65 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, small) -> None:
     # the run's export (its best model) reproduces the run's test AUC
     clicks = load_click_model(str(tmp_path / "one" / "export")).predict(test.dense, test.sparse)
     assert roc_auc(clicks, test.labels) == pytest.approx(finished.test_metrics["auc"], abs=1e-9)
+
+
+MODEL_SETTINGS = {
+    "dlrm": [],
+    "wide_deep": [
+        "dlrm.model=wide_deep",
+        "dlrm.wide_crosses=[cat_0*cat_1,cat_3*cat_7]",
+        "dlrm.wide_cross_buckets=500",
+    ],
+    "deepfm": ["dlrm.model=deepfm"],
+    "dcn": [
+        "dlrm.model=dcn",
+        "dlrm.dcn_num_layers=2",
+        "dlrm.dcn_structure=parallel",
+        "dlrm.dcn_deep_mlp=[16]",
+    ],
+    "dcn_v2": [
+        "dlrm.model=dcn_v2",
+        "dlrm.dcn_num_layers=2",
+        "dlrm.dcn_low_rank_dim=8",
+        "dlrm.dcn_num_experts=2",
+    ],
+    "xdeepfm": ["dlrm.model=xdeepfm", "dlrm.cin_layers=[8,8]"],
+}
+
+
+@pytest.mark.parametrize("model", list(MODEL_SETTINGS))
+def test_each_ctr_model_trains_resumes_exactly_and_exports(tmp_path, small, model) -> None:
+    """Every ``dlrm.model`` on the one path: train, checkpoint, stop mid-epoch, resume bit for bit,
+    export the run and a checkpoint, reload both with the predictions the run's metrics came from."""
+    settings = [*MODEL_SETTINGS[model], "train.epochs=1", "train.batch_size=200", "run.checkpoint_every=4"]
+    whole = run(tmp_path, small, "run.name=whole", *settings, "run.export=true")
+    assert whole.steps == 12 and whole.train_losses[-1] < whole.train_losses[0]
+    cut = run(tmp_path, small, "run.name=cut", *settings, "run.stop_after_steps=6")
+    assert cut.stopped and cut.steps == 6
+    resumed = run(tmp_path, small, "run.name=cut", *settings, "run.resume=auto")
+    assert resumed.train_losses == whole.train_losses
+    assert resumed.test_metrics == whole.test_metrics
+    test = next(iter_ctr_batches(small, "test", 300))
+    exported = load_click_model(str(tmp_path / "whole" / "export"))
+    assert exported.model.cfg.model == model
+    clicks = exported.predict(test.dense, test.sparse)
+    assert roc_auc(clicks, test.labels) == pytest.approx(whole.test_metrics["auc"], abs=1e-9)
+    # the best checkpoint (one epoch: the last) exports the same model
+    checkpoints = str(tmp_path / "whole" / "checkpoints")
+    assert main(["export", checkpoints, "--out", str(tmp_path / "from-checkpoint")]) == 0
+    again = load_click_model(str(tmp_path / "from-checkpoint")).predict(test.dense, test.sparse)
+    assert torch.equal(again, clicks)
+    # another model cannot resume this one's checkpoints
+    other = "deepfm" if model != "deepfm" else "xdeepfm"
+    with pytest.raises(CheckpointError, match=rf"dlrm\.model was '{model}', now '{other}'"):
+        run(
+            tmp_path,
+            small,
+            "run.name=cut",
+            *settings[len(MODEL_SETTINGS[model]) :],
+            f"dlrm.model={other}",
+            "run.resume=auto",
+        )
 
 
 def test_the_obp_config_trains_and_exports_on_real_clicks(tmp_path) -> None:

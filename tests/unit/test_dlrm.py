@@ -183,7 +183,7 @@ def test_multi_hot_is_sum_pooled() -> None:
     kjt = KeyedJaggedTensor(
         keys=["u", "v"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([2, 0, 1, 1])
     )
-    pooled = model.sparse_arch(kjt)  # (2, 2, 4)
+    pooled = model.sparse_arch(kjt).vectors  # (2, 2, 4)
     table = model.sparse_arch.embedding_bag_collection.embedding_bags
     torch.testing.assert_close(pooled[0, 0], table["t_u"].weight[1] + table["t_u"].weight[2])
     torch.testing.assert_close(pooled[1, 0], torch.zeros(4))  # an empty bag pools to zero

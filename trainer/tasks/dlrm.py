@@ -1,5 +1,7 @@
 """DLRM in the shared training loop (``task: dlrm``): click-through-rate prediction with the same trainer,
-launchers and checkpoints as fMRLRec.
+launchers and checkpoints as fMRLRec. ``dlrm.model`` picks the architecture: DLRM (the default), or one of
+the models the DLRM paper compares it with (wide_deep, deepfm, dcn, dcn_v2, xdeepfm; models/ctr), all on
+this same path (sharding, checkpoints, resume, export).
 
     fmrl data prepare-synthetic-ctr runs/data/synthetic-ctr                 # the embedded CTR data set
     fmrl train --config configs/dlrm-synthetic.yaml                         # one process
@@ -24,7 +26,8 @@ import torch
 from data_pipeline.ctr import CTRBatch, CTRDataset
 from data_pipeline.loader import CTRTrainLoader
 from data_pipeline.storage import StorageOptions
-from models.dlrm import DLRM, ctr_loss
+from models.ctr import build_ctr_model
+from models.dlrm import ctr_loss
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.dlrm import ParallelDLRM, parallelize_dlrm
 from sharding.world import World
@@ -37,6 +40,15 @@ from trainer.tasks.base import RunResult, TrainingTask, total_training_steps, wr
 log = logging.getLogger("fmrl")
 
 EARLY_STOPPING_METRIC = "auc"
+MODEL_LABELS = {
+    "dlrm": "DLRM",
+    "wide_deep": "Wide & Deep",
+    "deepfm": "DeepFM",
+    "dcn": "DCN",
+    "dcn_v2": "DCN v2",
+    "xdeepfm": "xDeepFM",
+}
+"""``dlrm.model`` -> the model's name in tables and logs."""
 
 
 def forward_backward(parallel: ParallelDLRM, batch: CTRBatch, world_size: int) -> tuple[float, int]:
@@ -74,6 +86,7 @@ class DLRMTask(TrainingTask):
         device: torch.device,
         options: StorageOptions,
     ) -> None:
+        self.model_name = MODEL_LABELS[model.model]
         self.world, self.options, self.eval_batch_size, self.export = (
             world,
             options,
@@ -96,7 +109,7 @@ class DLRMTask(TrainingTask):
             hash_buckets=dataset.hash_buckets,
             feature_names=dataset.sparse_features,
         )
-        dlrm = DLRM(model_cfg)
+        dlrm = build_ctr_model(model_cfg)
         parameters = sum(p.numel() for p in dlrm.parameters())
         self.total_steps = total_training_steps(
             self.loader, train.epochs, optim.grad_accum_steps, train.max_steps
@@ -117,13 +130,14 @@ class DLRMTask(TrainingTask):
         }
         if world.rank == 0:
             log.info(
-                "CTR data set %s: %d dense, %d categorical features, %s impressions; DLRM (%s interaction): "
+                "CTR data set %s: %d dense, %d categorical features, %s impressions; model %s (%s interaction): "
                 "%.2fM parameters; dense backend %s on %d rank(s); table plan:\n%s",
                 dataset.url,
                 len(dataset.dense_features),
                 len(dataset.sparse_features),
                 dataset.rows,
-                model_cfg.interaction,
+                model_cfg.model,
+                model_cfg.interaction if model_cfg.model == "dlrm" else "its own",
                 parameters / 1e6,
                 parallel.backend,
                 world.world_size,
@@ -163,7 +177,7 @@ class DLRMTask(TrainingTask):
 
     def report(self, result: RunResult) -> None:
         """Print and save the test table and metrics.json."""
-        table = format_ctr_table(result)
+        table = format_ctr_table(result, self.model_name)
         with open(os.path.join(result.run_dir, "test_metrics.txt"), "w") as f:
             f.write(table + "\n")
         write_json(
@@ -186,11 +200,11 @@ class DLRMTask(TrainingTask):
         if self.export:
             out = os.path.join(result.run_dir, "export")
             manifest = export_model(load_trained_model(result.run_dir, self.options), out, None, self.options)
-            print(f"export: DLRM ({manifest['bytes'] / 2**20:.1f} MiB) in {out}")
+            print(f"export: {self.model_name} ({manifest['bytes'] / 2**20:.1f} MiB) in {out}")
 
 
-def format_ctr_table(result: RunResult) -> str:
-    rows = [("DLRM", result.test_metrics), ("constant (training click rate)", result.baseline_metrics)]
+def format_ctr_table(result: RunResult, model: str = "DLRM") -> str:
+    rows = [(model, result.test_metrics), ("constant (training click rate)", result.baseline_metrics)]
     lines = [f"{'model':<32}{'AUC':>8}{'log loss':>10}{'NE':>8}"]
     lines += [f"{name:<32}{m['auc']:>8.4f}{m['logloss']:>10.4f}{m['ne']:>8.4f}" for name, m in rows]
     return "\n".join(lines)
