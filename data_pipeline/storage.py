@@ -194,7 +194,7 @@ def read_ranges(
         )
     if not is_remote(url):
         out = []
-        with _translated("read", url, None):
+        with translated_errors("read", url, None):
             fd = os.open(_local_path(url), os.O_RDONLY)
             try:
                 for start, end in ranges:
@@ -205,7 +205,7 @@ def read_ranges(
         options = options or StorageOptions.from_env()
         fs, path = filesystem(url, options)
         out = []
-        with _translated("read", url, options):
+        with translated_errors("read", url, options):
             for b in range(0, len(ranges), RANGES_PER_REQUEST_BATCH):
                 batch = ranges[b : b + RANGES_PER_REQUEST_BATCH]
                 out += _bounded(
