@@ -54,19 +54,22 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from data_pipeline.shards import read_manifest
-from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read
+from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read, read_ranges
 from data_pipeline.stream import iter_shard
 
 __all__ = [
     "DEFAULT_TEXT_MODEL",
+    "FeatureTableReader",
     "FeaturesError",
     "FeaturesSummary",
     "ImageEncoder",
     "TextEncoder",
     "extract_features",
     "load_feature_tables",
+    "open_feature_tables",
     "merge_features",
     "write_feature_table",
+    "write_safetensors_blocks",
 ]
 
 log = logging.getLogger(__name__)
@@ -479,6 +482,89 @@ def merge_features(
     return info
 
 
+_SAFETENSORS_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors_blocks(
+    url: str,
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    blocks: Iterable[tuple[str, torch.Tensor | np.ndarray]],
+    metadata: dict[str, str] | None = None,
+    options: StorageOptions | None = None,
+) -> str:
+    """Write tensors of ``layout`` (name -> (dtype, shape)) as one safetensors file, streamed from
+    ``blocks``: ``(name, rows)`` pieces, in sorted-name order, each tensor's pieces consecutive rows
+    in order. No tensor need ever be whole in memory, so a table larger than memory (or than one rank's
+    share of it) can be written. Returns the file's sha256. The layout is what ``safetensors.torch.save``
+    writes for tensors of one dtype (sorted names); mixed dtypes load the same."""
+    names = sorted(layout)
+    header_entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    sizes = {}
+    for name in names:
+        dtype, shape = layout[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        header_entries[name] = {
+            "dtype": _SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        sizes[name] = nbytes
+        offset += nbytes
+    header = json.dumps(header_entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+    digest = hashlib.sha256()
+    written = dict.fromkeys(names, 0)
+    order = iter(names)
+    current = None
+    with atomic_write(url, options) as f:
+        for chunk in (len(header).to_bytes(8, "little"), header):
+            digest.update(chunk)
+            f.write(chunk)
+        for name, block in blocks:
+            while current != name:  # the next tensor starts: the previous one must be complete
+                if current is not None and written[current] != sizes[current]:
+                    raise ValueError(_short_message(url, current, written[current], layout[current]))
+                current = next(order, None)
+                if current is None:
+                    raise ValueError(
+                        f"{url}: a block of {name!r}, which is not in the layout or out of order"
+                    )
+            array = (
+                block.detach().cpu().contiguous()
+                if isinstance(block, torch.Tensor)
+                else torch.from_numpy(np.ascontiguousarray(block))
+            )
+            if array.dtype != layout[name][0] or tuple(array.shape[1:]) != tuple(layout[name][1][1:]):
+                raise ValueError(
+                    f"{url}: a block of {name} is {array.dtype} {tuple(array.shape)}, the layout says "
+                    f"{layout[name][0]} {layout[name][1]}"
+                )
+            data = array.view(torch.uint8).numpy().tobytes() if array.numel() else b""
+            digest.update(data)
+            f.write(data)
+            written[name] += len(data)
+        short = [n for n in names if written[n] != sizes[n]]
+        if short:
+            raise ValueError(_short_message(url, short[0], written[short[0]], layout[short[0]]))
+    return digest.hexdigest()
+
+
+def _short_message(url: str, name: str, written: int, entry: tuple[torch.dtype, tuple[int, ...]]) -> str:
+    dtype, shape = entry
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+    rows = written // max(1, row_bytes)
+    return f"{url}: the blocks of {name} hold {rows} rows, the table has {shape[0] if shape else 1}"
+
+
 def write_feature_table(
     url: str,
     num_rows: int,
@@ -491,31 +577,15 @@ def write_feature_table(
     byte what ``safetensors.torch.save(..., metadata={"model": model})`` writes, from row ``blocks``
     ((n, dim) arrays, in order) streamed to storage, so a table larger than memory can be written.
     Returns the file's sha256 (for ``features.json``)."""
-    nbytes = num_rows * dim * 4
-    header = json.dumps(
-        {
-            "__metadata__": {"model": model},
-            "features": {"dtype": "F32", "shape": [num_rows, dim], "data_offsets": [0, nbytes]},
-        },
-        separators=(",", ":"),
-    ).encode()
-    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
-    digest = hashlib.sha256()
-    rows = 0
-    with atomic_write(url, options) as f:
-        for chunk in (len(header).to_bytes(8, "little"), header):
-            digest.update(chunk)
-            f.write(chunk)
+
+    def checked() -> Iterator[tuple[str, np.ndarray]]:
         for block in blocks:
             if block.ndim != 2 or block.shape[1] != dim:
                 raise ValueError(f"{url}: a block of shape {block.shape} in a table of width {dim}")
-            data = np.ascontiguousarray(block, dtype="<f4").tobytes()
-            digest.update(data)
-            f.write(data)
-            rows += len(block)
-        if rows != num_rows:
-            raise ValueError(f"{url}: the blocks hold {rows} rows, the table has {num_rows}")
-    return digest.hexdigest()
+            yield "features", block.astype("<f4", copy=False)
+
+    layout = {"features": (torch.float32, (num_rows, dim))}
+    return write_safetensors_blocks(url, layout, checked(), {"model": model}, options)
 
 
 def load_feature_tables(
@@ -544,3 +614,104 @@ def load_feature_tables(
             raise FeaturesError(f"{url} has shape {tuple(table.shape)}, {info_url} says otherwise")
         tables[m] = table
     return tables["text"], tables["image"], info
+
+
+# ------------------------------------------------------------------------------------- sharded reading
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MAX_HEADER_BYTES = 1 << 24
+
+
+class FeatureTableReader:
+    """One (N + 1, F) table of a safetensors feature file, read slice by slice: the header first (two
+    small range reads), then only the bytes of the rows and columns asked for (:meth:`read`), locally or
+    from S3 with range reads (``data_pipeline.storage.read_ranges``), never the whole file.
+
+    A contiguous row range is one read of ``rows * F`` values; a column block of ``rows`` rows is one
+    ``cols``-value range per row (the file is row-major). :attr:`bytes_read` and :attr:`requests` count
+    every byte and range this reader asked storage for, header included. The sha256 in
+    ``features.json`` covers the whole file, so a reader of a slice cannot check it; it checks the
+    header (dtype, shape) against ``features.json`` instead, and a truncated file fails its read.
+    """
+
+    def __init__(self, url: str, options: StorageOptions | None = None, name: str = "features") -> None:
+        self.url, self.options = url, options
+        self.bytes_read = self.requests = 0
+        prefix = self._read([(0, 8)])[0]
+        header_len = int.from_bytes(prefix, "little")
+        if not 0 < header_len <= _MAX_HEADER_BYTES:
+            raise FeaturesError(f"{url} is not a safetensors file (header length {header_len})")
+        try:
+            header = json.loads(self._read([(8, 8 + header_len)])[0])
+            entry = header[name]
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise FeaturesError(
+                f"{url}: no readable safetensors entry {name!r} ({type(e).__name__}: {e})"
+            ) from e
+        if dtype not in _SAFETENSORS_DTYPES or len(shape) != 2:
+            raise FeaturesError(f"{url}: {name!r} is {dtype} of shape {shape}, expected a 2-d float table")
+        self.dtype = _SAFETENSORS_DTYPES[dtype]
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        if end - begin != self.shape[0] * self.shape[1] * self.itemsize:
+            raise FeaturesError(
+                f"{url}: {name!r} holds {end - begin} bytes, its shape {shape} needs otherwise"
+            )
+        self.data_start = 8 + header_len + begin
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the table's data in the file."""
+        return self.shape[0] * self.shape[1] * self.itemsize
+
+    def _read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        out = read_ranges(self.url, ranges, self.options)
+        self.bytes_read += sum(len(b) for b in out)
+        self.requests += len(ranges)
+        return out
+
+    def read(self, row_start: int, rows: int, col_start: int = 0, cols: int | None = None) -> torch.Tensor:
+        """Rows ``row_start : row_start + rows``, columns ``col_start : col_start + cols`` (default: to
+        the last), as float32 (rows, cols)."""
+        num_rows, width = self.shape
+        cols = width - col_start if cols is None else cols
+        if not (0 <= row_start and rows >= 0 and row_start + rows <= num_rows):
+            raise FeaturesError(f"{self.url}: rows {row_start}:{row_start + rows} outside (0, {num_rows})")
+        if not (0 <= col_start and cols >= 0 and col_start + cols <= width):
+            raise FeaturesError(f"{self.url}: columns {col_start}:{col_start + cols} outside (0, {width})")
+        row_bytes, size = width * self.itemsize, self.itemsize
+        first = self.data_start + row_start * row_bytes
+        if cols == width:  # whole rows: one contiguous range
+            ranges = [(first, first + rows * row_bytes)]
+        else:  # a column block: its part of every row
+            ranges = [
+                (first + r * row_bytes + col_start * size, first + r * row_bytes + (col_start + cols) * size)
+                for r in range(rows)
+            ]
+        data = bytearray().join(self._read(ranges)) if rows and cols else bytearray()
+        if not data:
+            return torch.zeros(rows, cols)
+        return torch.frombuffer(data, dtype=self.dtype).reshape(rows, cols).float()
+
+
+def open_feature_tables(
+    out_url: str, options: StorageOptions | None = None
+) -> tuple[FeatureTableReader | None, FeatureTableReader | None, dict[str, Any]]:
+    """``(text reader, image reader or None, features.json)``: like :func:`load_feature_tables`, but each
+    table is a :class:`FeatureTableReader` that reads only the slices a rank owns; the headers are
+    checked against ``features.json`` (shape, name the file on a mismatch)."""
+    info_url = join(out_url, "features.json")
+    if not exists(info_url, options):
+        raise FeaturesError(f"{info_url} is missing: the features are not (completely) extracted")
+    info = json.loads(_read_bytes(info_url, options))
+    readers: dict[str, FeatureTableReader | None] = {}
+    for m in _MODALITIES:
+        if f"{m}_file" not in info:
+            readers[m] = None
+            continue
+        reader = FeatureTableReader(join(out_url, info[f"{m}_file"]), options)
+        if reader.shape != (info["num_items"] + 1, info[f"{m}_dim"]):
+            raise FeaturesError(f"{reader.url} has shape {reader.shape}, {info_url} says otherwise")
+        readers[m] = reader
+    return readers["text"], readers["image"], info

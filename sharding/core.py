@@ -5,12 +5,14 @@ sharding/dlrm.py) is built from:
   by a :class:`~sharding.backends.DenseBackend`; stepping, checkpoint state for DCP, snapshots for early
   stopping, the gathered weights at the end;
 * table helpers: the sharding type a table gets (:func:`table_sharding_type`), the TorchRec planner
-  (:func:`plan`), filling this rank's shards from full tables (:func:`fill_shards`), and the fused table
+  (:func:`plan`), filling this rank's shards (:func:`fill_shards`: from a reader of any slice, so no
+  rank needs the full tables; :func:`fill_shards_from_tables` when it has them), and the fused table
   optimizers TorchRec's kernels offer (:func:`table_optimizer_class`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ __all__ = [
     "ParallelModel",
     "PlanStorage",
     "fill_shards",
+    "fill_shards_from_tables",
     "plan",
     "table_optimizer_class",
     "table_sharding_type",
@@ -107,15 +110,41 @@ class PlanStorage:
         return [(hbm, ddr) for hbm, ddr in totals]
 
 
-def fill_shards(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Fill every local shard of a DistributedModelParallel's tables from the full (unsharded) tables,
-    which every rank holds at start-up (keyed like the unwrapped module's state dict)."""
+ShardReader = Callable[[str, tuple[int, int], tuple[int, int]], torch.Tensor]
+"""``read(key, (row, col) offset, (rows, cols) size)`` -> that block (rows, cols) of table ``key``."""
+
+
+FILL_ROWS = 65536
+"""Rows of a shard filled per ``read`` call: bounds the transient memory of filling one shard."""
+
+
+def fill_shards(dmp: nn.Module, read: ShardReader) -> None:
+    """Fill every local shard of a DistributedModelParallel's tables (built on meta: TorchRec allocated
+    only this rank's shards) with ``read(key, offsets, sizes)``, key as in the unwrapped module's state
+    dict, :data:`FILL_ROWS` rows at a time. Only blocks this rank owns are ever asked for."""
     for key, value in dmp.state_dict().items():
-        source = full[key.removeprefix(DMP_PREFIX)]
         for shard in value.local_shards():
             (r0, c0), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            with torch.no_grad():
-                shard.tensor.copy_(source[r0 : r0 + rows, c0 : c0 + cols])
+            for start in range(0, rows, FILL_ROWS):
+                n = min(FILL_ROWS, rows - start)
+                block = read(key.removeprefix(DMP_PREFIX), (r0 + start, c0), (n, cols))
+                if tuple(block.shape) != (n, cols):
+                    raise ValueError(
+                        f"{key}: block ({r0 + start}, {c0}) is {tuple(block.shape)}, not {(n, cols)}"
+                    )
+                with torch.no_grad():
+                    shard.tensor[start : start + n].copy_(block)
+
+
+def fill_shards_from_tables(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """:func:`fill_shards` from full (unsharded) tables that this rank holds, keyed like the unwrapped
+    module's state dict."""
+
+    def read(key: str, offsets: tuple[int, int], sizes: tuple[int, int]) -> torch.Tensor:
+        (r0, c0), (rows, cols) = offsets, sizes
+        return full[key][r0 : r0 + rows, c0 : c0 + cols]
+
+    fill_shards(dmp, read)
 
 
 @dataclass
@@ -162,6 +191,20 @@ class ParallelModel:
 
     def dense_parameters(self) -> list[torch.Tensor]:
         return self.dense.parameters()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trained state as full tensors on rank 0 (None elsewhere). Collective."""
+        raise NotImplementedError
+
+    def weight_blocks(self, block_rows: int) -> tuple[dict[str, Any] | None, Iterator[tuple[str, Any]]]:
+        """The trained state for a streamed writer: on rank 0 its layout (name -> (dtype, shape)), None
+        elsewhere, and ``(name, rows)`` blocks in sorted-name order (rank 0's are the data; others'
+        only drive the collectives). Every rank must exhaust the iterator. This default gathers
+        :meth:`full_state_dict`; a model whose tables can be large streams them (ParallelFMRL)."""
+        full = self.full_state_dict()
+        if full is None:
+            return None, iter(())
+        return {k: (v.dtype, tuple(v.shape)) for k, v in full.items()}, iter(sorted(full.items()))
 
     def _trained_tables(self) -> dict[str, Any]:
         return {

@@ -40,7 +40,13 @@ from torch import nn
 from models.dlrm import CTRModel, DLRMConfig, Pooled, SparseArch, ids_to_kjt
 from sharding.backends import wrap_dense
 from sharding.config import OptimConfig, ParallelConfig
-from sharding.core import ParallelModel, fill_shards, plan, table_optimizer_class, table_sharding_type
+from sharding.core import (
+    ParallelModel,
+    fill_shards_from_tables,
+    plan,
+    table_optimizer_class,
+    table_sharding_type,
+)
 
 
 class DenseCTR(nn.Module):
@@ -130,7 +136,7 @@ class ShardedSparseArch(nn.Module):
             sharders=[EmbeddingBagCollectionSharder()],
             init_data_parallel=False,
         )
-        fill_shards(self.dmp, arch.state_dict())
+        fill_shards_from_tables(self.dmp, arch.state_dict())
         self.feature_names = cfg.sparse_names
         self.device = device
 

@@ -29,8 +29,9 @@ gathers it onto rank 0.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,17 @@ MODEL_TABLE_KEYS = {
     ID_TABLE: "item_tower.id_embedding.weight",
     ATTRIBUTE_TABLE: "item_tower.attributes.weight",
 }
+
+
+class FrozenTableSource(Protocol):
+    """Where a frozen table's shards come from when the model holds it on meta: any (rows, cols) block,
+    as float32, without the rest (``data_pipeline.features.FeatureTableReader``)."""
+
+    shape: tuple[int, int]
+
+    def read(
+        self, row_start: int, rows: int, col_start: int = 0, cols: int | None = None
+    ) -> torch.Tensor: ...
 
 
 class DenseFMRL(nn.Module):
@@ -89,6 +101,16 @@ def nested_min_partition(dim: int, sizes: list[int], world_size: int) -> int:
     ``dim / world_size`` (at most one shard per rank) and divides ``dim``; ``dim`` if none does."""
     for m in sizes:
         if m * world_size >= dim and dim % m == 0 and m % 4 == 0:
+            return m
+    return dim
+
+
+def even_min_partition(dim: int, world_size: int) -> int:
+    """Column-wise shard width for a frozen width-``dim`` table: the smallest width that is at least
+    ``dim / world_size`` (at most one shard per rank, so each rank reads its own columns), a multiple of
+    4 and divides ``dim``; ``dim`` if none does."""
+    for m in range(4, dim, 4):
+        if m * world_size >= dim and dim % m == 0:
             return m
     return dim
 
@@ -158,7 +180,8 @@ def plan_item_tables(
             # frozen table still needs some fused optimizer; plain SGD at lr 0 keeps no state.
             apply_optimizer_in_backward(torch.optim.SGD, tables[n].parameters(), {"lr": 0.0})
             kind = table_sharding_type(feature_sharding, device, "table_wise")
-            constraints[n] = ParameterConstraints(sharding_types=[kind])
+            width = even_min_partition(source.embedding_dim, topology.world_size)
+            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
         else:  # the ID and attribute tables follow parallel.table_*
             optimizer = table_optimizer_class(table_optimizer, device)
             apply_optimizer_in_backward(optimizer, tables[n].parameters(), {"lr": table_lr})
@@ -174,7 +197,12 @@ class ShardedItemTables(nn.Module):
     """The item tower's tables as TorchRec-sharded EmbeddingCollections (the attribute table: an
     EmbeddingBagCollection that mean-pools each item's attribute bag): ``forward(ids (U,))`` returns the
     rows of every table, (U, F_t) each, in the tower's table order. Collective: every rank must call it
-    the same number of times (with its own ids, any count including zero)."""
+    the same number of times (with its own ids, any count including zero).
+
+    Sharded from birth: the collections are built on meta and TorchRec allocates only this rank's
+    shards; each shard is filled from where its rows live: a tower table that has
+    storage is sliced, a meta one is generated (learnable: ``ItemTower.initial_rows``) or read from
+    ``frozen_tables`` (the feature files, only the shard's bytes)."""
 
     def __init__(
         self,
@@ -186,6 +214,7 @@ class ShardedItemTables(nn.Module):
         table_sharding: str,
         table_optimizer: str,
         table_lr: float,
+        frozen_tables: Mapping[str, FrozenTableSource] | None = None,
     ) -> None:
         super().__init__()
         from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -211,7 +240,29 @@ class ShardedItemTables(nn.Module):
         self.dmp = DistributedModelParallel(
             tables, device=device, plan=self.plan, sharders=sharders, init_data_parallel=False
         )
-        fill_shards(self.dmp, {f"{_collection_key(n)}.weight": sources[n].weight for n in self.names})
+        frozen = dict(frozen_tables or {})
+
+        def read_block(key: str, offsets: tuple[int, int], sizes: tuple[int, int]) -> torch.Tensor:
+            """Block ``sizes`` at ``offsets`` of the table that state-dict entry ``key`` holds."""
+            (r0, c0), (rows, cols) = offsets, sizes
+            name = key.split(".", 1)[0]
+            weight = sources[name].weight
+            if weight.device.type != "meta":
+                return weight[r0 : r0 + rows, c0 : c0 + cols]
+            if name in FROZEN_TABLES:
+                source = frozen.get(name)
+                if source is None:
+                    raise ValueError(
+                        f"the {name} table is on meta and no file to read its shards from was given"
+                    )
+                if tuple(source.shape) != tuple(weight.shape):
+                    raise ValueError(
+                        f"the {name} file holds {tuple(source.shape)}, the model {tuple(weight.shape)}"
+                    )
+                return source.read(r0, rows, c0, cols)
+            return tower.initial_rows(name, r0, r0 + rows)[:, c0 : c0 + cols]
+
+        fill_shards(self.dmp, read_block)
         self.device = device
 
     @property
@@ -239,6 +290,44 @@ class ShardedItemTables(nn.Module):
                     kjt = KeyedJaggedTensor.from_lengths_sync(keys=[name], values=ids, lengths=lengths)
                     rows.append(self.dmp.module[name](kjt)[name].values())  # (U, F_name)
         return rows
+
+    def _learnable_state(self) -> dict[str, Any]:
+        """The learnable tables' ShardedTensors, keyed like the model's state dict."""
+        out = {}
+        for key, value in self.dmp.state_dict().items():
+            name = key.removeprefix("_dmp_wrapped_module.").split(".", 1)[0]
+            if name in LEARNABLE_TABLES:
+                out[MODEL_TABLE_KEYS[name]] = value
+        return out
+
+    def table_layout(self) -> dict[str, tuple[int, int]]:
+        """The learnable tables' full shapes (rows, cols), keyed like the model's state dict; known on
+        every rank without any table being whole anywhere."""
+        return {key: tuple(value.size()) for key, value in self._learnable_state().items()}
+
+    def table_rows(self, key: str, start: int, rows: int) -> torch.Tensor | None:
+        """Rows ``start : start + rows`` of learnable table ``key`` (all columns) on rank 0, None
+        elsewhere: every rank sends the part of its shards in those rows, so rank 0 holds one block of
+        the table at a time, never the table. Collective."""
+        value = self._learnable_state()[key]
+        pieces = []
+        for shard in value.local_shards():
+            (r0, c0), (n, _) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            lo, hi = max(start, r0), min(start + rows, r0 + n)
+            if lo < hi:
+                pieces.append((lo - start, c0, shard.tensor[lo - r0 : hi - r0].detach().cpu().clone()))
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(pieces, gathered, dst=0)
+        if gathered is None:
+            return None
+        block = torch.empty(rows, value.size(1))
+        filled = 0
+        for row, col, piece in (p for rank_pieces in gathered for p in rank_pieces):
+            block[row : row + piece.shape[0], col : col + piece.shape[1]] = piece
+            filled += piece.numel()
+        if filled != block.numel():
+            raise RuntimeError(f"{key}: rows {start}:{start + rows} are not covered by the shards")
+        return block
 
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
         """The full trainable tables on rank 0 (None elsewhere), keyed like the model's state dict."""
@@ -293,9 +382,35 @@ class ParallelFMRL(ParallelModel):
         hidden, _ = self.forward(tokens, torch.unique(tokens))
         return hidden[:0, -1] if empty else hidden[:, -1]
 
+    def weight_blocks(self, block_rows: int) -> tuple[dict[str, Any] | None, Iterator[tuple[str, Any]]]:
+        """The trainable state streamed: the dense weights gathered on rank 0 (small), the learnable
+        tables ``block_rows`` rows at a time (:meth:`ShardedItemTables.table_rows`), so no table
+        is ever whole on any rank. See :meth:`ParallelModel.weight_blocks`. Collective."""
+        dense = self.dense.full_state_dict()
+        tables = self.sparse.table_layout()
+        layout = None
+        if dist.get_rank() == 0:
+            assert dense is not None
+            dense = {_model_key(k): v for k, v in dense.items()}
+            layout = {k: (v.dtype, tuple(v.shape)) for k, v in dense.items()}
+            layout.update({k: (torch.float32, shape) for k, shape in tables.items()})
+
+        def blocks() -> Iterator[tuple[str, Any]]:
+            # every rank walks the tables in the same (sorted) order: each block is one collective
+            keys = sorted(layout) if layout is not None else sorted(tables)
+            for key in keys:
+                if key not in tables:
+                    yield key, dense[key]  # rank 0 only
+                    continue
+                rows = tables[key][0]
+                for start in range(0, rows, block_rows):
+                    yield key, self.sparse.table_rows(key, start, min(block_rows, rows - start))
+
+        return layout, blocks()
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The trainable state as full tensors on rank 0, named like ``FMRLRec.state_dict()``; None on
-        other ranks. Collective."""
+        other ranks. Collective. (The run's final weights are written with :meth:`weight_blocks`.)"""
         dense = self.dense.full_state_dict()
         tables = self.sparse.gather_tables()
         if dist.get_rank() != 0:
@@ -319,11 +434,14 @@ def parallelize_fmrl(
     total_steps: int,
     micro_batch_size: int,
     device: torch.device,
+    frozen_tables: Mapping[str, FrozenTableSource] | None = None,
 ) -> ParallelFMRL:
     """Shard the item tables with TorchRec (``parallel.feature_table_sharding`` / ``table_*``), then wrap
     the dense part with ``parallel.backend`` and ``optim``'s AdamW over ``total_steps`` steps. Needs an
-    initialised process group (a job of one rank is fine). The model's own item tables are freed
-    afterwards: each rank keeps only its shards."""
+    initialised process group (a job of one rank is fine). A model built with its tables on meta
+    (``FMRLRec(..., table_device="meta")``, meta feature tensors) is sharded from birth: its frozen
+    shards are read from ``frozen_tables`` ("text", "image"), its learnable ones generated per shard.
+    Either way the model's own tables end on meta: each rank keeps only its shards."""
     if not dist.is_initialized():
         raise RuntimeError("parallelize_fmrl needs torch.distributed to be initialised (see trainer.dist)")
     sparse = ShardedItemTables(
@@ -334,6 +452,7 @@ def parallelize_fmrl(
         table_sharding=parallel.table_sharding,
         table_optimizer=parallel.table_optimizer,
         table_lr=parallel.table_lr or optim.lr,
+        frozen_tables=frozen_tables,
     )
     _free_tables(model.item_tower)
     dense = DenseFMRL(model).to(device)
@@ -351,6 +470,6 @@ def parallelize_fmrl(
 
 
 def _free_tables(tower: ItemTower) -> None:
-    """Drop the unsharded tables' storage (the sharded copies are the live ones)."""
+    """Drop the unsharded tables' storage, keeping their shapes on meta (the shards are the live ones)."""
     for table in tower.tables():
-        table.weight = nn.Parameter(torch.empty(0, table.embedding_dim), requires_grad=False)
+        table.weight = nn.Parameter(table.weight.to("meta"), requires_grad=False)

@@ -47,9 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
+from data_pipeline.features import write_safetensors_blocks
 from data_pipeline.storage import StorageOptions, exists, join
+from sharding.core import ParallelModel
 from sharding.world import World, set_cpu_threads
 from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager, TrainingState
 from trainer.config import (
@@ -328,10 +329,7 @@ class Trainer:
         self.checkpoints.close()  # the last asynchronous save commits before the run reports
         self.close_logs()
         self.parallel.restore(self.best_weights)
-        weights = self.parallel.full_state_dict()
-        if self.main:
-            assert weights is not None
-            save_weights(weights, os.path.join(self.run_dir, "model.safetensors"))
+        save_weights(self.parallel, os.path.join(self.run_dir, "model.safetensors"))
         result = self.result()
         result.test_metrics, result.baseline_metrics = self.task.test()
         self.log_scalars(self.task.scalars("test", result.test_metrics))
@@ -559,7 +557,17 @@ def incompatible(marker: dict[str, Any], identity: dict[str, Any], model_section
     return problems
 
 
-def save_weights(state: dict[str, torch.Tensor], path: str) -> None:
-    tmp = f"{path}.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-    os.replace(tmp, path)
+WEIGHT_BLOCK_ROWS = 65536
+"""Table rows per block when the final weights are streamed to model.safetensors."""
+
+
+def save_weights(parallel: ParallelModel, path: str) -> None:
+    """Write the trained weights to ``path`` (safetensors, named like the model's state dict) from rank
+    0, streamed: the tables arrive :data:`WEIGHT_BLOCK_ROWS` rows at a time from the ranks that hold
+    them, so no rank ever holds a whole table. Collective."""
+    layout, blocks = parallel.weight_blocks(WEIGHT_BLOCK_ROWS)
+    if layout is None:
+        for _ in blocks:  # this rank's part of each block's collective
+            pass
+        return
+    write_safetensors_blocks(path, layout, blocks)

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,35 @@ def project_features(projector: nn.Linear, features: list[torch.Tensor]) -> torc
         start += width
     if out is None or start != weight.shape[1]:
         raise ValueError(f"features of total width {start} given, the projector takes {weight.shape[1]}")
+    return out
+
+
+TABLE_INIT_STD = 0.02
+"""Learnable tables start as N(0, 0.02^2) entries (row 0, padding, zero)."""
+TABLE_INIT_BLOCK = 1024
+"""Rows per independently seeded block of a learnable table's initial values."""
+
+
+def initial_table_rows(seed: int, start: int, stop: int, dim: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a learnable table's initial values, (stop - start, dim), N(0, 0.02^2) with
+    row 0 zero.
+
+    Counter-based: block b (rows ``b*1024 ... b*1024+1023``) comes from its own generator seeded by
+    (``seed``, b), so a row's value depends only on the table seed and the row, never on which rows are
+    asked for together: a rank that owns any row range of any table gets the values the whole table would
+    hold, at any world size, without the whole table ever existing."""
+    if not 0 <= start <= stop:
+        raise ValueError(f"rows {start}:{stop} are not a valid range")
+    out = torch.empty(stop - start, dim)
+    first, last = start // TABLE_INIT_BLOCK, -(-stop // TABLE_INIT_BLOCK)
+    for block in range(first, last):
+        digest = hashlib.blake2b(f"{seed}/{block}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        values = torch.randn(TABLE_INIT_BLOCK, dim, generator=generator) * TABLE_INIT_STD
+        lo, hi = max(start, block * TABLE_INIT_BLOCK), min(stop, (block + 1) * TABLE_INIT_BLOCK)
+        out[lo - start : hi - start] = values[lo - block * TABLE_INIT_BLOCK : hi - block * TABLE_INIT_BLOCK]
+    if start == 0 and stop > 0:
+        out[0].zero_()
     return out
 
 
@@ -71,6 +101,13 @@ class ItemTower(nn.Module):
     learnable, and so is the optional attribute table, whose rows are mean-pooled over each item's
     attribute bag (an item without attributes gets zeros). Row 0 of every table is zero (padding), so
     E[0] is the projector bias.
+
+    Sharded from birth: with ``table_device="meta"`` (and meta feature tensors, shapes only) no table
+    holds storage; the projector is built and initialised exactly as with real tables (the learnable
+    tables take their values from :func:`initial_table_rows` under a seed drawn from torch's global
+    generator, never from the generator itself), so a distributed run materialises only its shards
+    (:meth:`initial_rows` for the learnable tables, the feature files for the frozen ones) and gets the
+    same model as one that builds everything.
     """
 
     def __init__(
@@ -82,18 +119,24 @@ class ItemTower(nn.Module):
         id_embedding_dim: int,
         attribute_bags: AttributeBags | None = None,
         attribute_embedding_dim: int = 0,
+        table_device: torch.device | str | None = None,
     ) -> None:
-        """``id_embedding_dim`` 0 means no ID table; ``attribute_embedding_dim`` 0 no attribute table."""
+        """``id_embedding_dim`` 0 means no ID table; ``attribute_embedding_dim`` 0 no attribute table.
+        ``table_device``: where the learnable tables live ("meta": nowhere yet; default: torch's default
+        device)."""
         super().__init__()
         self.num_items = num_items
+        table_device = torch.device(table_device or torch.get_default_device())
         self.text = self._frozen_table("text", text_features, num_items)
         self.image = self._frozen_table("image", image_features, num_items)
+        # drawn whether or not the tables are materialised: the projector's and trunk's initial values
+        # come from the global generator after it, the same either way
+        seeds = torch.randint(0, 2**62, (2,), device="cpu").tolist()
+        self.table_seeds = {"id": seeds[0], "attribute": seeds[1]}
         self.id_embedding = None
         if id_embedding_dim:
-            self.id_embedding = nn.Embedding(num_items + 1, id_embedding_dim, padding_idx=0)
-            nn.init.normal_(self.id_embedding.weight, std=0.02)
-            with torch.no_grad():
-                self.id_embedding.weight[0].zero_()
+            self.id_embedding = nn.Embedding(num_items + 1, id_embedding_dim, padding_idx=0, device="meta")
+            self._materialise("id", self.id_embedding, table_device)
         self.attributes = None
         self.attribute_bags = None
         if attribute_embedding_dim:
@@ -106,11 +149,9 @@ class ItemTower(nn.Module):
                 )
             self.attribute_bags = attribute_bags
             self.attributes = nn.EmbeddingBag(
-                attribute_bags.num_attributes + 1, attribute_embedding_dim, mode="mean"
+                attribute_bags.num_attributes + 1, attribute_embedding_dim, mode="mean", device="meta"
             )
-            nn.init.normal_(self.attributes.weight, std=0.02)
-            with torch.no_grad():
-                self.attributes.weight[0].zero_()
+            self._materialise("attribute", self.attributes, table_device)
         in_dim = sum(t.embedding_dim for t in self.tables())
         if in_dim == 0:
             raise ValueError(
@@ -118,6 +159,22 @@ class ItemTower(nn.Module):
                 "an attribute table"
             )
         self.projector = nn.Linear(in_dim, dim)
+
+    def _materialise(self, name: str, table: nn.Embedding | nn.EmbeddingBag, device: torch.device) -> None:
+        """Give a learnable table built on meta its initial values on ``device`` (stays meta if meta)."""
+        if device.type == "meta":
+            return
+        table.to_empty(device=device)
+        with torch.no_grad():
+            table.weight.copy_(self.initial_rows(name, 0, table.num_embeddings))
+
+    def initial_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of learnable table ``name``'s ("id" or "attribute") initial values,
+        (stop - start, F_name): what the whole table starts with, for any slice of it."""
+        table = self.id_embedding if name == "id" else self.attributes if name == "attribute" else None
+        if table is None:
+            raise ValueError(f"{name!r} is not a learnable table of this tower ({self.table_names()})")
+        return initial_table_rows(self.table_seeds[name], start, stop, table.embedding_dim)
 
     @staticmethod
     def _frozen_table(name: str, features: torch.Tensor | None, num_items: int) -> nn.Embedding | None:
@@ -212,7 +269,11 @@ class FMRLRec(nn.Module):
         text_features: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         attribute_bags: AttributeBags | None = None,
+        table_device: torch.device | str | None = None,
     ) -> None:
+        """``text_features`` / ``image_features``: (N + 1, F) frozen tables, or meta tensors of that
+        shape; ``table_device="meta"`` builds the learnable tables without storage (see
+        :class:`ItemTower`)."""
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
@@ -224,6 +285,7 @@ class FMRLRec(nn.Module):
             (cfg.id_embedding_dim or cfg.dim) if cfg.use_id_embedding else 0,
             attribute_bags if cfg.use_attributes else None,
             (cfg.attribute_embedding_dim or cfg.dim) if cfg.use_attributes else 0,
+            table_device,
         )
         self.embedding_dropout = nn.Dropout(cfg.dropout)
         self.trunk = LRUTrunk(cfg)

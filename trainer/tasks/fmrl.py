@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.features import load_feature_tables
+from data_pipeline.features import FeatureTableReader, open_feature_tables
 from data_pipeline.loader import SequenceDataset, TrainLoader, read_item_source_ids, scan_users
 from data_pipeline.sequences import TrainBatch
 from data_pipeline.storage import StorageOptions
@@ -48,12 +48,13 @@ EARLY_STOPPING_METRIC = "NDCG@10"
 
 def open_features(
     cfg: DataConfig, dataset: SequenceDataset, options: StorageOptions, needed: bool = True
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The frozen (N + 1, D) text and image tables, checked against the dataset (None, None if the model
-    uses neither)."""
+) -> dict[str, FeatureTableReader]:
+    """Readers of the frozen (N + 1, D) text and image tables ("text", "image"; none if the model uses
+    neither), checked against the dataset. Nothing but the files' headers is read here: each rank reads
+    its own shards when the tables are sharded (sharding/fmrl.py)."""
     if not needed:
-        return None, None
-    text, image, info = load_feature_tables(cfg.features_url, options)
+        return {}
+    text, image, info = open_feature_tables(cfg.features_url, options)
     if info["num_items"] != dataset.num_items:
         raise ValueError(
             f"the features at {cfg.features_url} cover {info['num_items']} items but the dataset at "
@@ -65,7 +66,13 @@ def open_features(
         info.get("text_model"),
         info.get("image_model"),
     )
-    return text, image
+    return {name: reader for name, reader in (("text", text), ("image", image)) if reader is not None}
+
+
+def meta_features(readers: dict[str, FeatureTableReader], name: str) -> torch.Tensor | None:
+    """The shape of feature table ``name`` as a meta tensor (no storage), None if there is none."""
+    reader = readers.get(name)
+    return None if reader is None else torch.empty(reader.shape, device="meta")
 
 
 def resolve_loss(kind: str, num_items: int, full_max: int) -> str:
@@ -147,7 +154,7 @@ class FMRLTask(TrainingTask):
         )
         dataset = self.dataset = SequenceDataset.open(data.path, options)
         uses_features = model.use_text_features or model.use_image_features
-        text_features, image_features = open_features(data, dataset, options, uses_features)
+        features = open_features(data, dataset, options, uses_features)
         self.stats = scan_users(dataset)
         self.loader = TrainLoader(
             dataset,
@@ -161,8 +168,15 @@ class FMRLTask(TrainingTask):
             prefetch_factor=data.prefetch_factor,
         )
         attribute_bags = open_attributes(dataset, model.use_attributes)
-        fmrl = FMRLRec(model, dataset.num_items, text_features, image_features, attribute_bags)
-        del text_features, image_features
+        # sharded from birth: no table exists whole on any rank; each rank materialises its shards
+        fmrl = FMRLRec(
+            model,
+            dataset.num_items,
+            meta_features(features, "text"),
+            meta_features(features, "image"),
+            attribute_bags,
+            table_device="meta",
+        )
         self.sizes, self.largest = list(model.nested_sizes), model.nested_sizes[-1]
         trainable = self.trainable_parameters = fmrl.num_parameters()
         self.total_steps = total_training_steps(
@@ -175,7 +189,17 @@ class FMRLTask(TrainingTask):
             total_steps=self.total_steps,
             micro_batch_size=train.batch_size,
             device=device,
+            frozen_tables=features,
         )
+        for name, reader in features.items():
+            log.info(
+                "rank %d read %.1f MiB of the %s feature table's %.1f MiB (%d range requests)",
+                world.rank,
+                reader.bytes_read / 2**20,
+                name,
+                reader.nbytes / 2**20,
+                reader.requests,
+            )
         loss_kind = resolve_loss(train.loss, dataset.num_items, train.full_softmax_max_items)
         sampler = None
         if loss_kind == "sampled":
