@@ -3,6 +3,7 @@ on the same data, batches and sharded tables; cost, speed and accuracy, and the 
 
     .venv/bin/python bench/ctr_models.py                       # about 20 min CPU; writes docs/benchmarks.md
     .venv/bin/python bench/ctr_models.py --quick --no-write    # a smoke run (tests/integration/test_bench.py)
+    .venv/bin/python bench/ctr_models.py --datasets obp        # only the Open Bandit columns, in place
 
 Every model is built by ``models.ctr.build_ctr_model`` from configs/dlrm-synthetic.yaml's shared settings
 (D = 16, bottom MLP [64, 16], top MLP [64, 32, 1]) and its own defaults (DCN: 3 cross layers, stacked;
@@ -23,8 +24,14 @@ who knew the data would write).
   the training click rate). Data: the synthetic Criteo-format set (``prepare_synthetic_ctr``, 20,000
   impressions, one pass: the CPU budget of ~20 minutes for 60 trainings), the same impressions with the
   higher-order terms on (``--third-order 1.5 --element-cross 1.5``: same features, other clicks), and the
-  Open Bandit Dataset sample (``fmrl data convert-obp``, random policy, all campaigns: 10,000 real
-  impressions, ~0.4% clicks).
+  Open Bandit Dataset sample, all six logs of the obp wheel in one data set (``fmrl data convert-obp
+  --policy random bts --campaign all men women``: 60,000 real impressions, ~0.5% clicks; each log split
+  on its own, 48,000 train / 6,000 test rows with ~30 test clicks; item ids namespaced by campaign, the
+  log's policy and campaign as two more categorical features).
+
+``--datasets`` runs the accuracy part on some data sets only and replaces just their columns (and their
+part of the data line) in the written table, noting that the other columns come from the earlier full
+run; the speed and cost columns and the claims (which rest on the synthetic sets) are left as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -69,6 +77,12 @@ RUNS = {
     "quick": dict(rows=3_000, epochs=1, seeds=1, obp=False, timed=3, warm_up=1),
 }
 DATASETS = {"synthetic": "synthetic", "higher": "synthetic + higher-order terms", "obp": "Open Bandit (real)"}
+COLUMNS = {
+    "synthetic": ["AUC synthetic", "log loss synthetic", "NE synthetic"],
+    "higher": ["AUC + higher order", "NE + higher order"],
+    "obp": ["AUC Open Bandit", "NE Open Bandit"],
+}
+"""Data set -> its columns of the table (a ``--datasets`` run replaces these)."""
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -170,19 +184,21 @@ def cost(key: str, data: dict) -> dict:
     return dict(table_parameters=tables, dense_parameters=dense, flops=counter.get_total_flops() / batch)
 
 
-def worker(job: str, data_dir: str, run: dict) -> dict | None:
+def worker(job: str, data_dir: str, run: dict, names: list[str]) -> dict | None:
     from trainer.dist import distributed
 
     with distributed() as (world, device):
         torch.set_num_threads(max(1, CORES // world.world_size))
-        sets = {name: torch.load(os.path.join(data_dir, f"{name}.pt")) for name in data_sets(run)}
+        sets = {name: torch.load(os.path.join(data_dir, f"{name}.pt")) for name in names}
         out: dict = {"ranks": world.world_size}
-        out["speed"] = {
-            key: train_one(key, sets["synthetic"], 0, 1, device, run["timed"], run["warm_up"])
-            for key in MODELS
-        }
+        if job != "accuracy":
+            out["speed"] = {
+                key: train_one(key, sets["synthetic"], 0, 1, device, run["timed"], run["warm_up"])
+                for key in MODELS
+            }
         if job == "all":  # on 1 rank: the speed above, then cost and accuracy
             out["cost"] = {key: cost(key, sets["synthetic"]) for key in MODELS}
+        if job in ("all", "accuracy"):
             out["accuracy"] = {}
             for name, data in sets.items():
                 for key in MODELS:
@@ -201,17 +217,61 @@ def data_sets(run: dict) -> list[str]:
     return ["synthetic", "higher"] + (["obp"] if run["obp"] else [])
 
 
-def prepare(data_dir: str, run: dict) -> dict:
+def obp_data_line(info: dict) -> str:
+    return (
+        f"Open Bandit, all six logs (random and bts policy x campaigns all, men, women), "
+        f"{info['rows']['train']:,} train / {info['rows']['test']:,} test impressions "
+        f"({info['test_positives']} test clicks)"
+    )
+
+
+def replace_columns(section: str, acc: dict, meta: dict, command: str, wall_s: float) -> str:
+    """The written ``section`` with the columns of the data sets in ``acc`` replaced (a ``--datasets`` run);
+    the other columns, the cost and speed and the claims stay those of the earlier full run."""
+    names = sorted({key.split("/")[0] for key in acc})
+    lines = section.split("\n")
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    titles = [cell.strip() for cell in lines[header].strip("|").split("|")]
+    labels = {label: key for key, (label, _) in MODELS.items()}
+    for i in range(header + 2, len(lines)):
+        if not lines[i].startswith("| "):
+            break
+        cells = [cell.strip() for cell in lines[i].strip("|").split("|")]
+        key = labels[cells[0]]
+        for name in names:
+            for title, metric in zip(
+                COLUMNS[name], (["auc", "logloss", "ne"] if name == "synthetic" else ["auc", "ne"])
+            ):
+                runs = acc.get(f"{name}/{key}")
+                cells[titles.index(title)] = fmt([r[metric] for r in runs]) if runs else "—"
+        lines[i] = "| " + " | ".join(cells) + " |"
+    for i, line in enumerate(lines):
+        if line.startswith("Data: ") and "obp" in names:
+            lines[i] = re.sub(r"; Open Bandit[^;]*?test clicks\)", f"; {obp_data_line(meta['obp'])}", line)
+            columns = ", ".join(c for n in names for c in COLUMNS[n])
+            note = f"Columns {columns}: "
+            lines = [other for other in lines if not other.startswith(note)]  # an earlier --datasets run's
+            lines.insert(
+                i + 1,
+                f"Columns {columns}: `{command}` ({wall_s / 60:.1f} min wall-clock, "
+                f"{time.strftime('%Y-%m-%d')}); the other columns, the speeds and the claims are from the "
+                "earlier full run above.  ",
+            )
+            break
+    return "\n".join(lines)
+
+
+def prepare(data_dir: str, run: dict, names: list[str]) -> dict:
     """Write the data sets and their train/test splits as tensors (<name>.pt)."""
     from data_pipeline.ctr import CTRDataset, iter_ctr_batches
-    from data_pipeline.obp import convert_obp
+    from data_pipeline.obp import OBP_CAMPAIGNS, OBP_POLICIES, convert_obp
     from data_pipeline.synthetic_ctr import prepare_synthetic_ctr, synthetic_ctr_pairs
 
     meta = {}
-    for name in data_sets(run):
+    for name in names:
         url = os.path.join(data_dir, name)
         if name == "obp":
-            convert_obp(url, policy="random", campaign="all")
+            convert_obp(url, policy=OBP_POLICIES, campaign=OBP_CAMPAIGNS)  # all six logs
         else:
             prepare_synthetic_ctr(url, rows=run["rows"], seed=0, **(HIGHER_ORDER if name == "higher" else {}))
         dataset = CTRDataset.open(url)
@@ -236,7 +296,7 @@ def prepare(data_dir: str, run: dict) -> dict:
     return meta
 
 
-def launch(job: str, ranks: int, data_dir: str, quick: bool) -> dict:
+def launch(job: str, ranks: int, data_dir: str, quick: bool, names: list[str]) -> dict:
     runner = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [
         runner,
@@ -247,6 +307,8 @@ def launch(job: str, ranks: int, data_dir: str, quick: bool) -> dict:
         job,
         "--data",
         data_dir,
+        "--datasets",
+        *names,
     ]
     command += ["--quick"] if quick else []
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, CORES // ranks))}
@@ -275,12 +337,7 @@ def render(
         f"Data: synthetic Criteo-format, {meta['synthetic']['rows']['train']:,} train / "
         f"{meta['synthetic']['rows']['test']:,} test impressions; the same with the higher-order terms "
         f"(third order 1.5, element-level cross 1.5)"
-        + (
-            f"; Open Bandit random/all, {meta['obp']['rows']['train']:,} / {meta['obp']['rows']['test']:,} "
-            f"({meta['obp']['test_positives']} test clicks)"
-            if "obp" in meta
-            else "; Open Bandit: not run (`--quick`)"
-        )
+        + (f"; {obp_data_line(meta['obp'])}" if "obp" in meta else "; Open Bandit: not run (`--quick`)")
         + f". {run['epochs']} pass(es) over the train split in global batches of {GLOBAL_BATCH}, mean ± sd over "
         f"{run['seeds']} seed(s). Setup and claims: the docstring of bench/ctr_models.py.",
         "",
@@ -408,26 +465,49 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="4,000 impressions, 1 seed, no Open Bandit")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=list(DATASETS),
+        help="only these data sets' accuracy columns, replaced in the written table (only obp: the claims "
+        "rest on synthetic and higher, which need the full run)",
+    )
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks.md"))
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--worker", choices=["speed", "all"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["speed", "all", "accuracy"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = RUNS["quick" if args.quick else "full"]
     if args.worker:
-        result = worker(args.worker, args.data, run)
+        result = worker(args.worker, args.data, run, args.datasets)
         if result is not None:
             print(json.dumps(result), flush=True)
         return
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-ctr-") as data_dir:
-        meta = prepare(data_dir, run)
-        speed = {2: launch("speed", 2, data_dir, args.quick)["speed"]}
-        print(json.dumps(speed), flush=True)
-        accuracy = launch("all", 1, data_dir, args.quick)
-        speed[1] = accuracy["speed"]
-    command = "python bench/ctr_models.py" + (" --quick" if args.quick else "")
-    section = render(accuracy, speed, meta, run, command, time.perf_counter() - started, args.quick)
+    if args.datasets:
+        if args.quick or set(args.datasets) != {"obp"}:
+            parser.error("--datasets: only `--datasets obp` (without --quick) replaces columns in place")
+        text = open(args.output).read() if os.path.exists(args.output) else ""
+        if BEGIN not in text or END not in text:
+            parser.error(
+                f"--datasets replaces columns of the table in {args.output}, which has none: run in full"
+            )
+        with tempfile.TemporaryDirectory(prefix="bench-ctr-") as data_dir:
+            meta = prepare(data_dir, run, args.datasets)
+            accuracy = launch("accuracy", 1, data_dir, False, args.datasets)
+        command = "python bench/ctr_models.py --datasets " + " ".join(args.datasets)
+        old = text[text.index(BEGIN) : text.index(END) + len(END)]
+        section = replace_columns(old, accuracy["accuracy"], meta, command, time.perf_counter() - started)
+    else:
+        names = data_sets(run)
+        with tempfile.TemporaryDirectory(prefix="bench-ctr-") as data_dir:
+            meta = prepare(data_dir, run, names)
+            speed = {2: launch("speed", 2, data_dir, args.quick, names)["speed"]}
+            print(json.dumps(speed), flush=True)
+            accuracy = launch("all", 1, data_dir, args.quick, names)
+            speed[1] = accuracy["speed"]
+        command = "python bench/ctr_models.py" + (" --quick" if args.quick else "")
+        section = render(accuracy, speed, meta, run, command, time.perf_counter() - started, args.quick)
     print(section)
     if not args.no_write:
         write_section(args.output, section, BEGIN, END)

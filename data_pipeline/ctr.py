@@ -184,6 +184,7 @@ class CTRDatasetWriter:
         test_fraction: float,
         max_samples_per_shard: int,
         options: StorageOptions | None,
+        parts: Sequence[int] | None = None,
     ) -> None:
         for label, frac in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= frac < 1.0:
@@ -198,7 +199,13 @@ class CTRDatasetWriter:
         self.name = name
         self.options = options
         self.dense_names, self.sparse_names, self.hash_buckets = dense_names, sparse_names, hash_buckets
-        n_valid, n_test = int(num_rows * valid_fraction), int(num_rows * test_fraction)
+        # ``parts``: row counts of sources split one by one (each its own last rows), positions then run
+        # over the train rows of every part, then their valid rows, then their test rows
+        parts = [num_rows] if parts is None else list(parts)
+        if sum(parts) != num_rows:
+            raise ValueError(f"parts {parts} do not add up to num_rows {num_rows}")
+        n_valid = sum(int(n * valid_fraction) for n in parts)
+        n_test = sum(int(n * test_fraction) for n in parts)
         self.num_positions = num_rows
         self.valid_start = num_rows - n_valid - n_test
         self.test_start = num_rows - n_test

@@ -8,6 +8,7 @@ code: its imports are heavy); install it with ``pip install --no-deps obp==0.4.1
 
     from data_pipeline.obp import convert_obp
     convert_obp("runs/data/obp-random-all", policy="random", campaign="all")
+    convert_obp("runs/data/obp-all-logs", policy=["random", "bts"], campaign=["all", "men", "women"])
 
 Columns -> features (one row per impression; clicks are rare: 0.4-0.7%):
 
@@ -27,6 +28,20 @@ Columns -> features (one row per impression; clicks are rare: 0.4-0.7%):
   random policy; an off-policy-evaluation quantity, not a feature known at serving time) and the CSV's
   unnamed index column.
 
+Several logs (lists of policies and campaigns: every log of their cross product) make one data set:
+
+* ``item_id`` is namespaced by campaign, since the campaigns' item sets differ (item 3 of ``men`` is not
+  item 3 of ``women``): id = the campaign's offset + item_id + 1, offsets in the order all, men, women
+  (``obp.item_id_offsets``; all six logs: all 0, men 80, women 114). The two policies of one campaign
+  show the same items (their ``item_context.csv`` list the same ids; each log's own file gives its
+  item features, whose hashed strings differ between the policies' files).
+* two more sparse features name the log: ``policy`` (1..P in the order random, bts) and ``campaign``
+  (1..C in the order all, men, women).
+* the vocabularies of the hashed columns are over all logs.
+* each log is split on its own as below (its last rows are its test rows), so every log contributes
+  to every split in its share; within a split the rows of all logs are interleaved by timestamp.
+  All six: 48,000 / 6,000 / 6,000 rows.
+
 Splits as in data_pipeline/ctr.py: by position in the log, which is in time order (one week, from
 2019-11-24): the last ``test_fraction`` is test, the ``valid_fraction`` before it validation. With so
 few clicks the validation and test AUCs rest on a handful of positives; this data set checks the
@@ -40,6 +55,8 @@ import importlib.util
 import io
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -63,6 +80,7 @@ _USER = [f"user_feature_{i}" for i in range(4)]
 _ITEM = [f"item_feature_{i}" for i in range(1, 4)]
 OBP_SPARSE_NAMES = ["item_id", "position", *_USER, *_ITEM, "hour", "weekday"]
 _VOCAB_FEATURES = _USER + _ITEM
+_LOG_FEATURES = ["policy", "campaign"]  # only in a data set of several logs
 _OBP_HINT = "pip install --no-deps obp==0.4.1"
 
 
@@ -90,17 +108,21 @@ def _read_csv(path: str) -> list[tuple[int, dict[str, str]]]:
         return [(reader.line_num, row) for row in reader]
 
 
-def convert_obp(
-    out_url: str,
-    *,
-    policy: str = "random",
-    campaign: str = "all",
-    valid_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    max_samples_per_shard: int = 5000,
-    options: StorageOptions | None = None,
-) -> CTRSummary:
-    """Convert one packaged Open Bandit log (10,000 impressions) to CTR shards under ``out_url``."""
+@dataclass
+class _Log:
+    """One packaged log, read: its impressions (with parsed times) and its campaign's items."""
+
+    policy: str
+    campaign: str
+    path: str
+    items_path: str
+    items: dict[int, dict[str, str]]
+    rows: list[tuple[int, dict[str, str]]]  # (line number, row)
+    times: list[datetime]
+    affinity_columns: list[str]
+
+
+def _read_log(policy: str, campaign: str) -> _Log:
     log_path = obp_log_path(policy, campaign)
     items_path = os.path.join(os.path.dirname(log_path), "item_context.csv")
     items: dict[int, dict[str, str]] = {}
@@ -112,7 +134,47 @@ def convert_obp(
     rows = _read_csv(log_path)
     if not rows:
         raise ConversionError(f"{log_path}: no impressions")
+    times = []
+    for lineno, row in rows:
+        try:
+            times.append(datetime.fromisoformat(row["timestamp"]))
+        except (KeyError, ValueError) as e:
+            raise ConversionError(f"{log_path}:{lineno}: bad timestamp ({type(e).__name__}: {e})") from e
     affinity_columns = [c for c in rows[0][1] if c.startswith("user-item_affinity_")]
+    return _Log(policy, campaign, log_path, items_path, items, rows, times, affinity_columns)
+
+
+def _choices(kind: str, given: str | Sequence[str], allowed: tuple[str, ...]) -> list[str]:
+    """``given`` as a list in the order of ``allowed``; unknown, repeated or no values are errors."""
+    values = [given] if isinstance(given, str) else list(given)
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"{kind} must be one of {allowed}, got {v!r}")
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{kind}: give each of {allowed} at most once and at least one, got {values}")
+    return [v for v in allowed if v in values]
+
+
+def convert_obp(
+    out_url: str,
+    *,
+    policy: str | Sequence[str] = "random",
+    campaign: str | Sequence[str] = "all",
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_samples_per_shard: int = 5000,
+    options: StorageOptions | None = None,
+) -> CTRSummary:
+    """Convert packaged Open Bandit logs (10,000 impressions each) to CTR shards under ``out_url``.
+
+    One ``policy`` and one ``campaign`` convert that log; lists of them convert every (policy, campaign)
+    log of the cross product into one data set (module docstring: several logs)."""
+    policies, campaigns = (
+        _choices("policy", policy, OBP_POLICIES),
+        _choices("campaign", campaign, OBP_CAMPAIGNS),
+    )
+    logs = [_read_log(p, c) for p in policies for c in campaigns]
+    several = len(logs) > 1
 
     def value(where: str, row: dict[str, str], column: str) -> str:
         try:
@@ -120,42 +182,72 @@ def convert_obp(
         except KeyError:
             raise ConversionError(f"{where}: no column {column!r}") from None
 
-    # vocabularies of the hashed categorical columns: sorted distinct values -> ids 1..V
+    # vocabularies of the hashed categorical columns over all logs: sorted distinct values -> ids 1..V
     seen: dict[str, set[str]] = {name: set() for name in _VOCAB_FEATURES}
-    for lineno, row in rows:
-        where = f"{log_path}:{lineno}"
-        for name in _USER:
-            seen[name].add(value(where, row, name))
-        item = _item(items, value(where, row, "item_id"), where)
-        for name in _ITEM:
-            seen[name].add(value(f"{items_path} (item {item})", items[item], name))
+    for log in logs:
+        for lineno, row in log.rows:
+            where = f"{log.path}:{lineno}"
+            for name in _USER:
+                seen[name].add(value(where, row, name))
+            item = _item(log.items, value(where, row, "item_id"), where)
+            for name in _ITEM:
+                seen[name].add(value(f"{log.items_path} (item {item})", log.items[item], name))
     vocab = {name: {v: i for i, v in enumerate(sorted(seen[name]), start=1)} for name in _VOCAB_FEATURES}
-    num_items = max(items) + 1
+    # item ids namespaced by campaign: the campaigns' item sets differ, the policies of one campaign share it
+    item_offsets: dict[str, int] = {}
+    first_items: dict[str, _Log] = {}
+    num_items = 0
+    for log in logs:
+        if log.campaign in first_items:
+            if set(log.items) != set(first_items[log.campaign].items):
+                raise ConversionError(
+                    f"{log.items_path}: its item ids differ from those of {first_items[log.campaign].items_path}"
+                )
+            continue
+        first_items[log.campaign] = log
+        item_offsets[log.campaign] = num_items
+        num_items += max(log.items) + 1
+    sparse_names = OBP_SPARSE_NAMES + (_LOG_FEATURES if several else [])
     buckets = [num_items + 1, 4] + [len(vocab[n]) + 1 for n in _VOCAB_FEATURES] + [25, 8]
+    if several:
+        buckets += [len(policies) + 1, len(campaigns) + 1]
 
+    # each log split by the fractions (its last rows are test); positions run over the train rows of
+    # all logs interleaved by time, then the valid rows, then the test rows
+    n_rows = [len(log.rows) for log in logs]
     writer = CTRDatasetWriter(
         out_url,
-        name=f"obp-{policy}-{campaign}",
-        num_rows=len(rows),
+        name=f"obp-{'+'.join(policies)}-{'+'.join(campaigns)}",
+        num_rows=sum(n_rows),
         dense_names=OBP_DENSE_NAMES,
-        sparse_names=OBP_SPARSE_NAMES,
+        sparse_names=sparse_names,
         hash_buckets=buckets,
         valid_fraction=valid_fraction,
         test_fraction=test_fraction,
         max_samples_per_shard=max_samples_per_shard,
         options=options,
+        parts=n_rows,
     )
+    sections: list[list[tuple[datetime, int, int]]] = [[], [], []]  # (time, log, row) per split
+    for index, (log, n) in enumerate(zip(logs, n_rows, strict=True)):
+        valid_start = n - int(n * valid_fraction) - int(n * test_fraction)
+        test_start = n - int(n * test_fraction)
+        for i, when in enumerate(log.times):
+            section = 0 if i < valid_start else 1 if i < test_start else 2
+            sections[section].append((when, index, i))
+    order = [entry for section in sections for entry in (sorted(section) if several else section)]
     with writer:
-        for position, (lineno, row) in enumerate(rows):
-            where = f"{log_path}:{lineno}"
+        for position, (when, index, i) in enumerate(order):
+            log = logs[index]
+            lineno, row = log.rows[i]
+            where = f"{log.path}:{lineno}"
             try:
                 label = int(row["click"])
-                item = _item(items, row["item_id"], where)
+                item = _item(log.items, row["item_id"], where)
                 slot = int(row["position"])
-                affinities = [float(row[c]) for c in affinity_columns]
+                affinities = [float(row[c]) for c in log.affinity_columns]
                 shown = float(row[f"user-item_affinity_{item}"])
-                when = datetime.fromisoformat(row["timestamp"])
-                item_numeric = float(items[item]["item_feature_0"])
+                item_numeric = float(log.items[item]["item_feature_0"])
             except (KeyError, ValueError) as e:
                 raise ConversionError(f"{where}: bad impression ({type(e).__name__}: {e})") from e
             if label not in (0, 1) or not 1 <= slot <= 3:
@@ -167,20 +259,37 @@ def convert_obp(
                 math.log1p(sum(a != 0 for a in affinities)),
             ]
             sparse = [
-                item + 1,
+                item_offsets[log.campaign] + item + 1,
                 slot,
                 *(vocab[n][row[n]] for n in _USER),
-                *(vocab[n][items[item][n]] for n in _ITEM),
+                *(vocab[n][log.items[item][n]] for n in _ITEM),
                 when.hour + 1,
                 when.isoweekday(),
             ]
+            if several:
+                sparse += [policies.index(log.policy) + 1, campaigns.index(log.campaign) + 1]
             writer.write(position, label, dense, sparse)
+    sparse_columns = {
+        "item_id": "item_id + 1" + (" + the campaign's offset (obp.item_id_offsets)" if several else ""),
+        "position": "position (1..3)",
+        **{n: "vocabulary id (obp.vocabularies), 1..V" for n in _VOCAB_FEATURES},
+        "hour": "UTC hour of timestamp + 1",
+        "weekday": "ISO weekday of timestamp (Monday = 1)",
+    }
+    if several:
+        sparse_columns["policy"] = f"the log's policy: {policies} -> 1..{len(policies)}"
+        sparse_columns["campaign"] = f"the log's campaign: {campaigns} -> 1..{len(campaigns)}"
     extra: dict[str, Any] = {
-        "sources": [log_path, items_path],
+        "sources": [path for log in logs for path in (log.path, log.items_path)],
         "obp": {
             "package": "obp==0.4.1",
-            "policy": policy,
-            "campaign": campaign,
+            "policy": policies[0] if not several else policies,
+            "campaign": campaigns[0] if not several else campaigns,
+            **(
+                {"logs": [f"{log.policy}/{log.campaign}" for log in logs], "item_id_offsets": item_offsets}
+                if several
+                else {}
+            ),
             "columns": {
                 "label": "click",
                 "dense": {
@@ -189,13 +298,7 @@ def convert_obp(
                     "affinity_total": "log1p(sum of user-item_affinity_*)",
                     "affinity_count": "log1p(number of non-zero user-item_affinity_*)",
                 },
-                "sparse": {
-                    "item_id": "item_id + 1",
-                    "position": "position (1..3)",
-                    **{n: "vocabulary id (obp.vocabularies), 1..V" for n in _VOCAB_FEATURES},
-                    "hour": "UTC hour of timestamp + 1",
-                    "weekday": "ISO weekday of timestamp (Monday = 1)",
-                },
+                "sparse": sparse_columns,
                 "unused": ["propensity_score", "index column"],
             },
             "vocabularies": {n: sorted(vocab[n], key=vocab[n].__getitem__) for n in _VOCAB_FEATURES},

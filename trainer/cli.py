@@ -455,8 +455,21 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         help="strength (logit std) of an element-level dense x latent cross term; 0: off",
     )
     obp = _writer("convert-obp", "Open Bandit Dataset click logs from the obp wheel")
-    obp.add_argument("--policy", choices=["random", "bts"], default="random", help="logging policy")
-    obp.add_argument("--campaign", choices=["all", "men", "women"], default="all", help="campaign")
+    obp.add_argument(
+        "--policy",
+        nargs="+",
+        choices=["random", "bts"],
+        default=["random"],
+        help="logging policy; several: their logs in one data set",
+    )
+    obp.add_argument(
+        "--campaign",
+        nargs="+",
+        choices=["all", "men", "women"],
+        default=["all"],
+        help="campaign; several: their logs in one data set (all six: --policy random bts "
+        "--campaign all men women)",
+    )
 
     for writer, shard_size in ((criteo, 50_000), (synthetic_ctr, 10_000), (obp, 5_000)):
         writer.add_argument("--valid-fraction", type=float, default=0.1, help="rows before the test part")

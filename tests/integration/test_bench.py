@@ -158,3 +158,51 @@ def test_ctr_models_bench_prints_the_table_and_the_claims(tmp_path):
     assert "| claim (DLRM paper, §2–3) | measured here | verdict |" in section
     for claim in ("most computationally efficient", "the CIN is the most expensive", "hand-made crosses"):
         assert claim in section, claim
+
+
+def test_ctr_models_datasets_replaces_only_the_open_bandit_columns(tmp_path):
+    """``--datasets obp``: the OBP columns and data phrase are replaced, everything else stays; a rerun
+    replaces its note instead of adding one; other data sets are refused (the claims rest on them)."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import ctr_models
+    finally:
+        sys.path.remove(os.path.join(REPO, "bench"))
+    models = [key for key in ctr_models.MODELS if key != "wide_deep+crosses"]
+    old_row = (
+        "| DLRM | 1 | 2 | 0.1 | 3 | 4 | 0.7000 | 0.6000 | 0.3740 ± 0.4099 | 0.5 | 0.9 | 0.95 | 15.4447 |"
+    )
+    section = "\n".join(
+        [
+            ctr_models.BEGIN,
+            "Data: synthetic ...; Open Bandit random/all, 8,000 / 1,000 (1 test clicks). 1 pass(es) ...",
+            "",
+            "| model | table params | dense params | MFLOPs/sample | samples/s, 1 rank | samples/s, 2 ranks |"
+            " AUC synthetic | AUC + higher order | AUC Open Bandit | log loss synthetic |"
+            " NE synthetic | NE + higher order | NE Open Bandit |",
+            "|" + "---|" * 13,
+            old_row,
+            "",
+            ctr_models.END,
+        ]
+    )
+    acc = {
+        f"obp/{key}": [dict(auc=0.6, logloss=0.02, ne=0.98), dict(auc=0.62, logloss=0.02, ne=0.96)]
+        for key in models
+    }
+    meta = {"obp": dict(rows={"train": 48_000, "test": 6000}, test_positives=31)}
+    new = ctr_models.replace_columns(section, acc, meta, "python bench/ctr_models.py --datasets obp", 60.0)
+    assert (
+        "| DLRM | 1 | 2 | 0.1 | 3 | 4 | 0.7000 | 0.6000 | 0.6100 ± 0.0141 | 0.5 | 0.9 | 0.95 | 0.9700 ± 0.0141 |"
+        in new
+    )
+    assert "random/all" not in new and "48,000 train / 6,000 test impressions (31 test clicks). 1 pass" in new
+    assert "Columns AUC Open Bandit, NE Open Bandit: `python bench/ctr_models.py --datasets obp`" in new
+    assert (
+        ctr_models.replace_columns(new, acc, meta, "python bench/ctr_models.py --datasets obp", 60.0) == new
+    )
+    script = os.path.join(REPO, "bench", "ctr_models.py")
+    done = subprocess.run(
+        [sys.executable, script, "--datasets", "synthetic"], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 2 and "only `--datasets obp`" in done.stderr

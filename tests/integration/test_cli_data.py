@@ -42,3 +42,15 @@ def test_ctr_data_from_the_command_line(tmp_path, capsys):
     assert "26" in capsys.readouterr().err
     assert main(["data", "convert-obp", str(tmp_path / "obp"), "--campaign", "men"]) == 0
     assert json.loads((tmp_path / "obp" / "dataset.json").read_text())["kind"] == "ctr"
+    # several logs in one data set; a log named twice is an error
+    assert (
+        main(["data", "convert-obp", str(tmp_path / "two"), "--policy", "random", "bts", "--campaign", "men"])
+        == 0
+    )
+    assert json.loads((tmp_path / "two" / "dataset.json").read_text())["obp"]["logs"] == [
+        "random/men",
+        "bts/men",
+    ]
+    capsys.readouterr()
+    assert main(["data", "convert-obp", str(tmp_path / "bad-obp"), "--policy", "bts", "bts"]) == 2
+    assert "policy: give each of" in capsys.readouterr().err

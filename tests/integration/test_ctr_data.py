@@ -340,6 +340,44 @@ def test_obp_conversion(tmp_path: Any, policy: str, campaign: str) -> None:
     assert len(vocab["user_feature_0"]) + 1 == dataset.hash_buckets[2]
 
 
+def test_obp_all_six_logs_in_one_data_set(tmp_path: Any) -> None:
+    """Both policies x the three campaigns: every log split on its own, items namespaced by campaign."""
+    _require_obp()
+    from data_pipeline.obp import OBP_CAMPAIGNS, OBP_POLICIES, OBP_SPARSE_NAMES, convert_obp
+
+    out = str(tmp_path / "obp")
+    summary = convert_obp(out, policy=OBP_POLICIES, campaign=OBP_CAMPAIGNS)
+    assert summary.num_rows == 60_000 and summary.rows == {"train": 48_000, "valid": 6000, "test": 6000}
+    dataset = CTRDataset.open(out)
+    assert dataset.sparse_features == [*OBP_SPARSE_NAMES, "policy", "campaign"]
+    meta = dataset.meta["obp"]
+    assert meta["logs"] == [f"{p}/{c}" for p in OBP_POLICIES for c in OBP_CAMPAIGNS]
+    assert len(dataset.meta["sources"]) == 12
+    policy_col, campaign_col = len(OBP_SPARSE_NAMES), len(OBP_SPARSE_NAMES) + 1
+    items_of: dict[int, set[int]] = {}
+    for split, rows_per_log in (("train", 8000), ("valid", 1000), ("test", 1000)):
+        ids = np.stack([r.sparse for r in iter_ctr_samples(out, split)])
+        assert (ids >= 1).all() and (ids < np.array(dataset.hash_buckets)).all()
+        logs, counts = np.unique(ids[:, [policy_col, campaign_col]], axis=0, return_counts=True)
+        assert len(logs) == 6 and (counts == rows_per_log).all(), (
+            split,
+            logs,
+            counts,
+        )  # every log, its share
+        for campaign in (1, 2, 3):
+            items_of.setdefault(campaign, set()).update(ids[ids[:, campaign_col] == campaign, 0].tolist())
+    # no item id shared between campaigns; the sizes of the campaigns' item_context.csv (80, 34, 46)
+    assert not (items_of[1] & items_of[2] or items_of[1] & items_of[3] or items_of[2] & items_of[3])
+    assert meta["item_id_offsets"] == {"all": 0, "men": 80, "women": 114}
+    assert dataset.hash_buckets[0] == 80 + 34 + 46 + 1
+    assert max(items_of[1]) <= 80 < min(items_of[2]) and max(items_of[2]) <= 114 < min(items_of[3])
+    # the single-log conversion of random/men gives the same item, shifted by the campaign's offset
+    one = str(tmp_path / "men")
+    convert_obp(one, policy="random", campaign="men")
+    men_items = {r.sparse[0] for r in iter_ctr_samples(one, "train")}
+    assert {i + 80 for i in men_items} <= items_of[2]
+
+
 def test_obp_argument_errors(tmp_path: Any) -> None:
     from data_pipeline.obp import convert_obp
 
@@ -347,6 +385,13 @@ def test_obp_argument_errors(tmp_path: Any) -> None:
         convert_obp(str(tmp_path), policy="greedy")
     with pytest.raises(ValueError, match="campaign must be one of"):
         convert_obp(str(tmp_path), campaign="kids")
+    with pytest.raises(ValueError, match="campaign must be one of .* got 'kids'"):
+        convert_obp(str(tmp_path), campaign=["all", "kids"])
+    with pytest.raises(ValueError, match=r"policy: give each of .* at most once .* \['random', 'random'\]"):
+        convert_obp(str(tmp_path), policy=["random", "random"])
+    with pytest.raises(ValueError, match="campaign: give each of .* at least one"):
+        convert_obp(str(tmp_path), campaign=[])
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 # ------------------------------------------------------------------------ synthetic: higher-order terms
