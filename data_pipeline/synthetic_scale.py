@@ -44,7 +44,13 @@ import numpy as np
 from data_pipeline.features import FEATURES_VERSION, write_feature_table
 from data_pipeline.shards import ShardWriter
 from data_pipeline.storage import StorageOptions, atomic_write, join
-from data_pipeline.synthetic_shards import SyntheticShardsSummary, _check, _existing_dataset, _progress
+from data_pipeline.synthetic_shards import (
+    SyntheticShardsSummary,
+    _check,
+    _commit_dataset,
+    _existing_dataset,
+    _progress,
+)
 
 __all__ = ["SYNTHETIC_FEATURE_MODEL", "ScaleCatalog", "prepare_synthetic_scale", "write_synthetic_features"]
 
@@ -257,17 +263,7 @@ def prepare_synthetic_scale(
         "skipped": {},
         "generator": {**meta, "max_samples_per_shard": max_samples_per_shard},
     }
-    # last: a dataset.json means the shard sets (and the features) are complete
-    with atomic_write(join(out_url, "dataset.json"), options) as f:
-        f.write(json.dumps(dataset, indent=1, sort_keys=True).encode())
-    return SyntheticShardsSummary(
-        out_url=out_url,
-        num_items=num_items,
-        num_users=num_users,
-        num_interactions=num_interactions,
-        item_shards=len(items.shards),
-        user_shards=len(users.shards),
-    )
+    return _commit_dataset(out_url, dataset, items, users, options)
 
 
 def write_synthetic_features(

@@ -349,14 +349,21 @@ def prepare_synthetic(
         "item_text_template": ITEM_TEXT_TEMPLATE,
         "generator": {**meta, "max_samples_per_shard": max_samples_per_shard},
     }
-    # last: a dataset.json means both shard sets (and their manifests) are complete
+    return _commit_dataset(out_url, dataset, items, users, options)
+
+
+def _commit_dataset(
+    out_url: str, dataset: dict, items: ShardWriter, users: ShardWriter, options: StorageOptions | None
+) -> SyntheticShardsSummary:
+    """Write ``dataset.json`` (last: its presence means the shard sets, their manifests and any feature
+    tables are complete) and summarise what was written."""
     with atomic_write(join(out_url, "dataset.json"), options) as f:
         f.write(json.dumps(dataset, indent=1, sort_keys=True).encode())
     return SyntheticShardsSummary(
         out_url=out_url,
-        num_items=num_items,
-        num_users=num_users,
-        num_interactions=num_interactions,
+        num_items=dataset["num_items"],
+        num_users=dataset["num_users"],
+        num_interactions=dataset["num_interactions"],
         item_shards=len(items.shards),
         user_shards=len(users.shards),
     )
