@@ -478,10 +478,11 @@ def plot(outcomes: dict[str, Outcome], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_section(path: str, section: str) -> None:
+def write_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` in ``path`` (or append the section)."""
     text = open(path).read()
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path + ".tmp", "w") as f:

@@ -1,0 +1,124 @@
+"""Sampled softmax against the full softmax on real data (Amazon Beauty); writes a table into docs/scale.md.
+
+    .venv/bin/python bench/sampled_softmax.py                  # four sampled runs, one thread each
+    .venv/bin/python bench/sampled_softmax.py --report-only    # the table from the runs done so far
+
+The full-softmax reference is bench/quality.py's ``beauty`` run of the same seed (configs/amazon-beauty.yaml,
+every setting the same); each sampled run adds only ``train.loss=sampled`` and its sampler settings. Runs
+live beside the quality runs (runs/quality/), continue from their checkpoints when interrupted, and are
+not run again once they have ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from quality import STUDIES as QUALITY_STUDIES  # bench/, the script's folder, is on sys.path
+from quality import Outcome, Study, prepare, run_dir, train, write_section
+from trunk import machine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+FULL = next(s for s in QUALITY_STUDIES if s.name == "beauty")
+SAMPLED = [
+    Study(
+        f"beauty-sampled-{sampler}-{negatives}",
+        FULL.config,
+        FULL.data,
+        ("train.loss=sampled", f"train.negative_sampling={sampler}", f"train.num_negatives={negatives}"),
+        seeds=(42,),
+        label=f"sampled, {sampler}, {negatives} negatives",
+    )
+    for negatives in (1024, 256)
+    for sampler in ("uniform", "popularity")
+]
+DEFAULT = "beauty-sampled-uniform-1024"
+"""The sampled loss at its default settings (train.negative_sampling, train.num_negatives)."""
+BEGIN, END = "<!-- bench/sampled_softmax.py:begin -->", "<!-- bench/sampled_softmax.py:end -->"
+
+
+def outcomes() -> dict[str, Outcome]:
+    found = {}
+    for study in [FULL, *SAMPLED]:
+        outcome = Outcome(study)
+        for seed in study.seeds:
+            path = os.path.join(run_dir(study, seed), "metrics.json")
+            if os.path.exists(path):
+                outcome.runs[seed] = json.load(open(path))
+        if outcome.runs:
+            found[study.name] = outcome
+    return found
+
+
+def render(found: dict[str, Outcome], command: str) -> str:
+    full = found.get(FULL.name)
+    lines = [
+        BEGIN,
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}, one thread per run  ",
+        f"Date: {time.strftime('%Y-%m-%d')}",
+        "",
+        "| loss | NDCG@10 | Recall@10 | NDCG@10 / full | epochs (best) | training time | time per epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for study in [FULL, *SAMPLED]:
+        outcome = found.get(study.name)
+        if outcome is None:
+            lines.append(f"| {study.label or 'full softmax'} | (not run yet) | | | | | |")
+            continue
+        largest = outcome.sizes()[-1]
+        ndcg = statistics.mean(outcome.values(largest, "NDCG@10"))
+        recall = statistics.mean(outcome.values(largest, "Recall@10"))
+        ratio = (
+            "" if full is None else f"{ndcg / statistics.mean(full.values(largest, 'NDCG@10')) * 100:.0f} %"
+        )
+        run = next(iter(outcome.runs.values()))
+        seconds = run.get("train_seconds", float("nan"))
+        label = "full softmax" if study is FULL else study.label
+        if study.name == DEFAULT:
+            label += " (the default)"
+        lines.append(
+            f"| {label} | {ndcg:.4f} | {recall:.4f} | {ratio} | {run['epochs']} ({run['best_epoch']}) "
+            f"| {seconds / 60:.0f} min | {seconds / run['epochs']:.0f} s |"
+        )
+    lines += [
+        "",
+        "Test metrics at the largest size (128), full ranking over all 12,101 items, seed 42. Training time "
+        "excludes the per-epoch validation.",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", default=",".join(s.name for s in SAMPLED), help="comma-separated")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
+    parser.add_argument("--report-only", action="store_true", help="write the table from finished runs")
+    parser.add_argument("--output", default=os.path.join(REPO, "docs", "scale.md"))
+    args = parser.parse_args()
+    names = args.studies.split(",")
+    unknown = sorted(set(names) - {s.name for s in SAMPLED})
+    if unknown:
+        parser.error(f"unknown studies {unknown}; known: {[s.name for s in SAMPLED]}")
+    if not args.report_only:
+        prepare(FULL.data)
+        jobs = [(s, seed) for s in SAMPLED if s.name in names for seed in s.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(train, s, seed) for s, seed in jobs]:
+                future.result()
+    section = render(outcomes(), ("python bench/sampled_softmax.py " + " ".join(sys.argv[1:])).strip())
+    print(section)
+    write_section(args.output, section, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
