@@ -399,33 +399,34 @@ def test_obp_argument_errors(tmp_path: Any) -> None:
 
 def _logistic_regression_gain(draw: dict, signal: str) -> float:
     """Held-out AUC gained by adding ``draw[signal]`` to a logistic regression on one-hot values and
-    standardised dense counts (full batch, Adam; first 15,000 rows to fit, the rest to test)."""
-    values = torch.from_numpy(draw["values"] + 1)  # 0: missing
+    standardised dense counts (full batch, Adam; first 15,000 rows to fit, the rest to test). The gradient
+    of the one-hot part is a weighted bincount, written out: autograd through embedding_bag took 30x longer."""
+    index = torch.from_numpy(draw["values"] + 1) + torch.arange(draw["values"].shape[1]) * 102  # 0: missing
     dense = torch.from_numpy(np.log1p(np.maximum(draw["counts"], 0))).float()
     dense = (dense - dense.mean(0)) / dense.std(0)
     extra = torch.from_numpy(draw[signal]).float().unsqueeze(1)
     labels = torch.from_numpy(draw["labels"]).float()
-    offsets = torch.arange(values.shape[1]) * 102
     fit, held = slice(0, 15_000), slice(15_000, None)
     aucs = []
     for columns in (dense, torch.cat([dense, extra], dim=1)):
-        torch.manual_seed(0)
-        weights = torch.zeros(values.shape[1] * 102, 1, requires_grad=True)
-        slopes = torch.zeros(columns.shape[1], requires_grad=True)
-        bias = torch.zeros(1, requires_grad=True)
+        weights = torch.zeros(index.shape[1] * 102)
+        slopes = torch.zeros(columns.shape[1])
+        bias = torch.zeros(1)
 
         def logits(rows: slice, weights=weights, columns=columns, slopes=slopes, bias=bias) -> torch.Tensor:  # noqa: ANN001
-            hot = torch.nn.functional.embedding_bag(values[rows] + offsets, weights, mode="sum").squeeze(-1)
-            return hot + columns[rows] @ slopes + bias
+            return weights[index[rows]].sum(1) + columns[rows] @ slopes + bias
 
         opt = torch.optim.Adam([weights, slopes, bias], lr=0.05)
+        n = fit.stop
         for _ in range(150):
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(fit), labels[fit])
-            (loss + 1e-4 * weights.square().sum()).backward()
+            residual = (torch.sigmoid(logits(fit)) - labels[fit]) / n  # d(mean BCE)/d(logit)
+            weights.grad = torch.bincount(
+                index[fit].reshape(-1), residual.repeat_interleave(index.shape[1]), weights.numel()
+            ).float() + 2e-4 * weights
+            slopes.grad = columns[fit].T @ residual
+            bias.grad = residual.sum().reshape(1)
             opt.step()
-        with torch.no_grad():
-            aucs.append(roc_auc(logits(held), labels[held]))
+        aucs.append(roc_auc(logits(held), labels[held]))
     return aucs[1] - aucs[0]
 
 
