@@ -268,19 +268,22 @@ class Trainer:
         seconds = self.window.epoch_seconds()
         self.progress.train_seconds += seconds
         self.progress.epochs = epoch
+        started = time.perf_counter()
         valid = self.task.evaluate("valid")
+        valid_seconds = time.perf_counter() - started
         self.log_scalars(self.task.scalars("valid", valid))
         improved = self.stopping.update(self.task.score(valid), epoch, self.progress.steps, valid)
         if improved:
             self.best_weights = self.parallel.snapshot()
         if self.main:
             log.info(
-                "epoch %d: loss %.4f, %.0f %s/s, valid %s%s",
+                "epoch %d: loss %.4f, %.0f %s/s, valid %s (evaluated in %.1f s)%s",
                 epoch,
                 self.progress.epoch_loss(self.window.first_step),
                 self.window.samples_in_epoch / max(seconds, 1e-9),  # training only, evaluation excluded
                 self.task.sample_unit,
                 self.task.describe(valid),
+                valid_seconds,
                 " (best)" if improved else "",
             )
         self.save()

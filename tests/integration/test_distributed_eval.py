@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer.evaluation import ranking
 from trainer.evaluation.metrics import target_ranks
 from trainer.evaluation.sharded import item_shard_range, sharded_target_ranks, sharded_topk
 
@@ -131,9 +132,28 @@ def _worker(rank: int, port: int, inputs: str, out_dir: str) -> None:
             )
         except ValueError as error:
             results["bad_shards"] = str(error)
+        # the evaluation's item shard, built a chunk at a time: 7 items in chunks of 2 (rank 0 owns 4, rank
+        # 1 owns 3: rank 1 joins the last collective with a dummy id), and 1 item (rank 1 owns none)
+        ranking.ITEM_CHUNK = 2
+        results["item_shard_7"] = ranking._item_shard(_CountingModel(), 7, torch.device("cpu"))
+        results["item_shard_1"] = ranking._item_shard(_CountingModel(), 1, torch.device("cpu"))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+class _CountingModel:
+    """Stands in for ParallelFMRL: an item's vector is (id, calls so far on every rank); the call is a
+    collective (an all-reduce), so ranks that made different numbers of calls would hang or mismatch."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def item_representations(self, ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        together = torch.tensor([self.calls])
+        dist.all_reduce(together)
+        return torch.stack([ids.double(), together.double().expand(len(ids))], dim=1)
 
 
 def _free_port() -> int:
@@ -218,6 +238,13 @@ def test_sharded_topk_equals_torch_topk(results, name):
 def test_inconsistent_shards_raise_on_every_rank(results):
     for rank in range(WORLD):
         assert "tile 1..N" in results[rank]["bad_shards"]
+
+
+def test_the_evaluation_item_shard_is_built_in_chunks_every_rank_joining_every_call(results):
+    first, second = (r["item_shard_7"] for r in results)
+    assert first[:, 0].tolist() == [1, 2, 3, 4] and second[:, 0].tolist() == [5, 6, 7]
+    assert first[:, 1].tolist() == [2, 2, 4, 4] and second[:, 1].tolist() == [2, 2, 4]  # 2 calls each
+    assert results[0]["item_shard_1"][:, 0].tolist() == [1] and results[1]["item_shard_1"].shape == (0, 2)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

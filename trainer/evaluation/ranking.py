@@ -38,6 +38,26 @@ def _rank_batches(
     return mine, max(counts)
 
 
+ITEM_CHUNK = 65_536
+"""Items whose representations are built at a time (the temporaries of a 10M-item shard would not fit)."""
+
+
+def _item_shard(parallel: ParallelFMRL, num_items: int, device: torch.device) -> torch.Tensor:
+    """(S, D) representations of this rank's items (``item_shard_range``), ITEM_CHUNK at a time. Every
+    rank makes the same number of (collective) calls; one whose range is used up joins with item 1."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lo, hi = item_shard_range(num_items, rank, world)
+    largest = -(-num_items // world)  # the first ranks' shards
+    parts = []
+    for start in range(lo, lo + max(largest, 1), ITEM_CHUNK):
+        ids = torch.arange(start, min(start + ITEM_CHUNK, hi), device=device)
+        vectors = parallel.item_representations(
+            ids if len(ids) else torch.ones(1, dtype=torch.int64, device=device)
+        )
+        parts.append(vectors[: len(ids)])
+    return torch.cat(parts)
+
+
 def reduce_metrics(metrics: RankingMetrics, keys: Sequence[int]) -> dict[int, dict[str, float]]:
     """Add the per-rank metric sums and counts over all ranks, then average."""
     names = [f"{m}@{k}" for m in METRIC_NAMES for k in metrics.ks]
@@ -73,8 +93,8 @@ def evaluate(
     device = device or torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     parallel.set_training(False)
-    lo, hi = item_shard_range(dataset.num_items, rank, world)
-    item_shard = parallel.item_representations(torch.arange(lo, hi, device=device))  # (S, D)
+    item_shard = _item_shard(parallel, dataset.num_items, device)  # (S, D)
+    lo, _ = item_shard_range(dataset.num_items, rank, world)
     batches, count = _rank_batches(dataset, split, batch_size, max_len, max_users)
     metrics = RankingMetrics(ks)
     for _ in progress_bar(range(count), total=count, desc=split, enabled=progress):
