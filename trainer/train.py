@@ -332,9 +332,17 @@ class Trainer:
         self.checkpoints.close()  # the last asynchronous save commits before the run reports
         self.close_logs()
         self.parallel.restore(self.best_weights)
+        started = time.perf_counter()
         save_weights(self.parallel, os.path.join(self.run_dir, "model.safetensors"))
+        saved = time.perf_counter()
         result = self.result()
         result.test_metrics, result.baseline_metrics = self.task.test()
+        if self.main:
+            log.info(
+                "model.safetensors written in %.1f s, test evaluated in %.1f s",
+                saved - started,
+                time.perf_counter() - saved,
+            )
         self.log_scalars(self.task.scalars("test", result.test_metrics))
         log.info(
             "rank %d: %d steps in %.0f s (%.2f steps/s), peak RSS %.0f MiB",
