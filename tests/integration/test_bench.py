@@ -206,3 +206,28 @@ def test_ctr_models_datasets_replaces_only_the_open_bandit_columns(tmp_path):
         [sys.executable, script, "--datasets", "synthetic"], capture_output=True, text=True, cwd=REPO
     )
     assert done.returncode == 2 and "only `--datasets obp`" in done.stderr
+
+
+def test_scale_benches_report_what_has_run(tmp_path):
+    """--report-only writes the table of the runs found (none in a fresh clone) between its markers."""
+    for script, header in (
+        (
+            "scale_runs.py",
+            "| run | ranks | trainable params | steps (epochs) | steps/s | peak RSS per rank |",
+        ),
+        ("sampled_softmax.py", "| loss | NDCG@10 | Recall@10 | NDCG@10 / full | epochs (best) |"),
+    ):
+        output = tmp_path / f"{script}.md"
+        output.write_text("# doc\n\nkept\n")
+        command = [
+            sys.executable,
+            os.path.join(REPO, "bench", script),
+            "--report-only",
+            "--output",
+            str(output),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+        assert done.returncode == 0, done.stderr[-3000:]
+        text = output.read_text()
+        assert text.startswith("# doc\n\nkept\n") and header in text, text
+        assert f"<!-- bench/{script}:begin -->" in text and f"<!-- bench/{script}:end -->" in text
