@@ -51,6 +51,7 @@ from data_pipeline.storage import (
     is_remote,
     join,
     open_read,
+    read_ranges,
     remove,
     s3_filesystem_kwargs,
     translated_errors,
@@ -304,11 +305,14 @@ class ItemTableSource:
     for each item table it holds on meta, a reader of that table's rows ("text", "image", "id" ->
     :class:`~data_pipeline.features.FeatureTableReader`). The item table is computed ``block_rows``
     items at a time, so with the tables on meta no item table is ever whole in memory
-    (:func:`open_run_items`); a model with its tables in memory (no readers) goes the same way."""
+    (:func:`open_run_items`); a model with its tables in memory (no readers) goes the same way.
+    ``checksums``: the sha256 of a read table's whole file (``features.json`` records them), checked
+    on the fingerprint's pass over its rows, before anything is written."""
 
     model: FMRLRec
     readers: dict[str, FeatureTableReader] = dataclasses.field(default_factory=dict)
     block_rows: int = EXPORT_BLOCK_ROWS
+    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.block_rows < 1:
@@ -356,14 +360,23 @@ class ItemTableSource:
         of the same trained model, however loaded and at any block size, different otherwise. (Not a hash
         of the computed item table: its last bits depend on how many rows one product covers.)"""
         digest = hashlib.sha256()
-        readers = {TABLE_KEYS[name]: reader for name, reader in self.readers.items()}
+        names = {TABLE_KEYS[name]: name for name in self.readers}
         for key, value in sorted(self.model.state_dict().items()):
             digest.update(key.encode())
-            if key in readers:
-                for start, stop in self._blocks():
-                    digest.update(_tensor_bytes(readers[key].read(start, stop - start)))
-            else:
+            if key not in names:
                 digest.update(_tensor_bytes(value))
+                continue
+            name = names[key]
+            reader, expected = self.readers[name], self.checksums.get(name)
+            file_digest = hashlib.sha256(read_ranges(reader.url, [(0, reader.data_start)], reader.options)[0])
+            for start, stop in self._blocks():
+                rows = reader.read(start, stop - start)  # (b, F) float32
+                digest.update(_tensor_bytes(rows))
+                file_digest.update(_tensor_bytes(rows.to(reader.dtype)))  # the file's own bytes
+            if expected is not None and file_digest.hexdigest() != expected:
+                raise ExportError(
+                    f"{reader.url} is corrupt: its sha256 differs from the one its index records"
+                )
         bags = self.model.item_tower.attribute_bags
         if bags is not None:
             for key, value in (
@@ -404,12 +417,12 @@ def open_run_items(
         for name, key in TABLE_KEYS.items()
         if key in in_file
     }
-    info = None
+    info, checksums = None, {}
     if cfg.model.use_text_features or cfg.model.use_image_features:
         text, image, info = open_feature_tables(features or cfg.data.features_url, options)
         for name, reader in (("text", text), ("image", image)):
             if reader is not None and name not in readers:
-                readers[name] = reader
+                readers[name], checksums[name] = reader, info[f"{name}_sha256"]
     bags = _attribute_bags(cfg, options)
     if info is not None:
         num_items = int(info["num_items"])
@@ -428,7 +441,12 @@ def open_run_items(
         tower.attributes.to_empty(device="cpu")
     _load_weights(model, small, weights_path, streamed=frozenset({TABLE_KEYS["id"]}))
     used = set(tower.table_names())
-    return ItemTableSource(model.eval(), {n: r for n, r in readers.items() if n in used}, block_rows)
+    return ItemTableSource(
+        model.eval(),
+        {n: r for n, r in readers.items() if n in used},
+        block_rows,
+        {n: c for n, c in checksums.items() if n in used},
+    )
 
 
 def _read_manifest(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
@@ -519,9 +537,11 @@ def export_items(
         if same_model:
             listed = dict(existing["sizes"])
         elif not overwrite:
+            written_by = existing.get("version")
+            earlier = f", written by export version {written_by}" if written_by != EXPORT_VERSION else ""
             raise ExportError(
-                f"{out_url} holds an export of another model (sizes {sorted(map(int, existing['sizes']))}): "
-                "export to another folder (--out), or pass --overwrite to replace that export"
+                f"{out_url} holds an export of another model (sizes {sorted(map(int, existing['sizes']))}"
+                f"{earlier}): export to another folder (--out), or pass --overwrite to replace that export"
             )
     used_folders = {entry["folder"] for entry in (existing or {}).get("sizes", {}).values()}
     state = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -114,6 +115,14 @@ def test_the_streamed_export_writes_what_the_model_held_whole_does(run_dir, tmp_
     # the same model from the other path adds sizes to the export: same model, nothing rewritten
     assert export_sizes(model, str(tmp_path / "streamed"), [16]) == streamed
 
+    # an export written before the fingerprint hashed the weights is not taken for this model's
+    index = tmp_path / "whole" / "export.json"
+    index.write_text(json.dumps({**whole, "version": 2}))
+    with pytest.raises(
+        ExportError, match=r"another model \(sizes \[8, 16, 32\], written by export version 2\)"
+    ):
+        export_items(open_run_items(run_dir, block_rows=BLOCK), str(tmp_path / "whole"), [8])
+
 
 def test_no_item_table_is_ever_whole(run_dir, tmp_path) -> None:
     source = open_run_items(run_dir, block_rows=BLOCK)
@@ -122,6 +131,7 @@ def test_no_item_table_is_ever_whole(run_dir, tmp_path) -> None:
         assert table is not None and table.weight.is_meta  # shapes only
     assert tower.attributes is not None and not tower.attributes.weight.is_meta  # small: in memory
     assert set(source.readers) == {"text", "image", "id"}
+    assert set(source.checksums) == {"text", "image"}  # features.json's: checked on the first pass
     # each read asks for one block of rows at most
     calls: dict[str, list[int]] = {name: [] for name in source.readers}
     for name, reader in source.readers.items():
@@ -172,3 +182,19 @@ def test_features_read_from_s3_and_the_export_written_there(run_dir, s3_server, 
     for m in SIZES:
         from_s3 = load_recommender(remote, m, s3_server.options)
         assert torch.equal(from_s3.items, load_recommender(str(tmp_path / "local"), m).items)
+
+
+def test_a_damaged_feature_file_is_refused_before_anything_is_written(run_dir, tmp_path) -> None:
+    data = load_saved_config(os.path.join(run_dir, "config.yaml")).data.features_url
+    copy = tmp_path / "features"
+    shutil.copytree(data, copy)
+    with open(copy / "features.json") as f:
+        text_file = copy / json.load(f)["text_file"]
+    damaged = bytearray(text_file.read_bytes())
+    damaged[-3] ^= 0x40  # one bit of the last row: the header and shape still read fine
+    text_file.write_bytes(bytes(damaged))
+    source = open_run_items(run_dir, features=str(copy), block_rows=BLOCK)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=f"{text_file} is corrupt"):
+        export_items(source, str(out), SIZES)
+    assert not out.exists()
