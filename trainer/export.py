@@ -19,6 +19,12 @@ sharded checkpoint (:func:`load_checkpoint_model`): one ``step-N`` folder, or a 
 newest complete checkpoint names the one holding the best weights. A checkpoint's commit marker carries
 the run's config, so the export needs no run folder; the checkpoint may come from any world size.
 
+A run folder is exported streamed (:func:`export_trained`: :func:`open_run_items`, then
+:func:`export_items`): the model's item tables stay on meta and the item table is computed and written
+:data:`EXPORT_BLOCK_ROWS` items at a time from range reads of the ID table and the feature files, so no
+item table is ever whole in memory, at any catalog size. A model held in memory (a checkpoint's, or one
+passed to :func:`export_sizes`) goes through the same :func:`export_items` and writes the same files.
+
 A DLRM (``task: dlrm``) has no nested sizes: :func:`export_dlrm` writes ``model.safetensors`` (the whole
 model, tables included), ``config.json`` (its :class:`~models.dlrm.DLRMConfig`) and ``export.json``, and
 :func:`load_click_model` turns them into a :class:`ClickModel` that predicts click probabilities.
@@ -368,12 +374,17 @@ class ItemTableSource:
                 continue
             name = names[key]
             reader, expected = self.readers[name], self.checksums.get(name)
-            file_digest = hashlib.sha256(read_ranges(reader.url, [(0, reader.data_start)], reader.options)[0])
+            file_digest = None
+            if expected is not None:  # the file's sha256: its header, then the rows read here
+                file_digest = hashlib.sha256(
+                    read_ranges(reader.url, [(0, reader.data_start)], reader.options)[0]
+                )
             for start, stop in self._blocks():
                 rows = reader.read(start, stop - start)  # (b, F) float32
                 digest.update(_tensor_bytes(rows))
-                file_digest.update(_tensor_bytes(rows.to(reader.dtype)))  # the file's own bytes
-            if expected is not None and file_digest.hexdigest() != expected:
+                if file_digest is not None:
+                    file_digest.update(_tensor_bytes(rows.to(reader.dtype)))  # the file's own bytes
+            if file_digest is not None and file_digest.hexdigest() != expected:
                 raise ExportError(
                     f"{reader.url} is corrupt: its sha256 differs from the one its index records"
                 )
@@ -527,7 +538,8 @@ def export_items(
             f"portable programs ({', '.join(formats)}) embed the whole ({model.num_items + 1}, m) item table, "
             f"which this export computes {source.block_rows} items at a time so as never to hold it: "
             "export without --formats (load_recommender and `fmrl serve` read the safetensors export), "
-            "or, if the table fits in memory, export from a checkpoint or in blocks of more rows than items"
+            "or, where the table fits in memory, export a checkpoint of the run (loaded whole) or pass "
+            "export_trained(..., block_rows=) above the number of items"
         )
     fingerprint = source.fingerprint()
     existing = _read_manifest(out_url, options)
