@@ -637,8 +637,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from models.dlrm import DLRM
-    from trainer.export import export_model, item_catalog, load_model, source_config
+    from trainer.export import export_trained, item_catalog, source_config
 
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes else None
@@ -647,11 +646,11 @@ def _export(args: argparse.Namespace) -> int:
             f"--sizes {args.sizes!r}: give comma-separated integers, e.g. --sizes 16,64"
         ) from None
     options = _options(args)
-    model = load_model(args.source, options, features=args.features)
+    config = source_config(args.source, options)
     out = args.out or f"{args.source.rstrip('/')}/export"
     catalog = None
-    if not isinstance(model, DLRM):
-        data_url = source_config(args.source, options).data.path
+    if config.task != "dlrm":
+        data_url = config.data.path
         try:  # the items' source ids and popularity come from the data set, when it is there
             catalog = item_catalog(data_url, options)
         except (OSError, ValueError) as error:
@@ -660,7 +659,9 @@ def _export(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else []
-    manifest = export_model(model, out, sizes, options, catalog, overwrite=args.overwrite, formats=formats)
+    manifest = export_trained(
+        args.source, out, sizes, options, catalog, args.overwrite, formats, features=args.features
+    )
     if manifest.get("task") == "dlrm":
         print(f"DLRM: {manifest['bytes'] / 2**20:.2f} MiB in {out}")
     for size, entry in manifest.get("sizes", {}).items():

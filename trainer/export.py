@@ -19,6 +19,12 @@ sharded checkpoint (:func:`load_checkpoint_model`): one ``step-N`` folder, or a 
 newest complete checkpoint names the one holding the best weights. A checkpoint's commit marker carries
 the run's config, so the export needs no run folder; the checkpoint may come from any world size.
 
+A run folder is exported streamed (:func:`export_trained`: :func:`open_run_items`, then
+:func:`export_items`): the model's item tables stay on meta and the item table is computed and written
+:data:`EXPORT_BLOCK_ROWS` items at a time from range reads of the ID table and the feature files, so no
+item table is ever whole in memory, at any catalog size. A model held in memory (a checkpoint's, or one
+passed to :func:`export_sizes`) goes through the same :func:`export_items` and writes the same files.
+
 A DLRM (``task: dlrm``) has no nested sizes: :func:`export_dlrm` writes ``model.safetensors`` (the whole
 model, tables included), ``config.json`` (its :class:`~models.dlrm.DLRMConfig`) and ``export.json``, and
 :func:`load_click_model` turns them into a :class:`ClickModel` that predicts click probabilities.
@@ -30,7 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +44,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from data_pipeline.features import load_feature_tables
+from data_pipeline.features import (
+    FeatureTableReader,
+    load_feature_tables,
+    open_feature_tables,
+    write_safetensors_blocks,
+)
 from data_pipeline.storage import (
     StorageOptions,
     atomic_write,
@@ -46,6 +57,7 @@ from data_pipeline.storage import (
     is_remote,
     join,
     open_read,
+    read_ranges,
     remove,
     s3_filesystem_kwargs,
     translated_errors,
@@ -61,8 +73,10 @@ from models.ctr import build_ctr_model
 from models.dlrm import CTRModel, DLRMConfig, ids_to_kjt
 from models.fmrl import AttributeBags, FMRLRec, slice_state_dict
 
-EXPORT_VERSION = 2
-"""2: export.json records each file's sha256, the model's fingerprint and the item catalog."""
+EXPORT_VERSION = 3
+"""2: export.json records each file's sha256, the model's fingerprint and the item catalog. 3: the
+fingerprint hashes the model's weights and attribute bags (what the item table is computed from), so an
+export that computes the table block by block can record it."""
 
 
 def _read(url: str, options: StorageOptions | None) -> bytes:
@@ -81,14 +95,7 @@ def load_trained_model(
 ) -> FMRLRec | CTRModel:
     """The best model of a finished run: its config, the dataset's frozen features (fMRL; ``features``
     names another copy of them) or its feature list (DLRM), its weights."""
-    from trainer.config import load_saved_config
-
-    config_path = os.path.join(run_dir, "config.yaml")
-    weights_path = os.path.join(run_dir, "model.safetensors")
-    for path in (config_path, weights_path):
-        if not os.path.exists(path):
-            raise ExportError(f"{path} is missing: {run_dir!r} is not a finished run folder")
-    cfg = load_saved_config(config_path)
+    cfg, weights_path = _run_files(run_dir)
     if cfg.task == "dlrm":
         from data_pipeline.ctr import CTRDataset
 
@@ -112,14 +119,35 @@ def load_trained_model(
     weights = st_load(_read(weights_path, options))
     num_items = info["num_items"] if info else int(weights["item_tower.id_embedding.weight"].shape[0]) - 1
     model = FMRLRec(cfg.model, num_items, text, image, _attribute_bags(cfg, options))
+    _load_weights(model, weights, weights_path)
+    return model.eval()
+
+
+def _run_files(run_dir: str) -> tuple[Any, str]:
+    """A finished run folder's config and the path of its weights (ExportError if either is missing)."""
+    from trainer.config import load_saved_config
+
+    config_path = os.path.join(run_dir, "config.yaml")
+    weights_path = os.path.join(run_dir, "model.safetensors")
+    for path in (config_path, weights_path):
+        if not os.path.exists(path):
+            raise ExportError(f"{path} is missing: {run_dir!r} is not a finished run folder")
+    return load_saved_config(config_path), weights_path
+
+
+def _load_weights(
+    model: FMRLRec, weights: dict[str, torch.Tensor], source: str, streamed: frozenset[str] = frozenset()
+) -> None:
+    """Load a run's trained ``weights`` into ``model``: every key must be the model's, and every
+    trainable weight there except the tables in ``streamed`` (read by row range instead)."""
     missing, unexpected = model.load_state_dict(weights, strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    if unexpected or set(missing) - frozen:
+    absent = set(missing) - frozen - streamed
+    if unexpected or absent:
         raise ExportError(
-            f"{weights_path} does not fit the run's config: unexpected {sorted(unexpected)[:3]}, "
-            f"missing {sorted(set(missing) - frozen)[:3]}"
+            f"{source} does not fit the run's config: unexpected {sorted(unexpected)[:3]}, "
+            f"missing {sorted(absent)[:3]}"
         )
-    return model.eval()
 
 
 def load_checkpoint_model(
@@ -232,7 +260,10 @@ def source_config(url: str, options: StorageOptions | None = None) -> Any:
     if not exists(join(url, COMMIT), options):
         latest = CheckpointManager(url, options).latest()
         if latest is None:
-            raise ExportError(f"{url} holds no complete checkpoint")
+            raise ExportError(
+                f"{url} is neither a finished run folder (config.yaml + model.safetensors) nor a "
+                "complete checkpoint nor a folder of checkpoints"
+            )
         url = latest
     marker = CheckpointManager(url.rsplit("/", 1)[0], options).marker(url)
     return config_from_dict(upgrade_saved_config(marker["config"]))
@@ -258,17 +289,175 @@ def item_catalog(dataset_url: str, options: StorageOptions | None = None) -> Ite
     return ItemCatalog(read_item_source_ids(dataset), counts)
 
 
-def model_fingerprint(model: FMRLRec) -> str:
-    """sha256 of what an fMRL export holds (trunk weights and the full item table): equal for two exports
-    of the same trained model, different otherwise."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        state = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
-        state["items"] = model.item_tower()
-        for key in sorted(state):
+EXPORT_BLOCK_ROWS = 65536
+"""Items per block when an export projects and writes the item table: what it holds of any item table at
+once is ``EXPORT_BLOCK_ROWS`` rows."""
+
+TABLE_KEYS = {
+    "text": "item_tower.text.weight",
+    "image": "item_tower.image.weight",
+    "id": "item_tower.id_embedding.weight",
+}
+"""The state-dict name of each item table an export may read by row range instead of holding whole."""
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@dataclass
+class ItemTableSource:
+    """What an fMRL export is computed from: the model (trunk, projector, attribute table in memory) and,
+    for each item table it holds on meta, a reader of that table's rows ("text", "image", "id" ->
+    :class:`~data_pipeline.features.FeatureTableReader`). The item table is computed ``block_rows``
+    items at a time, so with the tables on meta no item table is ever whole in memory
+    (:func:`open_run_items`); a model with its tables in memory (no readers) goes the same way.
+    ``checksums``: the sha256 of a read table's whole file (``features.json`` records them), checked
+    on the fingerprint's pass over its rows, before anything is written."""
+
+    model: FMRLRec
+    readers: dict[str, FeatureTableReader] = dataclasses.field(default_factory=dict)
+    block_rows: int = EXPORT_BLOCK_ROWS
+    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.block_rows < 1:
+            raise ExportError(f"block_rows must be at least 1, got {self.block_rows}")
+        tower = self.model.item_tower
+        for name, table in zip(tower.table_names(), tower.tables(), strict=True):
+            if table.weight.is_meta and name not in self.readers:
+                raise ExportError(f"the model's {name} table is on meta and no reader of its rows was given")
+            if name in self.readers and tuple(self.readers[name].shape) != tuple(table.weight.shape):
+                raise ExportError(
+                    f"the {name} table is {tuple(table.weight.shape)} in the model, "
+                    f"{tuple(self.readers[name].shape)} where its rows are read from"
+                )
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the item tables are read block by block (rather than held by the model)."""
+        return bool(self.readers)
+
+    def _blocks(self) -> Iterator[tuple[int, int]]:
+        total = self.model.num_items + 1
+        for start in range(0, total, self.block_rows):
+            yield start, min(total, start + self.block_rows)
+
+    def table_rows(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows ``start:stop`` of every item table, (stop - start, F_t) in ``ItemTower.tables`` order:
+        read where a reader is given, else looked up in the model (the attribute table pools bags)."""
+        tower = self.model.item_tower
+        own = tower.lookup(torch.arange(start, stop))  # meta rows for the tables on meta: no storage
+        return [
+            self.readers[name].read(start, stop - start) if name in self.readers else rows
+            for name, rows in zip(tower.table_names(), own, strict=True)
+        ]
+
+    @torch.no_grad()
+    def item_blocks(self) -> Iterator[torch.Tensor]:
+        """The item table (N + 1, D) in consecutive blocks of up to ``block_rows`` rows, (b, D) each."""
+        for start, stop in self._blocks():
+            yield self.model.item_tower.project(self.table_rows(start, stop))  # (b, D)
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """sha256 of what the export is computed from: every weight of the model by sorted name (an item
+        table read block by block where it is read) and the items' attribute bags. Equal for two exports
+        of the same trained model, however loaded and at any block size, different otherwise. (Not a hash
+        of the computed item table: its last bits depend on how many rows one product covers.)"""
+        digest = hashlib.sha256()
+        names = {TABLE_KEYS[name]: name for name in self.readers}
+        for key, value in sorted(self.model.state_dict().items()):
             digest.update(key.encode())
-            digest.update(state[key].detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+            if key not in names:
+                digest.update(_tensor_bytes(value))
+                continue
+            name = names[key]
+            reader, expected = self.readers[name], self.checksums.get(name)
+            file_digest = None
+            if expected is not None:  # the file's sha256: its header, then the rows read here
+                file_digest = hashlib.sha256(
+                    read_ranges(reader.url, [(0, reader.data_start)], reader.options)[0]
+                )
+            for start, stop in self._blocks():
+                rows = reader.read(start, stop - start)  # (b, F) float32
+                digest.update(_tensor_bytes(rows))
+                if file_digest is not None:
+                    file_digest.update(_tensor_bytes(rows.to(reader.dtype)))  # the file's own bytes
+            if file_digest is not None and file_digest.hexdigest() != expected:
+                raise ExportError(
+                    f"{reader.url} is corrupt: its sha256 differs from the one its index records"
+                )
+        bags = self.model.item_tower.attribute_bags
+        if bags is not None:
+            for key, value in (
+                ("attribute_bags.offsets", bags.offsets),
+                ("attribute_bags.values", bags.values),
+            ):
+                digest.update(key.encode())
+                digest.update(_tensor_bytes(value))
+        return digest.hexdigest()
+
+
+def model_fingerprint(model: FMRLRec) -> str:
+    """The fingerprint an export of ``model`` records (:meth:`ItemTableSource.fingerprint`)."""
+    return ItemTableSource(model).fingerprint()
+
+
+def open_run_items(
+    run_dir: str,
+    options: StorageOptions | None = None,
+    features: str | None = None,
+    block_rows: int = EXPORT_BLOCK_ROWS,
+) -> ItemTableSource:
+    """The best model of a finished fMRL run, for an export that never holds a whole item table: the
+    model is built with its tables on meta (``table_device="meta"``, feature tables as shapes), the small
+    weights (trunk, projector, attribute table) are loaded from ``model.safetensors``, and the ID table
+    (in ``model.safetensors``) and the frozen feature tables (the data set's, or ``features``) are read
+    ``block_rows`` rows at a time by range reads. The items' attribute bags are read whole (ids only)."""
+    from safetensors import safe_open
+
+    cfg, weights_path = _run_files(run_dir)
+    if cfg.task == "dlrm":
+        raise ExportError(f"{run_dir!r} is a DLRM run: it exports whole (load_trained_model, export_model)")
+    with safe_open(weights_path, "pt") as f:  # memory-mapped: only the tensors taken are read
+        in_file = set(f.keys())
+        small = {k: f.get_tensor(k) for k in sorted(in_file - set(TABLE_KEYS.values()))}
+    readers: dict[str, FeatureTableReader] = {
+        name: FeatureTableReader(weights_path, options, name=key)
+        for name, key in TABLE_KEYS.items()
+        if key in in_file
+    }
+    info, checksums = None, {}
+    if cfg.model.use_text_features or cfg.model.use_image_features:
+        text, image, info = open_feature_tables(features or cfg.data.features_url, options)
+        for name, reader in (("text", text), ("image", image)):
+            if reader is not None and name not in readers:
+                readers[name], checksums[name] = reader, info[f"{name}_sha256"]
+    bags = _attribute_bags(cfg, options)
+    if info is not None:
+        num_items = int(info["num_items"])
+    elif "id" in readers:
+        num_items = readers["id"].shape[0] - 1
+    elif bags is not None:
+        num_items = int(bags.offsets.shape[0]) - 2
+    else:
+        raise ExportError(f"{weights_path} holds no item table and the run's model reads no features")
+    shapes = {
+        name: torch.empty(readers[name].shape, device="meta") for name in ("text", "image") if name in readers
+    }
+    model = FMRLRec(cfg.model, num_items, shapes.get("text"), shapes.get("image"), bags, table_device="meta")
+    tower = model.item_tower
+    if tower.attributes is not None:  # small (attributes x F): loaded like the trunk
+        tower.attributes.to_empty(device="cpu")
+    _load_weights(model, small, weights_path, streamed=frozenset({TABLE_KEYS["id"]}))
+    used = set(tower.table_names())
+    return ItemTableSource(
+        model.eval(),
+        {n: r for n, r in readers.items() if n in used},
+        block_rows,
+        {n: c for n, c in checksums.items() if n in used},
+    )
 
 
 def _read_manifest(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
@@ -284,9 +473,38 @@ def _read_manifest(url: str, options: StorageOptions | None) -> dict[str, Any] |
     return manifest
 
 
-@torch.no_grad()
 def export_sizes(
     model: FMRLRec,
+    out_url: str,
+    sizes: list[int],
+    options: StorageOptions | None = None,
+    catalog: ItemCatalog | None = None,
+    overwrite: bool = False,
+    formats: Sequence[str] = (),
+    block_rows: int = EXPORT_BLOCK_ROWS,
+) -> dict[str, Any]:
+    """:func:`export_items` of a model held in memory (its item table computed ``block_rows`` items at
+    a time, like a streamed export's)."""
+    return export_items(
+        ItemTableSource(model, {}, block_rows), out_url, sizes, options, catalog, overwrite, formats
+    )
+
+
+def _write_items(
+    source: ItemTableSource, url: str, size: int, options: StorageOptions | None
+) -> tuple[str, int]:
+    """Write ``items.safetensors`` of nested size ``size``, (N + 1, size), as its blocks are computed;
+    returns its sha256 and bytes."""
+    layout = {"items": (torch.float32, (source.model.num_items + 1, size))}
+    blocks = (("items", block[:, :size]) for block in source.item_blocks())  # (b, size) each
+    digest = write_safetensors_blocks(url, layout, blocks, options=options)
+    written = FeatureTableReader(url, options, name="items")  # its header: two small reads
+    return digest, written.data_start + written.nbytes
+
+
+@torch.no_grad()
+def export_items(
+    source: ItemTableSource,
     out_url: str,
     sizes: list[int],
     options: StorageOptions | None = None,
@@ -300,14 +518,30 @@ def export_sizes(
     as a whole. Every file is written under a name no reader uses yet and ``export.json`` (the index, with
     each file's sha256) last, so a reader sees the old export or the new one, never a mixture; folders
     the new index no longer names are deleted afterwards. ``formats`` ("pt2", "onnx") adds portable
-    programs of each size (deploy/portable.py); a listed size without one of them is written anew."""
+    programs of each size (deploy/portable.py); a listed size without one of them is written anew.
+
+    Each size's ``items.safetensors`` is written as it is computed, ``source.block_rows`` items at a
+    time (one pass over the item tables per size, one more for the fingerprint). A portable program
+    holds the whole item table, so a streamed source (tables read by range) writes ``formats`` only for
+    a catalog that fits in one block."""
+    model = source.model
     unknown_formats = sorted(set(formats) - set(PORTABLE_FILES))
     if unknown_formats:
         raise ExportError(f"unknown export formats {unknown_formats}: choose from {sorted(PORTABLE_FILES)}")
+    if not sizes:
+        raise ExportError(f"name the nested sizes to export (--sizes), some of {model.cfg.nested_sizes}")
     unknown = [m for m in sizes if m not in model.cfg.nested_sizes]
     if unknown:
         raise ExportError(f"sizes {unknown} are not nested sizes of this model ({model.cfg.nested_sizes})")
-    fingerprint = model_fingerprint(model)
+    if formats and source.streamed and model.num_items + 1 > source.block_rows:
+        raise ExportError(
+            f"portable programs ({', '.join(formats)}) embed the whole ({model.num_items + 1}, m) item table, "
+            f"which this export computes {source.block_rows} items at a time so as never to hold it: "
+            "export without --formats (load_recommender and `fmrl serve` read the safetensors export), "
+            "or, where the table fits in memory, export a checkpoint of the run (loaded whole) or pass "
+            "export_trained(..., block_rows=) above the number of items"
+        )
+    fingerprint = source.fingerprint()
     existing = _read_manifest(out_url, options)
     listed: dict[str, Any] = {}
     if existing is not None:
@@ -315,19 +549,21 @@ def export_sizes(
         if same_model:
             listed = dict(existing["sizes"])
         elif not overwrite:
+            written_by = existing.get("version")
+            earlier = f", written by export version {written_by}" if written_by != EXPORT_VERSION else ""
             raise ExportError(
-                f"{out_url} holds an export of another model (sizes {sorted(map(int, existing['sizes']))}): "
-                "export to another folder (--out), or pass --overwrite to replace that export"
+                f"{out_url} holds an export of another model (sizes {sorted(map(int, existing['sizes']))}"
+                f"{earlier}): export to another folder (--out), or pass --overwrite to replace that export"
             )
     used_folders = {entry["folder"] for entry in (existing or {}).get("sizes", {}).values()}
     state = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
-    items = model.item_tower()  # (N + 1, D)
     manifest: dict[str, Any] = {
         "version": EXPORT_VERSION,
         "num_items": model.num_items,
         "fingerprint": fingerprint,
         "sizes": listed,
     }
+    items = None  # (N + 1, D), only for portable programs
     for m in sorted(set(sizes)):
         wanted = {PORTABLE_FILES[f] for f in formats}
         if str(m) in listed and wanted <= set(listed[str(m)].get("sha256", {})):
@@ -344,12 +580,14 @@ def export_sizes(
                 folder = f"size-{m}-{fingerprint[:12]}-{version}"
         sub_cfg = dataclasses.replace(model.cfg, nested_sizes=[s for s in model.cfg.nested_sizes if s <= m])
         config = {"model": dataclasses.asdict(sub_cfg), "num_items": model.num_items, "size": m}
-        files = {
+        files: dict[str, bytes | None] = {
             "model.safetensors": st_save(slice_state_dict(state, m)),
-            "items.safetensors": st_save({"items": items[:, :m].contiguous()}),
+            "items.safetensors": None,  # computed and written block by block
             "config.json": json.dumps(config, indent=1).encode(),
         }
         if wanted:
+            if items is None:
+                items = torch.cat(list(source.item_blocks()))  # (N + 1, D)
             program = ScoringModel.from_state(
                 sub_cfg,
                 {k.removeprefix("trunk."): v for k, v in slice_state_dict(state, m).items()},
@@ -358,12 +596,15 @@ def export_sizes(
             for fmt, name in PORTABLE_FILES.items():
                 if name in wanted:
                     files[name] = program_bytes(program, fmt)
-        written = sum(_write(join(out_url, folder, name), data, options) for name, data in files.items())
-        listed[str(m)] = {
-            "folder": folder,
-            "bytes": written,
-            "sha256": {name: sha256(data) for name, data in files.items()},
-        }
+        hashes, written = {}, 0
+        for name, data in files.items():
+            url = join(out_url, folder, name)
+            if data is None:
+                hashes[name], size = _write_items(source, url, m, options)
+            else:
+                hashes[name], size = sha256(data), _write(url, data, options)
+            written += size
+        listed[str(m)] = {"folder": folder, "bytes": written, "sha256": hashes}
     if catalog is not None:
         if len(catalog.source_ids) != model.num_items + 1 or tuple(catalog.popularity.shape) != (
             model.num_items + 1,
@@ -485,6 +726,27 @@ def export_model(
         if sizes:
             raise ExportError("a DLRM has no nested sizes: leave out --sizes")
         return export_dlrm(model, out_url, options)
-    if not sizes:
-        raise ExportError(f"name the nested sizes to export (--sizes), some of {model.cfg.nested_sizes}")
     return export_sizes(model, out_url, sizes, options, catalog, overwrite, formats)
+
+
+def export_trained(
+    url: str,
+    out_url: str,
+    sizes: list[int] | None,
+    options: StorageOptions | None = None,
+    catalog: ItemCatalog | None = None,
+    overwrite: bool = False,
+    formats: Sequence[str] = (),
+    features: str | None = None,
+    block_rows: int = EXPORT_BLOCK_ROWS,
+) -> dict[str, Any]:
+    """Export a finished run folder or a checkpoint (what `fmrl export` does). An fMRL run folder is
+    exported streamed (:func:`open_run_items`, :func:`export_items`): no item table is ever whole in
+    memory. A checkpoint (its tables are read whole by the checkpoint reader) and a DLRM are loaded and
+    exported whole (:func:`load_model`, :func:`export_model`)."""
+    if _is_run_folder(url) and source_config(url, options).task != "dlrm":
+        source = open_run_items(url, options, features, block_rows)
+        return export_items(source, out_url, sizes, options, catalog, overwrite, formats)
+    return export_model(
+        load_model(url, options, features), out_url, sizes, options, catalog, overwrite, formats
+    )

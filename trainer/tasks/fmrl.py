@@ -37,7 +37,7 @@ from sharding.world import World
 from trainer.config import DataConfig, EvalConfig, TrainConfig
 from trainer.dist import all_reduce_sum
 from trainer.evaluation.ranking import evaluate, evaluate_popularity
-from trainer.export import ItemCatalog, export_model, load_trained_model, open_attributes
+from trainer.export import ItemCatalog, export_items, open_attributes, open_run_items
 from trainer.report import format_size_table, save_size_plot
 from trainer.tasks.base import RunResult, TrainingTask, total_training_steps, write_json
 
@@ -336,8 +336,9 @@ class FMRLTask(TrainingTask):
                 read_item_source_ids(self.dataset),
                 torch.from_numpy(self.stats.train_item_counts.astype(np.float32)),
             )
-            manifest = export_model(
-                load_trained_model(result.run_dir, self.options), out, self.sizes, self.options, catalog
+            # streamed: the item table is computed and written block by block, never whole
+            manifest = export_items(
+                open_run_items(result.run_dir, self.options), out, self.sizes, self.options, catalog
             )
             total = sum(entry["bytes"] for entry in manifest["sizes"].values())
             print(f"export: sizes {self.sizes} ({total / 2**20:.1f} MiB) in {out}")
