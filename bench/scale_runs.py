@@ -168,14 +168,15 @@ def render(command: str) -> str:
             f"| {f['checkpoint_gib']:.2f} GiB, {_range(f['save_seconds'], '{:.1f}')} s "
             f"| {f['weights_gib']:.2f} GiB, {_range(f['weights_seconds'], '{:.1f}')} s "
             f"| {f['wall_min']:.0f} min | {f['ndcg']:.4f} ({f['size']}) | {f['popular']:.4f} "
-            f"| {f['ndcg'] / max(f['popular'], 1e-12):.0f}x |"
+            f"| {f'{ratio:.0f}x' if (ratio := f['ndcg'] / f['popular'] if f['popular'] else 0) else 'no hit'} |"
         )
     lines += [
         "",
         "Validation and test: sharded full ranking over every item (each rank scores all ranks' queries against "
         "its half of the catalog) for the users of eval.max_users. Peak RSS: each rank's maximum resident "
         "memory over the whole run (evaluation included), as the trainer logs it. Checkpoint: the last one, "
-        "every rank's shards and the optimizer state.",
+        "every rank's shards and the optimizer state. Ratio: test NDCG@10 over most-popular's; \"no hit\": "
+        "most-popular placed no test target in its top 20.",
         END,
     ]
     return "\n".join(lines)
