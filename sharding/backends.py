@@ -231,8 +231,10 @@ class DeepSpeedBackend(DenseBackend):
             return cosine_with_warmup(opt, optim.warmup_steps, total_steps)
 
         # DeepSpeed's buckets default to 5e8 elements (2 GB), allocated again at every micro-step by ZeRO-1/2:
-        # 1.1 s per step on CPU for a model of 1M parameters. A bucket never needs more than the whole model.
-        bucket = min(500_000_000, sum(p.numel() for p in dense.parameters()))
+        # 1.1 s per step on CPU for a model of 1M parameters. A bucket never needs more than the whole model
+        # (rounded up to a multiple of 1,024: ZeRO wants a multiple of its alignment factor, 2-8 elements).
+        parameters = sum(p.numel() for p in dense.parameters())
+        bucket = min(500_000_000, -(-parameters // 1024) * 1024)
         config = {
             "train_micro_batch_size_per_gpu": kwargs["micro_batch_size"],
             "gradient_accumulation_steps": optim.grad_accum_steps,
