@@ -70,7 +70,11 @@ def render(found: dict[str, Outcome], command: str) -> str:
     for study in [FULL, *SAMPLED]:
         outcome = found.get(study.name)
         if outcome is None:
-            lines.append(f"| {study.label or 'full softmax'} | (not run yet) | | | | | |")
+            started = any(
+                os.path.isdir(os.path.join(run_dir(study, seed), "checkpoints")) for seed in study.seeds
+            )
+            state = "(unfinished: the bench continues it from its checkpoint)" if started else "(not run yet)"
+            lines.append(f"| {study.label or 'full softmax'} | {state} | | | | | |")
             continue
         largest = outcome.sizes()[-1]
         ndcg = statistics.mean(outcome.values(largest, "NDCG@10"))
