@@ -420,9 +420,12 @@ def _logistic_regression_gain(draw: dict, signal: str) -> float:
         n = fit.stop
         for _ in range(150):
             residual = (torch.sigmoid(logits(fit)) - labels[fit]) / n  # d(mean BCE)/d(logit)
-            weights.grad = torch.bincount(
-                index[fit].reshape(-1), residual.repeat_interleave(index.shape[1]), weights.numel()
-            ).float() + 2e-4 * weights
+            weights.grad = (
+                torch.bincount(
+                    index[fit].reshape(-1), residual.repeat_interleave(index.shape[1]), weights.numel()
+                ).float()
+                + 2e-4 * weights
+            )
             slopes.grad = columns[fit].T @ residual
             bias.grad = residual.sum().reshape(1)
             opt.step()
