@@ -12,7 +12,6 @@ not run again once they have ``metrics.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from quality import STUDIES as QUALITY_STUDIES  # bench/, the script's folder, is on sys.path
-from quality import Outcome, Study, prepare, run_dir, train, write_section
+from quality import Outcome, Study, load_outcomes, prepare, run_dir, train, write_section
 from trunk import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,19 +40,6 @@ SAMPLED = [
 DEFAULT = "beauty-sampled-uniform-1024"
 """The sampled loss at its default settings (train.negative_sampling, train.num_negatives)."""
 BEGIN, END = "<!-- bench/sampled_softmax.py:begin -->", "<!-- bench/sampled_softmax.py:end -->"
-
-
-def outcomes() -> dict[str, Outcome]:
-    found = {}
-    for study in [FULL, *SAMPLED]:
-        outcome = Outcome(study)
-        for seed in study.seeds:
-            path = os.path.join(run_dir(study, seed), "metrics.json")
-            if os.path.exists(path):
-                outcome.runs[seed] = json.load(open(path))
-        if outcome.runs:
-            found[study.name] = outcome
-    return found
 
 
 def render(found: dict[str, Outcome], command: str) -> str:
@@ -119,7 +105,8 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(train, s, seed) for s, seed in jobs]:
                 future.result()
-    section = render(outcomes(), ("python bench/sampled_softmax.py " + " ".join(sys.argv[1:])).strip())
+    command = ("python bench/sampled_softmax.py " + " ".join(sys.argv[1:])).strip()
+    section = render(load_outcomes([FULL, *SAMPLED]), command)
     print(section)
     write_section(args.output, section, BEGIN, END)
 
