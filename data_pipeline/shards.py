@@ -29,6 +29,7 @@ import json
 import logging
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -169,11 +170,45 @@ class ShardWriter:
                 raise ValueError(f"sample {key!r}: invalid extension {ext!r}")
             if not isinstance(value, (bytes, bytearray, memoryview)):  # noqa: UP038 (the tuple is faster)
                 raise TypeError(f"sample {key!r}: field {ext!r} must be bytes, got {type(value).__name__}")
+        self._append(key, [(ext, bytes(fields[ext])) for ext in (sorted(fields) if len(fields) > 1 else fields)])
+
+    def write_many(self, ext: str, samples: Iterable[tuple[str, bytes]]) -> None:
+        """Append many one-field samples: the member ``<key>.<ext>`` for each ``(key, bytes)`` in
+        ``samples``; the same checks and bytes as :meth:`write` with ``{ext: value}``, for generators
+        that write millions of small samples (a dict and its checks per sample were a third of the
+        writer's time)."""
+        if not ext or "/" in ext:
+            raise ValueError(f"invalid extension {ext!r}")
+        keys, pending, suffix = self._keys, self._pending, "." + ext
+        for key, value in samples:  # _append inlined: a call per sample was a fifth of the time
+            if not key or "." in key or "/" in key:
+                raise ValueError(f"invalid sample key {key!r}: must be non-empty and contain no '.' or '/'")
+            if key in keys:
+                raise ValueError(f"duplicate sample key {key!r}")
+            if type(value) is not bytes:
+                if not isinstance(value, (bytearray, memoryview)):  # noqa: UP038
+                    raise TypeError(f"sample {key!r}: field {ext!r} must be bytes, got {type(value).__name__}")
+                value = bytes(value)
+            if self._spool is None:
+                self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX)
+                self._offset = 0
+            header, padding = _member_header(key + suffix, len(value)), _ZEROS[: -len(value) % 512]
+            pending += (header, value, padding)
+            self._offset += len(header) + len(value) + len(padding)
+            if len(pending) >= 3 * _PENDING_SAMPLES:
+                self._spool.write(b"".join(pending))
+                pending.clear()
+            keys.add(key)
+            self._count += 1
+            if self._count >= self.max_samples_per_shard:
+                self._flush()
+
+    def _append(self, key: str, members: Iterable[tuple[str, bytes]]) -> None:
+        """Add the sample ``key`` (checked by the caller) with its ``(ext, data)`` members."""
         if self._spool is None:
             self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX)
             self._offset = 0
-        for ext in sorted(fields) if len(fields) > 1 else fields:
-            data = bytes(fields[ext])
+        for ext, data in members:
             header, padding = _member_header(f"{key}.{ext}", len(data)), _ZEROS[: -len(data) % 512]
             self._pending += (header, data, padding)
             self._offset += len(header) + len(data) + len(padding)

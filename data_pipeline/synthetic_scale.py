@@ -214,12 +214,17 @@ def prepare_synthetic_scale(
         bar = _progress(range(num_items), num_items, "items", progress)
         for start in range(1, num_items + 1, _USER_BLOCK):
             ids = np.arange(start, min(start + _USER_BLOCK, num_items + 1))
-            for item_id, (category, brand) in zip(ids.tolist(), catalog.attributes(ids).tolist()):
-                record = (
-                    b'{"item_id": %d, "source_id": "synthetic-%09d", "text": "category %d brand %d", '
-                    b'"attributes": [%d, %d]}' % (item_id, item_id, category, brand, category, brand)
-                )
-                items.write(f"{item_id:09d}", {"json": record})
+            items.write_many(
+                "json",
+                (
+                    (
+                        "%09d" % item_id,
+                        b'{"item_id": %d, "source_id": "synthetic-%09d", "text": "category %d brand %d", '
+                        b'"attributes": [%d, %d]}' % (item_id, item_id, category, brand, category, brand),
+                    )
+                    for item_id, (category, brand) in zip(ids.tolist(), catalog.attributes(ids).tolist())
+                ),
+            )
             bar.update(len(ids))
         bar.close()
 
@@ -231,13 +236,17 @@ def prepare_synthetic_scale(
             rng = np.random.default_rng((seed, _USER_STREAM, block))
             lengths = rng.integers(min_seq_len, max_seq_len + 1, count)
             walks = catalog.walks(lengths, rng).tolist()
-            for offset, (walk, length) in enumerate(zip(walks, lengths.tolist())):
-                index = start + offset
-                record = b'{"user_id": "synthetic-u%09d", "items": [%s]}' % (
-                    index,
-                    ", ".join(map(str, walk[:length])).encode(),
-                )
-                users.write(f"{index:09d}", {"json": record})
+            users.write_many(
+                "json",
+                (
+                    (
+                        "%09d" % (start + offset),
+                        b'{"user_id": "synthetic-u%09d", "items": [%s]}'
+                        % (start + offset, ", ".join(map(str, walk[:length])).encode()),
+                    )
+                    for offset, (walk, length) in enumerate(zip(walks, lengths.tolist()))
+                ),
+            )
             num_interactions += int(lengths.sum())
             bar.update(count)
         bar.close()

@@ -117,6 +117,29 @@ def test_duplicate_key_is_named(tmp_path) -> None:
             w.write("a", {"json": b"{}"})
 
 
+def test_write_many_writes_the_bytes_write_does(tmp_path) -> None:
+    # the batch path (scale generators) must give the same shards, checks and errors as write()
+    samples = [(f"{i:09d}", json.dumps({"i": i, "pad": "x" * (i % 700)}).encode()) for i in range(57)]
+    with ShardWriter(str(tmp_path / "one"), "t", 10) as w:
+        for key, value in samples:
+            w.write(key, {"json": value})
+    with ShardWriter(str(tmp_path / "many"), "t", 10) as w:
+        w.write_many("json", iter(samples[:23]))
+        w.write_many("json", ((k, bytearray(v)) for k, v in samples[23:]))
+    one, many = read_manifest(str(tmp_path / "one"), "t"), read_manifest(str(tmp_path / "many"), "t")
+    assert [s.samples for s in many.shards] == [10, 10, 10, 10, 10, 7]
+    assert [s.sha256 for s in many.shards] == [s.sha256 for s in one.shards]
+    with ShardWriter(str(tmp_path / "bad"), "t", 10) as w:
+        with pytest.raises(ValueError, match="duplicate sample key '000000001'"):
+            w.write_many("json", [("000000001", b"{}"), ("000000001", b"{}")])
+        with pytest.raises(ValueError, match="invalid sample key 'a.b'"):
+            w.write_many("json", [("a.b", b"{}")])
+        with pytest.raises(TypeError, match="sample '000000002': field 'json' must be bytes, got str"):
+            w.write_many("json", [("000000002", "{}")])
+        with pytest.raises(ValueError, match="invalid extension 'a/b'"):
+            w.write_many("a/b", [("000000003", b"{}")])
+
+
 def test_read_manifest_errors_name_the_url(tmp_path) -> None:
     base = str(tmp_path)
     url = join(base, "train.manifest.json")
