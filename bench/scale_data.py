@@ -36,7 +36,9 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def measure(num_items: int, num_users: int, categories: int, brands: int, text_dim: int, repeats: int) -> dict:
+def measure(
+    num_items: int, num_users: int, categories: int, brands: int, text_dim: int, repeats: int
+) -> dict:
     catalog_runs = []  # (wall s, CPU s, load before, load after) per repeat
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):

@@ -170,7 +170,9 @@ class ShardWriter:
                 raise ValueError(f"sample {key!r}: invalid extension {ext!r}")
             if not isinstance(value, (bytes, bytearray, memoryview)):  # noqa: UP038 (the tuple is faster)
                 raise TypeError(f"sample {key!r}: field {ext!r} must be bytes, got {type(value).__name__}")
-        self._append(key, [(ext, bytes(fields[ext])) for ext in (sorted(fields) if len(fields) > 1 else fields)])
+        self._append(
+            key, [(ext, bytes(fields[ext])) for ext in (sorted(fields) if len(fields) > 1 else fields)]
+        )
 
     def write_many(self, ext: str, samples: Iterable[tuple[str, bytes]]) -> None:
         """Append many one-field samples: the member ``<key>.<ext>`` for each ``(key, bytes)`` in
@@ -187,7 +189,9 @@ class ShardWriter:
                 raise ValueError(f"duplicate sample key {key!r}")
             if type(value) is not bytes:
                 if not isinstance(value, (bytearray, memoryview)):  # noqa: UP038
-                    raise TypeError(f"sample {key!r}: field {ext!r} must be bytes, got {type(value).__name__}")
+                    raise TypeError(
+                        f"sample {key!r}: field {ext!r} must be bytes, got {type(value).__name__}"
+                    )
                 value = bytes(value)
             if self._spool is None:
                 self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX)

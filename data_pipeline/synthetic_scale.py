@@ -218,7 +218,7 @@ def prepare_synthetic_scale(
                 "json",
                 (
                     (
-                        "%09d" % item_id,
+                        f"{item_id:09d}",
                         b'{"item_id": %d, "source_id": "synthetic-%09d", "text": "category %d brand %d", '
                         b'"attributes": [%d, %d]}' % (item_id, item_id, category, brand, category, brand),
                     )
@@ -240,7 +240,7 @@ def prepare_synthetic_scale(
                 "json",
                 (
                     (
-                        "%09d" % (start + offset),
+                        f"{start + offset:09d}",
                         b'{"user_id": "synthetic-u%09d", "items": [%s]}'
                         % (start + offset, ", ".join(map(str, walk[:length])).encode()),
                     )
