@@ -1,12 +1,12 @@
 """Sampled softmax against the full softmax on real data (Amazon Beauty); writes a table into docs/scale.md.
 
-    .venv/bin/python bench/sampled_softmax.py                  # four sampled runs, one thread each
+    .venv/bin/python bench/sampled_softmax.py                  # the full and four sampled runs, one thread each
     .venv/bin/python bench/sampled_softmax.py --report-only    # the table from the runs done so far
 
-The full-softmax reference is bench/quality.py's ``beauty`` run of the same seed (configs/amazon-beauty.yaml,
-every setting the same); each sampled run adds only ``train.loss=sampled`` and its sampler settings. Runs
-live beside the quality runs (runs/quality/), continue from their checkpoints when interrupted, and are
-not run again once they have ``metrics.json``.
+Every run is configs/amazon-beauty.yaml (the config bench/quality.py trains) with its loss named on the
+command line: ``train.loss=full`` for the reference, ``train.loss=sampled`` and the sampler settings for
+the others, every other setting the same. Runs live beside the quality runs (runs/quality/), continue
+from their checkpoints when interrupted, and are not run again once they have ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from trunk import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-FULL = next(s for s in QUALITY_STUDIES if s.name == "beauty")
+_BEAUTY = next(s for s in QUALITY_STUDIES if s.name == "beauty")
+FULL = Study(
+    "beauty-full", _BEAUTY.config, _BEAUTY.data, ("train.loss=full",), seeds=(42,), label="full softmax"
+)
 SAMPLED = [
     Study(
         f"beauty-sampled-{sampler}-{negatives}",
@@ -90,18 +93,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--studies", default=",".join(s.name for s in SAMPLED), help="comma-separated")
+    parser.add_argument(
+        "--studies", default=",".join(s.name for s in [FULL, *SAMPLED]), help="comma-separated"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     parser.add_argument("--report-only", action="store_true", help="write the table from finished runs")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "scale.md"))
     args = parser.parse_args()
     names = args.studies.split(",")
-    unknown = sorted(set(names) - {s.name for s in SAMPLED})
+    known = [s.name for s in [FULL, *SAMPLED]]
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        parser.error(f"unknown studies {unknown}; known: {[s.name for s in SAMPLED]}")
+        parser.error(f"unknown studies {unknown}; known: {known}")
     if not args.report_only:
         prepare(FULL.data)
-        jobs = [(s, seed) for s in SAMPLED if s.name in names for seed in s.seeds]
+        jobs = [(s, seed) for s in [FULL, *SAMPLED] if s.name in names for seed in s.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(train, s, seed) for s, seed in jobs]:
                 future.result()

@@ -461,16 +461,11 @@ def open_run_items(
 
 
 def _read_manifest(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
-    path = join(url, "export.json")
-    if not exists(path, options):
-        return None
-    try:
-        manifest = json.loads(_read(path, options))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ExportError(f"{path} is not valid JSON ({error})") from error
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sizes", {}), dict):
-        raise ExportError(f"{path} is not an export index")
-    return manifest
+    """The export index ``url/export.json`` (deploy's reader, given this project's storage options)."""
+    options = options or StorageOptions.from_env()
+    storage = s3_filesystem_kwargs(options) if is_remote(url) else None
+    with translated_errors("read", url, options if is_remote(url) else None):
+        return deploy_artifact.read_manifest(url, storage)
 
 
 def export_sizes(
@@ -704,7 +699,9 @@ class ClickModel:
 def load_click_model(url: str, options: StorageOptions | None = None) -> ClickModel:
     """Load a CTR model export (DLRM or any ``dlrm.model``; safetensors and JSON only). Exports written
     before ``model`` existed hold a DLRM, its default."""
-    manifest = json.loads(_read(join(url, "export.json"), options))
+    manifest = _read_manifest(url, options)
+    if manifest is None:
+        raise ExportError(f"{url} has no export.json: not an export (write one with `fmrl export`)")
     if manifest.get("task") != "dlrm":
         raise ExportError(f"{url} is not a DLRM export (use load_recommender for fMRL exports)")
     config = json.loads(_read(join(url, "config.json"), options))

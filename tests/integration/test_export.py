@@ -15,7 +15,7 @@ from data_pipeline.loader import SequenceDataset, eval_batches
 from models.fmrl import nested_scores
 from trainer.cli import main
 from trainer.config import load_config
-from trainer.export import ExportError, load_recommender, load_trained_model
+from trainer.export import ExportError, load_click_model, load_recommender, load_trained_model
 from trainer.train import train
 
 
@@ -95,6 +95,15 @@ def test_bad_requests_are_clear_errors(run_dir, tmp_path, capsys) -> None:
         load_recommender(str(tmp_path / "e"), 16)
     with pytest.raises(ExportError, match=r"size must be an int .* got '8' \(str\)"):
         load_recommender(str(tmp_path / "e"), "8")  # type: ignore[arg-type]
+    # the click-model loader reads export.json like every other reader: clear errors, not a traceback
+    with pytest.raises(ExportError, match=r"is not a DLRM export"):
+        load_click_model(str(tmp_path / "e"))
+    with pytest.raises(ExportError, match=r"has no export.json"):
+        load_click_model(str(tmp_path / "missing"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "export.json").write_text('{"task": ')
+    with pytest.raises(ExportError, match=r"broken/export.json is not valid JSON"):
+        load_click_model(str(tmp_path / "broken"))
 
 
 def test_sizes_add_up_in_one_folder_and_another_model_is_refused(
