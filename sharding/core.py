@@ -28,6 +28,7 @@ __all__ = [
     "fill_shards",
     "fill_shards_from_tables",
     "plan",
+    "sharded_rows",
     "table_optimizer_class",
     "table_sharding_type",
 ]
@@ -83,6 +84,31 @@ def plan(
     if collective:
         return planner.collective_plan(module, sharders, dist.GroupMember.WORLD)
     return planner.plan(module, sharders)
+
+
+def sharded_rows(value: Any, start: int, rows: int, name: str) -> torch.Tensor | None:
+    """Rows ``start : start + rows`` (all columns) of the TorchRec-sharded table ``value`` (a
+    ShardedTensor, row-, column- or table-wise) on rank 0, None elsewhere: every rank sends the part of
+    its shards in those rows, so rank 0 holds one block of the table at a time, never the table.
+    ``name`` names the table in errors. Collective."""
+    pieces = []
+    for shard in value.local_shards():
+        (r0, c0), (n, _) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        lo, hi = max(start, r0), min(start + rows, r0 + n)
+        if lo < hi:
+            pieces.append((lo - start, c0, shard.tensor[lo - r0 : hi - r0].detach().cpu().clone()))
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(pieces, gathered, dst=0)
+    if gathered is None:
+        return None
+    block = torch.empty(rows, value.size(1))
+    filled = 0
+    for row, col, piece in (p for rank_pieces in gathered for p in rank_pieces):
+        block[row : row + piece.shape[0], col : col + piece.shape[1]] = piece
+        filled += piece.numel()
+    if filled != block.numel():
+        raise RuntimeError(f"{name}: rows {start}:{start + rows} are not covered by the shards")
+    return block
 
 
 class PlanStorage:
@@ -196,15 +222,37 @@ class ParallelModel:
         """The trained state as full tensors on rank 0 (None elsewhere). Collective."""
         raise NotImplementedError
 
+    def model_key(self, dense_key: str) -> str:
+        """The model's state-dict name of the dense backend's entry ``dense_key``; the same by default."""
+        return dense_key
+
     def weight_blocks(self, block_rows: int) -> tuple[dict[str, Any] | None, Iterator[tuple[str, Any]]]:
         """The trained state for a streamed writer: on rank 0 its layout (name -> (dtype, shape)), None
         elsewhere, and ``(name, rows)`` blocks in sorted-name order (rank 0's are the data; others'
-        only drive the collectives). Every rank must exhaust the iterator. This default gathers
-        :meth:`full_state_dict`; a model whose tables can be large streams them (ParallelFMRL)."""
-        full = self.full_state_dict()
-        if full is None:
-            return None, iter(())
-        return {k: (v.dtype, tuple(v.shape)) for k, v in full.items()}, iter(sorted(full.items()))
+        only drive the collectives). The dense weights are gathered on rank 0 (small); the trained
+        tables come ``block_rows`` rows at a time (``sparse.table_rows``), so no table is ever whole on
+        any rank. Every rank must exhaust the iterator. Collective."""
+        dense = self.dense.full_state_dict()
+        tables = self.sparse.table_layout()
+        layout = None
+        if dist.get_rank() == 0:
+            assert dense is not None
+            dense = {self.model_key(k): v for k, v in dense.items()}
+            layout = {k: (v.dtype, tuple(v.shape)) for k, v in dense.items()}
+            layout.update({k: (torch.float32, shape) for k, shape in tables.items()})
+
+        def blocks() -> Iterator[tuple[str, Any]]:
+            # every rank walks the tables in the same (sorted) order: each block is one collective
+            keys = sorted(layout) if layout is not None else sorted(tables)
+            for key in keys:
+                if key not in tables:
+                    yield key, dense[key]  # rank 0 only
+                    continue
+                rows = tables[key][0]
+                for start in range(0, rows, block_rows):
+                    yield key, self.sparse.table_rows(key, start, min(block_rows, rows - start))
+
+        return layout, blocks()
 
     def _trained_tables(self) -> dict[str, Any]:
         return {

@@ -44,6 +44,7 @@ from sharding.core import (
     ParallelModel,
     fill_shards_from_tables,
     plan,
+    sharded_rows,
     table_optimizer_class,
     table_sharding_type,
 )
@@ -146,6 +147,22 @@ class ShardedSparseArch(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> Pooled:
         return self.dmp(ids_to_kjt(ids.to(self.device), self.feature_names))
+
+    def _tables(self) -> dict[str, Any]:
+        """The tables' ShardedTensors, keyed like the model's ``state_dict()``."""
+        return {
+            "sparse_arch." + key.removeprefix("_dmp_wrapped_module."): value
+            for key, value in self.dmp.state_dict().items()
+        }
+
+    def table_layout(self) -> dict[str, tuple[int, int]]:
+        """The tables' full shapes (rows, cols), keyed like the model's ``state_dict()``."""
+        return {key: tuple(value.size()) for key, value in self._tables().items()}
+
+    def table_rows(self, key: str, start: int, rows: int) -> torch.Tensor | None:
+        """Rows ``start : start + rows`` of table ``key`` on rank 0 (None elsewhere), never the whole
+        table (:func:`sharding.core.sharded_rows`). Collective."""
+        return sharded_rows(self._tables()[key], start, rows, key)
 
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
         """The full tables on rank 0 (None elsewhere), keyed like the model's ``state_dict()``. Collective."""

@@ -29,7 +29,7 @@ gathers it onto rank 0.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,7 +41,14 @@ from models.fmrl import FMRLRec
 from models.fmrl.model import ItemTower, project_features
 from sharding.backends import wrap_dense
 from sharding.config import OptimConfig, ParallelConfig
-from sharding.core import ParallelModel, fill_shards, plan, table_optimizer_class, table_sharding_type
+from sharding.core import (
+    ParallelModel,
+    fill_shards,
+    plan,
+    sharded_rows,
+    table_optimizer_class,
+    table_sharding_type,
+)
 
 FROZEN_TABLES = ("text", "image")
 ID_TABLE = "id"
@@ -309,25 +316,7 @@ class ShardedItemTables(nn.Module):
         """Rows ``start : start + rows`` of learnable table ``key`` (all columns) on rank 0, None
         elsewhere: every rank sends the part of its shards in those rows, so rank 0 holds one block of
         the table at a time, never the table. Collective."""
-        value = self._learnable_state()[key]
-        pieces = []
-        for shard in value.local_shards():
-            (r0, c0), (n, _) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            lo, hi = max(start, r0), min(start + rows, r0 + n)
-            if lo < hi:
-                pieces.append((lo - start, c0, shard.tensor[lo - r0 : hi - r0].detach().cpu().clone()))
-        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(pieces, gathered, dst=0)
-        if gathered is None:
-            return None
-        block = torch.empty(rows, value.size(1))
-        filled = 0
-        for row, col, piece in (p for rank_pieces in gathered for p in rank_pieces):
-            block[row : row + piece.shape[0], col : col + piece.shape[1]] = piece
-            filled += piece.numel()
-        if filled != block.numel():
-            raise RuntimeError(f"{key}: rows {start}:{start + rows} are not covered by the shards")
-        return block
+        return sharded_rows(self._learnable_state()[key], start, rows, key)
 
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
         """The full trainable tables on rank 0 (None elsewhere), keyed like the model's state dict."""
@@ -382,31 +371,8 @@ class ParallelFMRL(ParallelModel):
         hidden, _ = self.forward(tokens, torch.unique(tokens))
         return hidden[:0, -1] if empty else hidden[:, -1]
 
-    def weight_blocks(self, block_rows: int) -> tuple[dict[str, Any] | None, Iterator[tuple[str, Any]]]:
-        """The trainable state streamed: the dense weights gathered on rank 0 (small), the learnable
-        tables ``block_rows`` rows at a time (:meth:`ShardedItemTables.table_rows`), so no table
-        is ever whole on any rank. See :meth:`ParallelModel.weight_blocks`. Collective."""
-        dense = self.dense.full_state_dict()
-        tables = self.sparse.table_layout()
-        layout = None
-        if dist.get_rank() == 0:
-            assert dense is not None
-            dense = {_model_key(k): v for k, v in dense.items()}
-            layout = {k: (v.dtype, tuple(v.shape)) for k, v in dense.items()}
-            layout.update({k: (torch.float32, shape) for k, shape in tables.items()})
-
-        def blocks() -> Iterator[tuple[str, Any]]:
-            # every rank walks the tables in the same (sorted) order: each block is one collective
-            keys = sorted(layout) if layout is not None else sorted(tables)
-            for key in keys:
-                if key not in tables:
-                    yield key, dense[key]  # rank 0 only
-                    continue
-                rows = tables[key][0]
-                for start in range(0, rows, block_rows):
-                    yield key, self.sparse.table_rows(key, start, min(block_rows, rows - start))
-
-        return layout, blocks()
+    def model_key(self, dense_key: str) -> str:
+        return _model_key(dense_key)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The trainable state as full tensors on rank 0, named like ``FMRLRec.state_dict()``; None on

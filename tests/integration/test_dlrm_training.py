@@ -174,8 +174,22 @@ def worker() -> None:
             losses.append(float(total[0] / total[1]))
         metrics = evaluate_ctr(parallel, args.data, "valid", 128, world)
         weights = parallel.full_state_dict()
+        # the streamed weights (model.safetensors) in 5-row blocks: the same tensors, no table whole
+        layout, blocks = parallel.weight_blocks(5)
+        streamed: dict[str, list[torch.Tensor]] = {}
+        for key, block in blocks:
+            if block is not None:
+                streamed.setdefault(key, []).append(block)
         if world.rank == 0:
-            assert weights is not None
+            assert weights is not None and layout is not None
+            assert layout.keys() == weights.keys() == streamed.keys()
+            for key, value in weights.items():
+                assert tuple(layout[key][1]) == tuple(value.shape), key
+                assert torch.equal(
+                    torch.cat(streamed[key]) if "sparse_arch." in key else streamed[key][0], value
+                ), key
+                if "sparse_arch." in key and value.shape[0] > 5:
+                    assert max(b.shape[0] for b in streamed[key]) == 5, key
             out = {
                 "world_size": world.world_size,
                 "losses": losses,
