@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -501,6 +502,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "quality.md"))
     args = parser.parse_args()
+    # a stopped bench (kill, SLURM's SIGTERM) still records the attempts' wall time: the runs' `finally`
+    # blocks run once their `fmrl train` children, stopped with it, have exited
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     names = args.studies.split(",")
     unknown = sorted(set(names) - {s.name for s in STUDIES})
     if unknown:
