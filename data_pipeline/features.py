@@ -54,7 +54,15 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from data_pipeline.shards import read_manifest
-from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read, read_ranges
+from data_pipeline.storage import (
+    StorageOptions,
+    atomic_write,
+    exists,
+    join,
+    open_read,
+    read_ranges,
+    read_strided,
+)
 from data_pipeline.stream import iter_shard
 
 __all__ = [
@@ -628,7 +636,8 @@ class FeatureTableReader:
     from S3 with range reads (``data_pipeline.storage.read_ranges``), never the whole file.
 
     A contiguous row range is one read of ``rows * F`` values; a column block of ``rows`` rows is one
-    ``cols``-value range per row (the file is row-major). :attr:`bytes_read` and :attr:`requests` count
+    ``cols``-value range per row (the file is row-major; ``read_strided``: locally memory-mapped and
+    copied by numpy, from S3 one ranged GET per row). :attr:`bytes_read` and :attr:`requests` count
     every byte and range this reader asked storage for, header included. The sha256 in
     ``features.json`` covers the whole file, so a reader of a slice cannot check it; it checks the
     header (dtype, shape) against ``features.json`` instead, and a truncated file fails its read.
@@ -682,14 +691,16 @@ class FeatureTableReader:
             raise FeaturesError(f"{self.url}: columns {col_start}:{col_start + cols} outside (0, {width})")
         row_bytes, size = width * self.itemsize, self.itemsize
         first = self.data_start + row_start * row_bytes
-        if cols == width:  # whole rows: one contiguous range
-            ranges = [(first, first + rows * row_bytes)]
-        else:  # a column block: its part of every row
-            ranges = [
-                (first + r * row_bytes + col_start * size, first + r * row_bytes + (col_start + cols) * size)
-                for r in range(rows)
-            ]
-        data = bytearray().join(self._read(ranges)) if rows and cols else bytearray()
+        if not (rows and cols):
+            data = bytearray()
+        elif cols == width:  # whole rows: one contiguous range
+            data = bytearray().join(self._read([(first, first + rows * row_bytes)]))
+        else:  # a column block: its part of every row (one range per row)
+            data = read_strided(
+                self.url, first + col_start * size, rows, row_bytes, cols * size, self.options
+            )
+            self.bytes_read += len(data)
+            self.requests += rows
         if not data:
             return torch.zeros(rows, cols)
         return torch.frombuffer(data, dtype=self.dtype).reshape(rows, cols).float()

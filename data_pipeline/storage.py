@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import mmap
 import os
 import secrets
 import shutil
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 _T = TypeVar("_T")
@@ -45,6 +47,7 @@ __all__ = [
     "makedirs",
     "open_read",
     "read_ranges",
+    "read_strided",
     "remove",
     "s3_filesystem_kwargs",
 ]
@@ -219,6 +222,51 @@ def read_ranges(
     for (start, end), data in zip(ranges, out):
         if len(data) != end - start:
             raise StorageError(f"{url} ends before byte {end} (asked for bytes {start}:{end})")
+    return out
+
+
+STRIDED_RECORDS_PER_MAP = 65_536
+"""Records of a local :func:`read_strided` copied per memory map (bounds the mapped window)."""
+
+
+def read_strided(
+    url: str, start: int, count: int, stride: int, length: int, options: StorageOptions | None = None
+) -> bytearray:
+    """``count`` records of ``length`` bytes, record ``i`` at byte ``start + i * stride`` of ``url``,
+    joined (a column block of a row-major table: its part of every row). The same bytes as
+    :func:`read_ranges` over those ranges. A local file is memory-mapped a window of
+    :data:`STRIDED_RECORDS_PER_MAP` records at a time and numpy copies the records out (one ``pread``
+    per record took 5 minutes for 10M rows; the operating system reads the same pages either way); an
+    S3 object gets one ranged GET per record (:func:`read_ranges`). Past the end: StorageError."""
+    if count < 0 or length < 0 or start < 0 or (count > 1 and stride < length):
+        raise ValueError(
+            f"{url}: invalid strided read (start {start}, count {count}, stride {stride}, length {length})"
+        )
+    if count == 0 or length == 0:
+        return bytearray()
+    if is_remote(url):
+        ranges = [(start + i * stride, start + i * stride + length) for i in range(count)]
+        return bytearray().join(read_ranges(url, ranges, options))
+    end = start + (count - 1) * stride + length
+    out = bytearray(count * length)
+    records = np.frombuffer(out, dtype=np.uint8).reshape(count, length)
+    with translated_errors("read", url, None):
+        with open(_local_path(url), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if end > size:
+                raise StorageError(f"{url} ends before byte {end} (asked for bytes {start}:{end})")
+            for first in range(0, count, STRIDED_RECORDS_PER_MAP):
+                n = min(STRIDED_RECORDS_PER_MAP, count - first)
+                offset = start + first * stride
+                aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+                span = offset - aligned + (n - 1) * stride + length
+                with mmap.mmap(f.fileno(), span, access=mmap.ACCESS_READ, offset=aligned) as window:
+                    data = np.frombuffer(window, dtype=np.uint8)
+                    rows = np.lib.stride_tricks.as_strided(
+                        data[offset - aligned :], shape=(n, length), strides=(stride, 1), writeable=False
+                    )
+                    records[first : first + n] = rows
+                    del data, rows  # the map cannot close while numpy views of it exist
     return out
 
 
