@@ -75,7 +75,7 @@ def render(found: dict[str, Outcome], command: str) -> str:
         seconds = run.get("train_seconds", float("nan"))
         label = "full softmax" if study is FULL else study.label
         if study.name == DEFAULT:
-            label += " (the default)"
+            label += " (the trainer's default)"
         lines.append(
             f"| {label} | {ndcg:.4f} | {recall:.4f} | {ratio} | {run['epochs']} ({run['best_epoch']}) "
             f"| {seconds / 60:.0f} min | {seconds / run['epochs']:.0f} s |"
