@@ -74,8 +74,11 @@ COMMON += ["optim.lr=2e-3", "optim.weight_decay=0", "optim.warmup_steps=20", "pa
 COMMON += ["parallel.table_optimizer=adagrad", "parallel.table_lr=0.05"]
 RUNS = {
     "full": dict(rows=20_000, epochs=1, seeds=3, obp=True, timed=20, warm_up=3),
-    "quick": dict(rows=3_000, epochs=1, seeds=1, obp=False, timed=3, warm_up=1),
+    "quick": dict(rows=3_000, epochs=1, seeds=1, obp=False, timed=3, warm_up=1, threads=1),
 }
+"""``threads``: intra-op threads per rank (default: the cores shared out). The quick run's models are tiny,
+and two threads per rank thrash when another process holds a core (the quick run's test beside one or two
+training processes: 208 s with two threads, 39 s with one)."""
 DATASETS = {"synthetic": "synthetic", "higher": "synthetic + higher-order terms", "obp": "Open Bandit (real)"}
 COLUMNS = {
     "synthetic": ["AUC synthetic", "log loss synthetic", "NE synthetic"],
@@ -188,7 +191,7 @@ def worker(job: str, data_dir: str, run: dict, names: list[str]) -> dict | None:
     from trainer.dist import distributed
 
     with distributed() as (world, device):
-        torch.set_num_threads(max(1, CORES // world.world_size))
+        torch.set_num_threads(run.get("threads") or max(1, CORES // world.world_size))
         sets = {name: torch.load(os.path.join(data_dir, f"{name}.pt")) for name in names}
         out: dict = {"ranks": world.world_size}
         if job != "accuracy":
