@@ -237,7 +237,7 @@ MASKED = "history_masked.json"
 def evaluate_history_masked(folder: str) -> None:
     """Evaluate a finished run's best weights on test with ``eval.exclude_history=true`` (once; cached)."""
     path = os.path.join(folder, MASKED)
-    if os.path.exists(path) or not os.path.exists(os.path.join(folder, "metrics.json")):
+    if os.path.exists(path):
         return
     import torch
 
