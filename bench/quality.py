@@ -11,6 +11,11 @@ its latest checkpoint (``run.resume=auto``), and its wall time adds up over the 
 (``quality_run.json`` beside the run), so the whole bench can be spread over several sessions.
 Runs of more seeds than a study's own (``--seeds 45,46``) join its tables.
 
+runs/ is scratch space that does not outlive the machine; what a finished run measured is kept as a
+record in bench/results/quality/<run>.json, in the repository, and the report is written from those
+records alone. The report is not rewritten with fewer runs than it shows already: a run that it reports
+and that has no record stops the bench with the list of them (``--drop-missing-runs`` writes it anyway).
+
 Data: Amazon Beauty (5-core, S3-Rec's release, bundled in real-data/amazon-beauty) with its item attributes,
 converted by ``fmrl data convert-seqrec``; MovieLens-100k from the recbole wheel with all-MiniLM-L6-v2
 text features (``fmrl data convert-movielens`` + ``fmrl features --image-model none``). Protocol of the
@@ -156,6 +161,8 @@ ML_OFFICIAL = {  # the official fMRLRec code at configs/ml-100k-official.yaml's 
     "Recall@10": {256: 0.0962},
 }
 RUNS = os.path.join(REPO, "runs", "quality")
+RESULTS = os.path.join(HERE, "results", "quality")
+"""One JSON record per finished run, kept in the repository (see :func:`keep_record`)."""
 BEGIN, END = "<!-- bench/quality.py:begin -->", "<!-- bench/quality.py:end -->"
 
 
@@ -204,14 +211,18 @@ def run_dir(study: Study, seed: int) -> str:
 
 
 def train(study: Study, seed: int) -> None:
-    """One run to its end (or on from its latest checkpoint); its wall time is added to quality_run.json."""
+    """One run to its end (or on from its latest checkpoint); its wall time is added to quality_run.json
+    and what it measured is kept as its record. A run with a record is not trained again."""
     folder = run_dir(study, seed)
+    if os.path.exists(record_path(study, seed)):
+        return
     if os.path.exists(os.path.join(folder, "metrics.json")):
+        keep_record(study, seed)
         return
     os.makedirs(folder, exist_ok=True)
-    record_path = os.path.join(folder, "quality_run.json")
-    record = (
-        json.load(open(record_path)) if os.path.exists(record_path) else {"wall_seconds": 0.0, "attempts": 0}
+    timing_path = os.path.join(folder, "quality_run.json")
+    timing = (
+        json.load(open(timing_path)) if os.path.exists(timing_path) else {"wall_seconds": 0.0, "attempts": 0}
     )
     command = [
         FMRL, "train", "--config", study.config,
@@ -223,11 +234,10 @@ def train(study: Study, seed: int) -> None:
     try:
         run(command, os.path.join(folder, "train.log"))
     finally:
-        record["wall_seconds"] += time.perf_counter() - start
-        record["attempts"] += 1
-        with open(record_path + ".tmp", "w") as f:
-            json.dump(record, f)
-        os.replace(record_path + ".tmp", record_path)
+        timing["wall_seconds"] += time.perf_counter() - start
+        timing["attempts"] += 1
+        write_json(timing_path, timing)
+    keep_record(study, seed)
 
 
 MASKED = "history_masked.json"
@@ -249,9 +259,39 @@ def evaluate_history_masked(folder: str) -> None:
         "test": {str(size): values for size, values in result.metrics.items()},
         "most_popular": result.baseline,
     }
+    write_json(path, record)
+
+
+def write_json(path: str, value: dict) -> None:
+    """Write ``value`` to ``path`` through a temporary name: a reader never sees a half-written file."""
     with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.write("\n")
     os.replace(path + ".tmp", path)
+
+
+def record_path(study: Study, seed: int) -> str:
+    return os.path.join(RESULTS, f"{study.name}-s{seed}.json")
+
+
+def keep_record(study: Study, seed: int) -> None:
+    """Copy what the finished run ``study``/``seed`` measured into its record (bench/results/quality/):
+    its metrics.json (test metrics per size, most-popular, epochs, steps, training time, parameters), the
+    bench's wall time, the history-masked evaluation when there is one, and the command's settings."""
+    folder = run_dir(study, seed)
+    metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    record = {
+        "study": study.name,
+        "seed": seed,
+        "config": study.config,
+        "overrides": list(study.overrides),
+        "metrics": metrics,
+    }
+    for key, name in (("bench", "quality_run.json"), ("history_masked", MASKED)):
+        if os.path.exists(os.path.join(folder, name)):
+            record[key] = json.load(open(os.path.join(folder, name)))
+    os.makedirs(RESULTS, exist_ok=True)
+    write_json(record_path(study, seed), record)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -277,35 +317,61 @@ class Outcome:
         return statistics.mean(r["most_popular"][metric] for r in self.runs.values())
 
 
-def finished_seeds(study: Study) -> list[int]:
-    """Seeds of the study's finished runs: its own seeds and any more trained with ``--seeds``."""
+def finished_seeds(study: Study, folder: str | None = None) -> list[int]:
+    """Seeds of the study's recorded runs (default: in bench/results/quality/; ``folder``: finished run
+    folders in it, those with metrics.json): its own seeds and any more trained with ``--seeds``."""
+    if folder is None:
+        pattern = re.compile(re.escape(study.name) + r"-s(\d+)\.json")
+        names = os.listdir(RESULTS) if os.path.isdir(RESULTS) else []
+        return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
     pattern = re.compile(re.escape(study.name) + r"-s(\d+)")
     found = [
-        int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(RUNS) if os.path.isdir(RUNS) else []) if m
+        int(m.group(1))
+        for m in map(pattern.fullmatch, os.listdir(folder) if os.path.isdir(folder) else [])
+        if m
     ]
     return sorted(
-        seed for seed in found if os.path.exists(os.path.join(run_dir(study, seed), "metrics.json"))
+        s for s in found if os.path.exists(os.path.join(folder, f"{study.name}-s{s}", "metrics.json"))
     )
 
 
 def load_outcomes(studies: list[Study] | None = None) -> dict[str, Outcome]:
-    """The finished runs of ``studies`` (default: this bench's), by study name; studies without any left out."""
+    """The recorded runs of ``studies`` (default: this bench's), by study name; studies without any left out."""
     outcomes = {}
     for study in STUDIES if studies is None else studies:
         outcome = Outcome(study)
         for seed in finished_seeds(study):
-            folder = run_dir(study, seed)
-            metrics = json.load(open(os.path.join(folder, "metrics.json")))
-            record_path = os.path.join(folder, "quality_run.json")
-            metrics["wall_seconds"] = (
-                json.load(open(record_path))["wall_seconds"] if os.path.exists(record_path) else math.nan
-            )
+            record = json.load(open(record_path(study, seed)))
+            metrics = record["metrics"]
+            metrics["wall_seconds"] = record.get("bench", {}).get("wall_seconds", math.nan)
             outcome.runs[seed] = metrics
-            if os.path.exists(os.path.join(folder, MASKED)):
-                outcome.masked[seed] = json.load(open(os.path.join(folder, MASKED)))
+            if "history_masked" in record:
+                outcome.masked[seed] = record["history_masked"]
         if outcome.runs:
             outcomes[study.name] = outcome
     return outcomes
+
+
+RUN_ROW = re.compile(r"\| ([a-z0-9-]+) \| (\d+) \|")
+"""A row of the report's "Every run" table: | study | seed | ..."""
+
+
+def reported_runs(path: str, begin: str = BEGIN, end: str = END) -> set[str]:
+    """Runs ("study-sSEED") that the report section of ``path`` shows in its "Every run" table."""
+    if not os.path.exists(path):
+        return set()
+    text = open(path).read()
+    if begin not in text or end not in text:
+        return set()
+    section = text[text.index(begin) : text.index(end)]
+    table = section[section.index("### Every run") :] if "### Every run" in section else ""
+    return {f"{m.group(1)}-s{m.group(2)}" for m in map(RUN_ROW.match, table.splitlines()) if m}
+
+
+def missing_records(reported: set[str], outcomes: dict[str, Outcome]) -> list[str]:
+    """The runs in ``reported`` that are not among ``outcomes``' recorded runs."""
+    have = {f"{name}-s{seed}" for name, outcome in outcomes.items() for seed in outcome.runs}
+    return sorted(reported - have)
 
 
 def mean_sd(values: list[float]) -> str:
@@ -587,6 +653,11 @@ def main() -> None:
         help="write the report from finished runs (evaluating Beauty runs with the history masked once)",
     )
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "quality.md"))
+    parser.add_argument(
+        "--drop-missing-runs",
+        action="store_true",
+        help="write the report even if it then shows fewer runs than before (runs without a record)",
+    )
     args = parser.parse_args()
     # a stopped bench (kill, SLURM's SIGTERM) still records the attempts' wall time: the runs' `finally`
     # blocks run once their `fmrl train` children, stopped with it, have exited
@@ -604,17 +675,27 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(train, s, seed) for s, seed in jobs]:
                 future.result()
+    # every finished run folder here (also those finished by an earlier bench) gets its record
     for study in STUDIES:
-        if study.data == "amazon-beauty" and "independent" not in study.name:
-            for seed in finished_seeds(study):
+        for seed in finished_seeds(study, RUNS):
+            if study.data == "amazon-beauty" and "independent" not in study.name:
                 evaluate_history_masked(run_dir(study, seed))
+            keep_record(study, seed)
     outcomes = load_outcomes()
     if not outcomes:
-        print("no finished runs yet")
+        print(f"no recorded runs yet (in {os.path.relpath(RESULTS, REPO)})")
         return
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     section = render(outcomes, command.strip())
     print(section)
+    missing = missing_records(reported_runs(args.output), outcomes)
+    if missing and not args.drop_missing_runs:
+        sys.exit(
+            f"not writing {os.path.relpath(args.output, REPO)}: it reports {len(missing)} run(s) that have no "
+            f"record in {os.path.relpath(RESULTS, REPO)}: {', '.join(missing)}. Train them again "
+            "(`python bench/quality.py --studies STUDY --seeds SEED`; a run with a record is not trained "
+            "again) or pass --drop-missing-runs to write the report without them."
+        )
     plot(outcomes, os.path.join(os.path.dirname(args.output), "quality.png"))
     write_section(args.output, section)
 

@@ -6,20 +6,34 @@
 Every run is configs/amazon-beauty.yaml (the config bench/quality.py trains) with its loss named on the
 command line: ``train.loss=full`` for the reference, ``train.loss=sampled`` and the sampler settings for
 the others, every other setting the same. Runs live beside the quality runs (runs/quality/), continue
-from their checkpoints when interrupted, and are not run again once they have ``metrics.json``.
+from their checkpoints when interrupted, and keep their records beside the quality records
+(bench/results/quality/, see bench/quality.py); a run with a record is not run again, and the table is not
+rewritten without a row it shows already unless ``--drop-missing-runs`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from quality import (
+    RUNS,
+    Outcome,
+    Study,
+    finished_seeds,
+    keep_record,
+    load_outcomes,
+    prepare,
+    run_dir,
+    train,
+    write_section,
+)
 from quality import STUDIES as QUALITY_STUDIES  # bench/, the script's folder, is on sys.path
-from quality import Outcome, Study, load_outcomes, prepare, run_dir, train, write_section
 from trunk import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +57,25 @@ SAMPLED = [
 DEFAULT = "beauty-sampled-uniform-1024"
 """The sampled loss at its default settings (train.negative_sampling, train.num_negatives)."""
 BEGIN, END = "<!-- bench/sampled_softmax.py:begin -->", "<!-- bench/sampled_softmax.py:end -->"
+DEFAULT_MARK = " (the trainer's default)"
+
+
+def reported_studies(path: str) -> set[str]:
+    """Studies whose row in the table of ``path`` shows a measured NDCG@10."""
+    if not os.path.exists(path):
+        return set()
+    text = open(path).read()
+    if BEGIN not in text or END not in text:
+        return set()
+    by_label = {("full softmax" if s is FULL else s.label): s.name for s in [FULL, *SAMPLED]}
+    found = set()
+    for line in text[text.index(BEGIN) : text.index(END)].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 1 and re.fullmatch(r"\d+\.\d+", cells[1]):
+            name = by_label.get(cells[0].removesuffix(DEFAULT_MARK))
+            if name is not None:
+                found.add(name)
+    return found
 
 
 def render(found: dict[str, Outcome], command: str) -> str:
@@ -75,7 +108,7 @@ def render(found: dict[str, Outcome], command: str) -> str:
         seconds = run.get("train_seconds", float("nan"))
         label = "full softmax" if study is FULL else study.label
         if study.name == DEFAULT:
-            label += " (the trainer's default)"
+            label += DEFAULT_MARK
         lines.append(
             f"| {label} | {ndcg:.4f} | {recall:.4f} | {ratio} | {run['epochs']} ({run['best_epoch']}) "
             f"| {seconds / 60:.0f} min | {seconds / run['epochs']:.0f} s |"
@@ -99,6 +132,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     parser.add_argument("--report-only", action="store_true", help="write the table from finished runs")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "scale.md"))
+    parser.add_argument(
+        "--drop-missing-runs",
+        action="store_true",
+        help="write the table even if rows it shows have no record (they become 'not run yet')",
+    )
     args = parser.parse_args()
     names = args.studies.split(",")
     known = [s.name for s in [FULL, *SAMPLED]]
@@ -111,9 +149,19 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(train, s, seed) for s, seed in jobs]:
                 future.result()
+    for study in [FULL, *SAMPLED]:  # finished run folders here get their records
+        for seed in finished_seeds(study, RUNS):
+            keep_record(study, seed)
     command = ("python bench/sampled_softmax.py " + " ".join(sys.argv[1:])).strip()
-    section = render(load_outcomes([FULL, *SAMPLED]), command)
+    found = load_outcomes([FULL, *SAMPLED])
+    section = render(found, command)
     print(section)
+    missing = sorted(reported_studies(args.output) - set(found))
+    if missing and not args.drop_missing_runs:
+        sys.exit(
+            f"not writing {os.path.relpath(args.output, REPO)}: its table shows {', '.join(missing)}, which "
+            "have no record in bench/results/quality/. Train them again or pass --drop-missing-runs."
+        )
     write_section(args.output, section, BEGIN, END)
 
 
