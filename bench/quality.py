@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from trunk import machine  # bench/, the script's folder, is on sys.path
+from trunk import machine, read_section, write_section  # bench/, the script's folder, is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -217,8 +217,7 @@ def train(study: Study, seed: int) -> None:
     if os.path.exists(record_path(study, seed)):
         return
     if os.path.exists(os.path.join(folder, "metrics.json")):
-        keep_record(study, seed)
-        return
+        return  # finished before the bench kept records: main() records every finished folder
     os.makedirs(folder, exist_ok=True)
     timing_path = os.path.join(folder, "quality_run.json")
     timing = (
@@ -317,22 +316,23 @@ class Outcome:
         return statistics.mean(r["most_popular"][metric] for r in self.runs.values())
 
 
-def finished_seeds(study: Study, folder: str | None = None) -> list[int]:
-    """Seeds of the study's recorded runs (default: in bench/results/quality/; ``folder``: finished run
-    folders in it, those with metrics.json): its own seeds and any more trained with ``--seeds``."""
-    if folder is None:
-        pattern = re.compile(re.escape(study.name) + r"-s(\d+)\.json")
-        names = os.listdir(RESULTS) if os.path.isdir(RESULTS) else []
-        return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
+def finished_seeds(study: Study) -> list[int]:
+    """Seeds of the study's finished run folders here (those with metrics.json): its own seeds and any
+    more trained with ``--seeds``."""
     pattern = re.compile(re.escape(study.name) + r"-s(\d+)")
     found = [
-        int(m.group(1))
-        for m in map(pattern.fullmatch, os.listdir(folder) if os.path.isdir(folder) else [])
-        if m
+        int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(RUNS) if os.path.isdir(RUNS) else []) if m
     ]
     return sorted(
-        s for s in found if os.path.exists(os.path.join(folder, f"{study.name}-s{s}", "metrics.json"))
+        seed for seed in found if os.path.exists(os.path.join(run_dir(study, seed), "metrics.json"))
     )
+
+
+def recorded_seeds(study: Study) -> list[int]:
+    """Seeds of the study's records in bench/results/quality/."""
+    pattern = re.compile(re.escape(study.name) + r"-s(\d+)\.json")
+    names = os.listdir(RESULTS) if os.path.isdir(RESULTS) else []
+    return sorted(int(m.group(1)) for m in map(pattern.fullmatch, names) if m)
 
 
 def load_outcomes(studies: list[Study] | None = None) -> dict[str, Outcome]:
@@ -340,7 +340,7 @@ def load_outcomes(studies: list[Study] | None = None) -> dict[str, Outcome]:
     outcomes = {}
     for study in STUDIES if studies is None else studies:
         outcome = Outcome(study)
-        for seed in finished_seeds(study):
+        for seed in recorded_seeds(study):
             record = json.load(open(record_path(study, seed)))
             metrics = record["metrics"]
             metrics["wall_seconds"] = record.get("bench", {}).get("wall_seconds", math.nan)
@@ -356,14 +356,9 @@ RUN_ROW = re.compile(r"\| ([a-z0-9-]+) \| (\d+) \|")
 """A row of the report's "Every run" table: | study | seed | ..."""
 
 
-def reported_runs(path: str, begin: str = BEGIN, end: str = END) -> set[str]:
+def reported_runs(path: str) -> set[str]:
     """Runs ("study-sSEED") that the report section of ``path`` shows in its "Every run" table."""
-    if not os.path.exists(path):
-        return set()
-    text = open(path).read()
-    if begin not in text or end not in text:
-        return set()
-    section = text[text.index(begin) : text.index(end)]
+    section = read_section(path, BEGIN, END)
     table = section[section.index("### Every run") :] if "### Every run" in section else ""
     return {f"{m.group(1)}-s{m.group(2)}" for m in map(RUN_ROW.match, table.splitlines()) if m}
 
@@ -628,18 +623,6 @@ def plot(outcomes: dict[str, Outcome], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the text between the markers ``begin`` and ``end`` in ``path`` (or append the section)."""
-    text = open(path).read()
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -677,7 +660,7 @@ def main() -> None:
                 future.result()
     # every finished run folder here (also those finished by an earlier bench) gets its record
     for study in STUDIES:
-        for seed in finished_seeds(study, RUNS):
+        for seed in finished_seeds(study):
             if study.data == "amazon-beauty" and "independent" not in study.name:
                 evaluate_history_masked(run_dir(study, seed))
             keep_record(study, seed)
@@ -697,7 +680,7 @@ def main() -> None:
             "again) or pass --drop-missing-runs to write the report without them."
         )
     plot(outcomes, os.path.join(os.path.dirname(args.output), "quality.png"))
-    write_section(args.output, section)
+    write_section(args.output, section, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -21,20 +21,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from quality import (
-    RUNS,
-    Outcome,
-    Study,
-    finished_seeds,
-    keep_record,
-    load_outcomes,
-    prepare,
-    run_dir,
-    train,
-    write_section,
-)
 from quality import STUDIES as QUALITY_STUDIES  # bench/, the script's folder, is on sys.path
-from trunk import machine
+from quality import Outcome, Study, finished_seeds, keep_record, load_outcomes, prepare, run_dir, train
+from trunk import machine, read_section, write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -62,14 +51,9 @@ DEFAULT_MARK = " (the trainer's default)"
 
 def reported_studies(path: str) -> set[str]:
     """Studies whose row in the table of ``path`` shows a measured NDCG@10."""
-    if not os.path.exists(path):
-        return set()
-    text = open(path).read()
-    if BEGIN not in text or END not in text:
-        return set()
     by_label = {("full softmax" if s is FULL else s.label): s.name for s in [FULL, *SAMPLED]}
     found = set()
-    for line in text[text.index(BEGIN) : text.index(END)].splitlines():
+    for line in read_section(path, BEGIN, END).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) > 1 and re.fullmatch(r"\d+\.\d+", cells[1]):
             name = by_label.get(cells[0].removesuffix(DEFAULT_MARK))
@@ -150,7 +134,7 @@ def main() -> None:
             for future in [pool.submit(train, s, seed) for s, seed in jobs]:
                 future.result()
     for study in [FULL, *SAMPLED]:  # finished run folders here get their records
-        for seed in finished_seeds(study, RUNS):
+        for seed in finished_seeds(study):
             keep_record(study, seed)
     command = ("python bench/sampled_softmax.py " + " ".join(sys.argv[1:])).strip()
     found = load_outcomes([FULL, *SAMPLED])

@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from quality import write_section  # bench/, the script's folder, is on sys.path
-from trunk import machine
+from trunk import machine, write_section  # bench/, the script's folder, is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -260,6 +260,16 @@ def render(results: list[dict], savings: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+def read_section(path: str, begin: str, end: str) -> str:
+    """The text from ``begin`` up to ``end`` in ``path``; "" if the file or a marker is missing."""
+    if not os.path.exists(path):
+        return ""
+    text = open(path).read()
+    if begin not in text or end not in text:
+        return ""
+    return text[text.index(begin) : text.index(end)]
+
+
 def write_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the section between ``begin`` and ``end`` in ``path`` with ``section`` (which carries the
     markers), or append it; written to a temporary file, then renamed. Every bench script uses this."""

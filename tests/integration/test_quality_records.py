@@ -123,7 +123,6 @@ def test_the_sampled_softmax_table_keeps_rows_that_have_no_record(quality, tmp_p
         import sampled_softmax
     finally:
         sys.path.remove(os.path.join(REPO, "bench"))
-    monkeypatch.setattr(sampled_softmax, "RUNS", quality.RUNS)
     output = str(tmp_path / "scale.md")
     shutil.copy(os.path.join(REPO, "docs", "scale.md"), output)
     every = {s.name for s in [sampled_softmax.FULL, *sampled_softmax.SAMPLED]}
