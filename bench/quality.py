@@ -39,7 +39,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from trunk import machine, read_section, write_section  # bench/, the script's folder, is on sys.path
+# bench/, the script's folder, is on sys.path
+from trunk import machine, read_section, write_json, write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -261,14 +262,6 @@ def evaluate_history_masked(folder: str) -> None:
     write_json(path, record)
 
 
-def write_json(path: str, value: dict) -> None:
-    """Write ``value`` to ``path`` through a temporary name: a reader never sees a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
 def record_path(study: Study, seed: int) -> str:
     return os.path.join(RESULTS, f"{study.name}-s{seed}.json")
 
@@ -276,9 +269,12 @@ def record_path(study: Study, seed: int) -> str:
 def keep_record(study: Study, seed: int) -> None:
     """Copy what the finished run ``study``/``seed`` measured into its record (bench/results/quality/):
     its metrics.json (test metrics per size, most-popular, epochs, steps, training time, parameters), the
-    bench's wall time, the history-masked evaluation when there is one, and the command's settings."""
+    bench's wall time, the history-masked evaluation when there is one, and the command's settings. The
+    per-step training losses stay in the run folder (and its TensorBoard log): the report does not use them
+    and they are two thirds of a record's size."""
     folder = run_dir(study, seed)
     metrics = json.load(open(os.path.join(folder, "metrics.json")))
+    metrics.pop("train_losses", None)
     record = {
         "study": study.name,
         "seed": seed,

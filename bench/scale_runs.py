@@ -8,7 +8,10 @@ writes their table into docs/scale.md.
 Each run is ``torchrun --nproc_per_node=R -m trainer.cli train --config configs/scale-*.yaml`` (the real
 trainer: every table column-wise sharded from birth, sampled softmax, sharded evaluation, checkpoints)
 in runs/scale/<name>; a run with ``metrics.json`` is done and is not run again. The figures come from
-the run's own logs (train.log, train-rank<N>.log), its metrics.json and its checkpoint folder.
+the run's own logs (train.log, train-rank<N>.log), its metrics.json and its checkpoint folder, and are
+kept as the run's record in bench/results/scale/<name>.json: runs/ is not in the repository, the records
+are, and the table is written from the records alone, so it survives the machine that ran the runs. The
+bench refuses to rewrite a table that shows runs without a record (``--drop-missing-runs`` overrides).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from trunk import machine, write_section  # bench/, the script's folder, is on sys.path
+# bench/, the script's folder, is on sys.path
+from trunk import machine, read_section, write_json, write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
 RUNS = os.path.join(REPO, "runs", "scale")
+RESULTS = os.path.join(HERE, "results", "scale")
 BEGIN, END = "<!-- bench/scale_runs.py:begin -->", "<!-- bench/scale_runs.py:end -->"
 
 
@@ -107,6 +112,7 @@ def _bytes_in(path: str) -> int:
 
 
 def facts(run: ScaleRun) -> dict | None:
+    """What the table shows of a finished run, read from its folder in runs/scale; None if not finished."""
     folder = os.path.join(RUNS, run.name)
     if not os.path.exists(os.path.join(folder, "metrics.json")):
         return None
@@ -136,6 +142,37 @@ def facts(run: ScaleRun) -> dict | None:
     }
 
 
+def record_path(run: ScaleRun) -> str:
+    return os.path.join(RESULTS, f"{run.name}.json")
+
+
+def keep_record(run: ScaleRun) -> None:
+    """Keep the facts of the finished run in its record (bench/results/scale/), with its command's settings
+    and the machine that ran it; nothing if the run has not finished here."""
+    found = facts(run)
+    if found is None:
+        return
+    record = {"run": run.name, "config": run.config, "ranks": run.ranks, "overrides": list(run.overrides)}
+    record.update(machine=machine(), date=time.strftime("%Y-%m-%d"), facts=found)
+    os.makedirs(RESULTS, exist_ok=True)
+    write_json(record_path(run), record)
+
+
+def load_records() -> dict[str, dict]:
+    """Records of the runs, by their key in SCALE_RUNS."""
+    return {
+        key: json.load(open(record_path(run)))
+        for key, run in SCALE_RUNS.items()
+        if os.path.exists(record_path(run))
+    }
+
+
+def reported_runs(path: str) -> set[str]:
+    """Keys of the runs the table in ``path`` shows with figures (not "not run yet")."""
+    rows = re.findall(r"^\| ([\w-]+) \| \d+ \| (.*)$", read_section(path, BEGIN, END), re.MULTILINE)
+    return {key for key, rest in rows if key in SCALE_RUNS and not rest.startswith("(not run yet)")}
+
+
 def _range(values: list[float], fmt: str = "{:.0f}") -> str:
     if not values:
         return "?"
@@ -143,12 +180,19 @@ def _range(values: list[float], fmt: str = "{:.0f}") -> str:
     return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
 
 
-def render(command: str) -> str:
+def _range_text(values: list[str]) -> str:
+    return values[0] if len(values) == 1 else f"{values[0]} to {values[-1]}"
+
+
+def render(records: dict[str, dict], command: str) -> str:
+    """The table of the recorded runs; the machine and date are the records' (this machine's if none)."""
+    machines = sorted({r["machine"] for r in records.values()}) or [machine()]
+    dates = sorted({r["date"] for r in records.values()}) or [time.strftime("%Y-%m-%d")]
     lines = [
         BEGIN,
         f"Command: `{command}`  ",
-        f"Machine: {machine()}, one thread per rank  ",
-        f"Date: {time.strftime('%Y-%m-%d')}",
+        f"Machine: {'; '.join(machines)}, one thread per rank  ",
+        f"Date: {_range_text(dates)}",
         "",
         "| run | ranks | trainable params | steps (epochs) | steps/s | peak RSS per rank | validation "
         "| test | checkpoint: size, save | model.safetensors: size, write | wall | test NDCG@10 (size) "
@@ -156,7 +200,7 @@ def render(command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, run in SCALE_RUNS.items():
-        f = facts(run)
+        f = records[key]["facts"] if key in records else None
         if f is None:
             lines.append(f"| {key} | {run.ranks} | (not run yet) |" + " |" * 11)
             continue
@@ -186,8 +230,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", default=",".join(SCALE_RUNS), help=f"comma-separated of {list(SCALE_RUNS)}")
-    parser.add_argument("--report-only", action="store_true", help="write the table from finished runs")
+    parser.add_argument("--report-only", action="store_true", help="write the table from the recorded runs")
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "scale.md"))
+    parser.add_argument(
+        "--drop-missing-runs",
+        action="store_true",
+        help="write the table even if it then shows fewer runs than before (runs without a record)",
+    )
     args = parser.parse_args()
     names = args.runs.split(",")
     unknown = sorted(set(names) - set(SCALE_RUNS))
@@ -195,10 +244,22 @@ def main() -> None:
         parser.error(f"unknown runs {unknown}; known: {list(SCALE_RUNS)}")
     if not args.report_only:
         for name in names:
-            prepare(SCALE_RUNS[name])
-            train(SCALE_RUNS[name])
-    section = render(("python bench/scale_runs.py " + " ".join(sys.argv[1:])).strip())
+            if not os.path.exists(record_path(SCALE_RUNS[name])):
+                prepare(SCALE_RUNS[name])
+                train(SCALE_RUNS[name])
+    for run in SCALE_RUNS.values():  # every run finished here (also by an earlier bench) gets its record
+        keep_record(run)
+    records = load_records()
+    section = render(records, ("python bench/scale_runs.py " + " ".join(sys.argv[1:])).strip())
     print(section)
+    missing = sorted(reported_runs(args.output) - set(records))
+    if missing and not args.drop_missing_runs:
+        sys.exit(
+            f"not writing {os.path.relpath(args.output, REPO)}: its table shows {len(missing)} run(s) that have "
+            f"no record in {os.path.relpath(RESULTS, REPO)}: {', '.join(missing)}. Run them again "
+            "(`python bench/scale_runs.py --runs NAME`; a run with a record is not run again) or pass "
+            "--drop-missing-runs to write the table without them."
+        )
     write_section(args.output, section, BEGIN, END)
 
 

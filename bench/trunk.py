@@ -270,6 +270,14 @@ def read_section(path: str, begin: str, end: str) -> str:
     return text[text.index(begin) : text.index(end)]
 
 
+def write_json(path: str, value: dict) -> None:
+    """Write ``value`` to ``path`` through a temporary name: a reader never sees a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def write_section(path: str, section: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the section between ``begin`` and ``end`` in ``path`` with ``section`` (which carries the
     markers), or append it; written to a temporary file, then renamed. Every bench script uses this."""

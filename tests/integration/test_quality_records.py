@@ -48,6 +48,7 @@ def finish_run(quality, study_name: str, seed: int, ndcg_at_256: float) -> str:
         "steps": 900,
         "train_seconds": 600.0,
         "trainable_parameters": 123456,
+        "train_losses": [7.2, 7.1, 7.0],
     }
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f)
@@ -75,6 +76,7 @@ def test_a_finished_run_is_recorded_and_reported_after_its_folder_is_gone(qualit
     assert record["seed"] == 42 and record["config"] == "configs/ml-100k-official.yaml"
     assert record["metrics"]["test"]["256"]["NDCG@10"] == pytest.approx(0.0450)
     assert record["bench"]["wall_seconds"] == 700.0
+    assert "train_losses" not in record["metrics"]  # per-step losses stay in the run folder
 
     shutil.rmtree(quality.RUNS)  # a new machine: the run folders are gone, the records are not
     outcomes = quality.load_outcomes()

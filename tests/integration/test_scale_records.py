@@ -1,0 +1,108 @@
+"""bench/scale_runs.py keeps what each finished run measured as a record in the repository and writes its
+table from the records alone, so the table survives the machine that ran the runs (runs/ does not), and
+it refuses to rewrite a table that shows runs it has no record of.
+
+The run folder here is written the way a finished ``fmrl train`` leaves it (metrics.json, the rank logs,
+a checkpoint, model.safetensors); the training itself is what the distributed tests exercise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def scale_runs(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import scale_runs
+    finally:
+        sys.path.remove(os.path.join(REPO, "bench"))
+    monkeypatch.setattr(scale_runs, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(scale_runs, "RESULTS", str(tmp_path / "results"))
+    return scale_runs
+
+
+def finish_run(scale_runs, key: str, ndcg: float) -> None:
+    folder = os.path.join(scale_runs.RUNS, scale_runs.SCALE_RUNS[key].name)
+    os.makedirs(os.path.join(folder, "checkpoints", "step-00000300"))
+    with open(os.path.join(folder, "checkpoints", "step-00000300", "shard-0.distcp"), "wb") as f:
+        f.write(b"\0" * 4096)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(b"\0" * 2048)
+    metrics = {
+        "test": {"64": {"NDCG@10": ndcg, "Recall@10": 2 * ndcg}},
+        "most_popular": {"NDCG@10": ndcg / 100, "Recall@10": ndcg / 50},
+        "steps": 300,
+        "epochs": 1,
+        "trainable_parameters": 643_300_000,
+    }
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    for rank, rss in ((0, 7893), (1, 7959)):
+        with open(os.path.join(folder, f"train-rank{rank}.log"), "w") as f:
+            f.write(
+                f"2026-12-01 10:00:00,001 INFO step 100 (1.50 steps/s)\n"
+                f"2026-12-01 10:09:00,001 INFO validation NDCG@10 0.0060 (evaluated in 277.0 s)\n"
+                f"2026-12-01 10:18:00,001 INFO peak RSS {rss} MiB\n"
+            )
+
+
+def write_table(scale_runs, monkeypatch, output: str, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["scale_runs.py", "--report-only", "--output", output, *args])
+    scale_runs.main()
+
+
+def row(text: str, key: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {key} |"))
+
+
+def test_a_finished_run_is_recorded_and_still_reported_after_its_folder_is_gone(
+    scale_runs, tmp_path, monkeypatch
+):
+    finish_run(scale_runs, "10m", 0.0065)
+    output = str(tmp_path / "scale.md")
+    with open(output, "w") as f:
+        f.write("# scale\n")
+    write_table(scale_runs, monkeypatch, output)
+
+    record = json.load(open(os.path.join(scale_runs.RESULTS, "scale-10m.json")))
+    assert record["ranks"] == 2 and record["config"] == "configs/scale-10m.yaml"
+    assert record["facts"]["ndcg"] == pytest.approx(0.0065)
+    assert record["facts"]["peak_rss_mib"] == [7893, 7959]
+    assert record["facts"]["wall_min"] == pytest.approx(18.0)
+    assert "| 10m | 2 | 643.3M | 300 (1) | 1.50 | 7893-7959 MiB |" in open(output).read()
+    assert "(not run yet)" in row(open(output).read(), "1m")
+
+    shutil.rmtree(scale_runs.RUNS)  # a new machine: the run folders are gone, the record is not
+    os.remove(output)
+    write_table(scale_runs, monkeypatch, output)
+    text = open(output).read()
+    assert "0.0065 (64)" in row(text, "10m") and "100x" in row(text, "10m")
+    assert f"Machine: {record['machine']}" in text and f"Date: {record['date']}" in text
+
+
+def test_a_table_with_runs_that_have_no_record_is_not_rewritten(scale_runs, tmp_path, monkeypatch):
+    finish_run(scale_runs, "10m", 0.0065)
+    output = str(tmp_path / "scale.md")
+    with open(output, "w") as f:
+        f.write("# scale\n")
+    write_table(scale_runs, monkeypatch, output)
+    os.remove(os.path.join(scale_runs.RESULTS, "scale-10m.json"))
+    shutil.rmtree(scale_runs.RUNS)
+    before = open(output).read()
+
+    with pytest.raises(SystemExit) as stopped:
+        write_table(scale_runs, monkeypatch, output)
+    assert "10m" in str(stopped.value) and "--drop-missing-runs" in str(stopped.value)
+    assert open(output).read() == before
+
+    write_table(scale_runs, monkeypatch, output, "--drop-missing-runs")
+    assert "(not run yet)" in row(open(output).read(), "10m")
