@@ -147,13 +147,15 @@ def record_path(run: ScaleRun) -> str:
 
 
 def keep_record(run: ScaleRun) -> None:
-    """Keep the facts of the finished run in its record (bench/results/scale/), with its command's settings
-    and the machine that ran it; nothing if the run has not finished here."""
+    """Keep the facts of the finished run in its record (bench/results/scale/), with its command's settings,
+    the machine that ran it (run folders do not travel) and the day it finished; nothing if the run has not
+    finished here."""
     found = facts(run)
     if found is None:
         return
+    finished = os.path.getmtime(os.path.join(RUNS, run.name, "metrics.json"))
     record = {"run": run.name, "config": run.config, "ranks": run.ranks, "overrides": list(run.overrides)}
-    record.update(machine=machine(), date=time.strftime("%Y-%m-%d"), facts=found)
+    record.update(machine=machine(), date=time.strftime("%Y-%m-%d", time.localtime(finished)), facts=found)
     os.makedirs(RESULTS, exist_ok=True)
     write_json(record_path(run), record)
 

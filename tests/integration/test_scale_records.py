@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 import pytest
 
@@ -46,6 +47,8 @@ def finish_run(scale_runs, key: str, ndcg: float) -> None:
     }
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(metrics, f)
+    finished = time.mktime(time.strptime("2026-12-01 10:18:00", "%Y-%m-%d %H:%M:%S"))
+    os.utime(os.path.join(folder, "metrics.json"), (finished, finished))
     for rank, rss in ((0, 7893), (1, 7959)):
         with open(os.path.join(folder, f"train-rank{rank}.log"), "w") as f:
             f.write(
@@ -75,6 +78,7 @@ def test_a_finished_run_is_recorded_and_still_reported_after_its_folder_is_gone(
 
     record = json.load(open(os.path.join(scale_runs.RESULTS, "scale-10m.json")))
     assert record["ranks"] == 2 and record["config"] == "configs/scale-10m.yaml"
+    assert record["date"] == "2026-12-01"  # the day the run finished, not the day of the report
     assert record["facts"]["ndcg"] == pytest.approx(0.0065)
     assert record["facts"]["peak_rss_mib"] == [7893, 7959]
     assert record["facts"]["wall_min"] == pytest.approx(18.0)
