@@ -6,6 +6,7 @@ object storage get a real S3-compatible server (moto's standalone server) on 127
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -16,7 +17,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import pytest
 
@@ -46,6 +48,22 @@ _CLEARED_ENV = (
 )
 
 _START_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def bench_script() -> Callable[[str], ModuleType]:
+    """Imports a script of bench/ by name (``bench_script("quality")``); the scripts import their
+    neighbours (``from trunk import ...``), so bench/ is on sys.path while the script is imported."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+    def load(name: str) -> ModuleType:
+        sys.path.insert(0, bench)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(bench)
+
+    return load
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -160,14 +160,10 @@ def test_ctr_models_bench_prints_the_table_and_the_claims(tmp_path):
         assert claim in section, claim
 
 
-def test_ctr_models_datasets_replaces_only_the_open_bandit_columns(tmp_path):
+def test_ctr_models_datasets_replaces_only_the_open_bandit_columns(tmp_path, bench_script):
     """``--datasets obp``: the OBP columns and data phrase are replaced, everything else stays; a rerun
     replaces its note instead of adding one; other data sets are refused (the claims rest on them)."""
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    try:
-        import ctr_models
-    finally:
-        sys.path.remove(os.path.join(REPO, "bench"))
+    ctr_models = bench_script("ctr_models")
     models = [key for key in ctr_models.MODELS if key != "wide_deep+crosses"]
     old_row = (
         "| DLRM | 1 | 2 | 0.1 | 3 | 4 | 0.7000 | 0.6000 | 0.3740 ± 0.4099 | 0.5 | 0.9 | 0.95 | 15.4447 |"

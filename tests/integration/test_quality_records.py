@@ -19,12 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture
-def quality(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    try:
-        import quality
-    finally:
-        sys.path.remove(os.path.join(REPO, "bench"))
+def quality(tmp_path, monkeypatch, bench_script):
+    quality = bench_script("quality")
     monkeypatch.setattr(quality, "RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(quality, "RESULTS", str(tmp_path / "results"))
     return quality
@@ -119,12 +115,10 @@ def test_the_report_is_not_rewritten_with_fewer_runs_than_it_shows(quality, tmp_
     assert quality.reported_runs(output) == {"ml-100k-s42", "ml-100k-s43", "ml-100k-independent-16-s42"}
 
 
-def test_the_sampled_softmax_table_keeps_rows_that_have_no_record(quality, tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    try:
-        import sampled_softmax
-    finally:
-        sys.path.remove(os.path.join(REPO, "bench"))
+def test_the_sampled_softmax_table_keeps_rows_that_have_no_record(
+    quality, tmp_path, monkeypatch, bench_script
+):
+    sampled_softmax = bench_script("sampled_softmax")
     output = str(tmp_path / "scale.md")
     shutil.copy(os.path.join(REPO, "docs", "scale.md"), output)
     every = {s.name for s in [sampled_softmax.FULL, *sampled_softmax.SAMPLED]}

@@ -16,16 +16,10 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture
-def scale_runs(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    try:
-        import scale_runs
-    finally:
-        sys.path.remove(os.path.join(REPO, "bench"))
+def scale_runs(tmp_path, monkeypatch, bench_script):
+    scale_runs = bench_script("scale_runs")
     monkeypatch.setattr(scale_runs, "RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(scale_runs, "RESULTS", str(tmp_path / "results"))
     return scale_runs
