@@ -115,6 +115,23 @@ def test_the_report_is_not_rewritten_with_fewer_runs_than_it_shows(quality, tmp_
     assert quality.reported_runs(output) == {"ml-100k-s42", "ml-100k-s43", "ml-100k-independent-16-s42"}
 
 
+def test_nested_slices_are_compared_with_the_mean_over_the_independent_models_seeds(
+    quality, tmp_path, monkeypatch
+):
+    for seed, value in ((42, 0.0450), (43, 0.0400)):  # nested slices at 64: 0.01125, 0.0100
+        finish_run(quality, "ml-100k", seed, value)
+    for seed, value in ((42, 0.0100), (43, 0.0110)):  # independent size-64 models
+        finish_run(quality, "ml-100k-independent-64", seed, value)
+    output = str(tmp_path / "quality.md")
+    with open(output, "w") as f:
+        f.write("# quality\n")
+    run_main(quality, monkeypatch, output)
+    report = open(output).read()
+    # mean 0.010625 against mean 0.0105: +1.2 %, the independent side over both of its seeds
+    assert "| 64 | 0.0106 ± 0.0009 | 0.0105 ± 0.0007 | 2 | +1.2 % |" in report
+    assert "| 16 | 0.0027 ± 0.0002 | (not run) |" in report
+
+
 def test_the_sampled_softmax_table_keeps_rows_that_have_no_record(
     quality, tmp_path, monkeypatch, bench_script
 ):
