@@ -425,16 +425,15 @@ def nested_vs_independent(outcomes: dict[str, Outcome], data: str, nested: str, 
     ran: list[Outcome] = []
     for m in sorted(independents):
         other = independents[m]
-        nested_ndcg = base.values(m, "NDCG@10")
-        nested_recall = mean_sd(base.values(m, "Recall@10"))
+        nested_ndcg, nested_recall = base.values(m, "NDCG@10"), base.values(m, "Recall@10")
         if other is None:
-            lines.append(f"| {m} | {mean_sd(nested_ndcg)} | (not run) | | | {nested_recall} | |")
+            lines.append(f"| {m} | {mean_sd(nested_ndcg)} | (not run) | | | {mean_sd(nested_recall)} | |")
             continue
-        ind_ndcg = other.values(m, "NDCG@10")
+        ind_ndcg, ind_recall = other.values(m, "NDCG@10"), other.values(m, "Recall@10")
         gap = (statistics.mean(nested_ndcg) / statistics.mean(ind_ndcg) - 1) * 100
         lines.append(
             f"| {m} | {mean_sd(nested_ndcg)} | {mean_sd(ind_ndcg)} | {len(ind_ndcg)} | {gap:+.1f} % "
-            f"| {nested_recall} | {mean_sd(other.values(m, 'Recall@10'))} |"
+            f"| {mean_sd(nested_recall)} | {mean_sd(ind_recall)} |"
         )
         ran.append(other)
     if not ran:
