@@ -143,7 +143,7 @@ class RowProblems:
     def bad(self, reason: str, message: str) -> None:
         """A bad record; ``message`` names it (``file:line: what is wrong``)."""
         if self.on_error == "raise":
-            raise ConversionError(f"{message} (pass on_error='skip' to skip and count such records)")
+            raise ConversionError(f"{message} (rerun with --on-error skip to skip and count such records)")
         self.counts[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < self.EXAMPLES:
@@ -354,9 +354,7 @@ def _read_metadata(
             # literal_eval, never eval: the paper's code evals these lines, which runs any code in them
             record = ast.literal_eval(line.decode("utf-8").strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
-            problems.bad(
-                "malformed_metadata", f"{where}: malformed metadata literal: {type(e).__name__}: {e}"
-            )
+            problems.bad("malformed_metadata", f"{where}: malformed metadata literal: {_literal_problem(e)}")
             continue
         if not isinstance(record, dict):
             problems.bad(
@@ -370,6 +368,16 @@ def _read_metadata(
         if wanted is None or asin in wanted:
             meta[asin] = record
     return meta
+
+
+def _literal_problem(error: Exception) -> str:
+    """What ``ast.literal_eval`` found wrong with a line, in plain words: its ValueError shows the repr
+    of a syntax tree node (``<ast.Call object at 0x...>``)."""
+    if isinstance(error, SyntaxError):
+        return f"not a Python literal ({error.msg})"
+    if isinstance(error, ValueError):
+        return "it holds something other than plain values (strings, numbers, lists, dicts), e.g. a name or a call"
+    return f"too large or too deeply nested ({type(error).__name__})"
 
 
 def _amazon_item(asin: str, record: dict[str, Any], images_dir: str | None, image_name: str | None) -> _Item:

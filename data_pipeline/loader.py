@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -377,6 +378,7 @@ class ShardBatchLoader:
                         num_workers=self.num_workers,
                         prefetch_factor=self.prefetch_factor,
                         multiprocessing_context="fork",
+                        worker_init_fn=_ignore_sigterm,
                         # its own generator: creating the iterator must not draw from the global RNG,
                         # or dropout would differ between a resumed and an uninterrupted run
                         generator=torch.Generator().manual_seed(self.seed),
@@ -655,3 +657,11 @@ def eval_batch_count(
     if max_users > 0:
         users = min(users, -(-max_users // world_size))
     return -(-users // batch_size)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM. SLURM sends it to every process of a job it preempts or cancels,
+    and torch's worker handler dies of it unless the parent sent it: the training process would then
+    fail at its next batch instead of stopping with a checkpoint (trainer/preemption.py). The worker
+    still ends with its training process (torch's watchdog) or on SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -29,7 +29,7 @@ import json
 import logging
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -40,7 +40,6 @@ from data_pipeline.storage import (
     atomic_write,
     exists,
     join,
-    list_dir,
     open_read,
 )
 
@@ -306,12 +305,16 @@ def _member_header(name: str, size: int) -> bytes:
 
 
 def generated_dataset(
-    out_url: str, generator: dict[str, Any], options: StorageOptions | None = None
+    out_url: str,
+    generator: dict[str, Any],
+    shard_sets: Sequence[str],
+    options: StorageOptions | None = None,
 ) -> dict[str, Any] | None:
     """The ``dataset.json`` of a complete generated data set at ``out_url`` if its ``generator`` settings
-    equal ``generator`` and every shard still matches its manifest (so it can be reused); None if there
-    is none, or if a shard is damaged (it is then written again); ValueError naming every setting that
-    differs otherwise (never overwrite a data set made differently)."""
+    equal ``generator`` and each of its ``shard_sets`` (prefixes) still has its manifest and matches it
+    (so it can be reused); None if there is none, or if a shard or a manifest is damaged or missing (the
+    set is then written again); ValueError naming every setting that differs otherwise (never overwrite
+    a data set made differently)."""
     url = join(out_url, "dataset.json")
     if not exists(url, options):
         return None
@@ -328,12 +331,9 @@ def generated_dataset(
             f"{out_url} already holds a data set made with other settings ({differ}); "
             "write to another location or delete it first"
         )
-    for manifest_file in list_dir(out_url, options):
-        name = manifest_file.rstrip("/").rsplit("/", 1)[-1]
-        if not name.endswith(".manifest.json"):
-            continue
+    for prefix in shard_sets:
         try:
-            manifest = read_manifest(out_url, name.removesuffix(".manifest.json"), options)
+            manifest = read_manifest(out_url, prefix, options)
             for shard in manifest.shards:
                 verify_shard(out_url, shard, options)
         except (CorruptShardError, ManifestError, StorageNotFoundError) as e:
@@ -354,7 +354,8 @@ def read_manifest(base_url: str, prefix: str, options: StorageOptions | None = N
             raw = f.read()
     except StorageNotFoundError as e:
         raise StorageNotFoundError(
-            f"no shard manifest at {url}: the shard set is missing or its writer did not finish"
+            f"no shard manifest at {url}: the shard set is missing or its writer did not finish; write the "
+            f"data set again (rerunning the command that made it repairs it) or delete {base_url}"
         ) from e
     try:
         doc = json.loads(raw)

@@ -16,6 +16,7 @@ and, for object storage, the endpoint; credentials never appear in messages.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import mmap
@@ -33,12 +34,15 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 _T = TypeVar("_T")
+_FS = TypeVar("_FS", bound=fsspec.AbstractFileSystem)
 
 __all__ = [
     "StorageError",
     "StorageNotFoundError",
     "StorageOptions",
+    "StorageTimeoutError",
     "atomic_write",
+    "bound_s3_retries",
     "exists",
     "filesystem",
     "is_remote",
@@ -55,6 +59,11 @@ __all__ = [
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URL (and the endpoint for object storage)."""
+
+
+class StorageTimeoutError(StorageError, TimeoutError):
+    """Object storage did not answer a call within ``StorageOptions.deadline`` (a hung server): unlike a
+    refusal, it may answer again later, so a checkpoint save gives up on this save only."""
 
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
@@ -437,8 +446,12 @@ def s3_filesystem_kwargs(options: StorageOptions) -> dict[str, Any]:
 def _s3_fs(options: StorageOptions, pid: int) -> fsspec.AbstractFileSystem:
     import s3fs  # deferred: botocore takes a while to import and local-only runs never need it
 
-    fs = s3fs.S3FileSystem(**s3_filesystem_kwargs(options))
-    # s3fs retries timeouts and dropped connections on top of botocore; keep its total bounded too
+    return bound_s3_retries(s3fs.S3FileSystem(**s3_filesystem_kwargs(options)), options)
+
+
+def bound_s3_retries(fs: _FS, options: StorageOptions) -> _FS:
+    """``fs`` (an s3fs file system, ours or DCP's) with its own retry loop, which s3fs runs on top of
+    botocore's for timeouts and dropped connections (5 times by default), cut to ``max_attempts``."""
     fs.retries = options.max_attempts
     return fs
 
@@ -468,7 +481,7 @@ def _bounded(action: str, url: str, options: StorageOptions, call: Callable[[], 
         return future.result(timeout=options.deadline)
     except FutureTimeout:
         endpoint = options.endpoint_url or "the default AWS endpoint"
-        raise StorageError(
+        raise StorageTimeoutError(
             f"cannot {action} {url}: object storage at {endpoint} did not answer within "
             f"{options.deadline:.0f} s (a hung or overloaded server?)"
         ) from None
@@ -511,7 +524,13 @@ def _atomic_write_local(url: str) -> Iterator[io.BufferedWriter]:
         tmp = os.path.join(folder, f".{name}.tmp-{secrets.token_hex(6)}")
         f = open(tmp, "xb")
     try:
-        yield f
+        try:
+            yield f
+        except OSError as e:
+            # a write to ``f`` that failed (a full disk, a quota) names no file: name the destination
+            if e.filename is None and e.errno in _DISK_FULL and not isinstance(e, StorageError):
+                raise StorageError(f"cannot write {url}: {e}") from e
+            raise
         with translated_errors("write", url, None):
             f.flush()
             os.fsync(f.fileno())
@@ -519,10 +538,14 @@ def _atomic_write_local(url: str) -> Iterator[io.BufferedWriter]:
             os.replace(tmp, path)
             _fsync_dir(folder)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):  # closing flushes the buffer, which fails again on a full disk
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _fsync_dir(folder: str) -> None:

@@ -22,7 +22,7 @@ from data_pipeline.criteo import (
     _write_criteo_lines,
     criteo_writer,
 )
-from data_pipeline.ctr import CTRSummary, _buckets, _summary
+from data_pipeline.ctr import SPLITS, CTRSummary, _buckets, _summary
 from data_pipeline.shards import generated_dataset
 from data_pipeline.storage import StorageOptions
 
@@ -300,5 +300,5 @@ def prepare_synthetic_ctr(
 def _existing_synthetic(
     out_url: str, generator: dict[str, Any], options: StorageOptions | None
 ) -> CTRSummary | None:
-    doc = generated_dataset(out_url, generator, options)
+    doc = generated_dataset(out_url, generator, SPLITS, options)
     return None if doc is None else _summary(out_url, doc, reused=True)

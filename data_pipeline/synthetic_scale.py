@@ -303,10 +303,11 @@ def write_synthetic_features(
             continue
         name = f"{modality}_features.safetensors"
         blocks = _feature_rows(catalog, dim, np.random.default_rng((seed, _FEATURE_STREAM, table)))
-        digest = write_feature_table(
+        written = write_feature_table(
             join(out_url, name), catalog.num_items + 1, dim, blocks, SYNTHETIC_FEATURE_MODEL, options
         )
-        info[f"{modality}_dim"], info[f"{modality}_file"], info[f"{modality}_sha256"] = dim, name, digest
+        info[f"{modality}_dim"], info[f"{modality}_file"] = dim, name
+        info[f"{modality}_sha256"], info[f"{modality}_blocks"] = written["sha256"], written["blocks"]
     if image_dim:
         info["image_fallbacks"] = 0
     with atomic_write(join(out_url, "features.json"), options) as f:

@@ -373,7 +373,8 @@ def _existing_dataset(
     out_url: str, meta: dict, max_samples_per_shard: int, options: StorageOptions | None
 ) -> SyntheticShardsSummary | None:
     """The summary of a complete dataset at ``out_url`` made with the same settings; ValueError if other."""
-    dataset = generated_dataset(out_url, {**meta, "max_samples_per_shard": max_samples_per_shard}, options)
+    generator = {**meta, "max_samples_per_shard": max_samples_per_shard}
+    dataset = generated_dataset(out_url, generator, ("items", "users"), options)
     if dataset is None:
         return None
     return SyntheticShardsSummary(

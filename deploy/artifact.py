@@ -3,8 +3,10 @@
 An export holds ``export.json`` (the index: sizes, their folders, every file's sha256), per size
 ``size-<m>/model.safetensors`` (the LRU trunk at width m), ``items.safetensors`` (the ``(N + 1, m)``
 item table, row 0 padding) and ``config.json``, and optionally the catalog ``item_ids.json`` and
-``popularity.safetensors``. Every file read is checked against the sha256 the index records. Nothing
-is unpickled. URLs are local paths or anything fsspec opens (``s3://``); ``storage_options`` are
+``popularity.safetensors``. Every file read is checked against the sha256 the index records, every
+tensor for non-finite values, and config.json's nested sizes against the nested blocks of the weights
+themselves (:func:`weight_nested_sizes`), so an edited config.json cannot change what a model computes.
+Nothing is unpickled. URLs are local paths or anything fsspec opens (``s3://``); ``storage_options`` are
 fsspec's keyword arguments for that file system (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
 """
 
@@ -83,6 +85,45 @@ def exported_sizes(manifest: Mapping[str, Any]) -> list[int]:
     return sorted(int(m) for m in manifest["sizes"])
 
 
+def check_finite(tensors: Mapping[str, Any], url: str) -> None:
+    """ExportError naming ``url`` and the first float tensor of ``tensors`` (other values are skipped)
+    holding a NaN or an infinity: a model whose training diverged, refused before anything reads it."""
+    for name, tensor in tensors.items():
+        floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+        if floating and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(
+                f"{url}: tensor {name!r} holds non-finite values (NaN or infinity): the model's training "
+                "diverged; use the weights of a checkpoint from before it diverged"
+            )
+
+
+def weight_nested_sizes(trunk_state: Mapping[str, torch.Tensor]) -> list[int]:
+    """The nested sizes that the trunk's weights themselves are built on, from their block structure.
+
+    Every (m, m) matrix of the trunk is a nested weight: row r of block i reads the input prefix
+    [:m_i] and nothing after it. So the width of row r (last non-zero column + 1, the largest over all
+    the trunk's matrices) is the nested size of its block, and the distinct row widths are the nested
+    sizes: trained (or randomly initialised) weights have no all-zero column inside a block."""
+    matrices = [w for w in trunk_state.values() if w.ndim == 2]
+    if not matrices:
+        return []
+    dim = matrices[0].shape[1]
+    columns = torch.arange(1, dim + 1)  # (m,) the width a non-zero entry in each column implies
+    width = torch.zeros(matrices[0].shape[0], dtype=torch.int64)
+    for weight in matrices:
+        width = torch.maximum(width, ((weight != 0) * columns).amax(dim=1))  # (m,)
+    return sorted({int(w) for w in width} | {dim})
+
+
+def recorded_max_len(url: str, manifest: Mapping[str, Any]) -> int | None:
+    """The training ``max_len`` that the export at ``url`` records (None for an export written before
+    exports recorded it)."""
+    max_len = manifest.get("max_len")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise ExportError(f"{join(url, 'export.json')}: max_len must be a positive integer, got {max_len!r}")
+    return max_len
+
+
 @dataclass
 class SizeExport:
     """One exported size as read from disk: its config, trunk weights and item table."""
@@ -127,13 +168,26 @@ def read_size(
         )
     weights_url = join(folder, "model.safetensors")
     weights = st_load(read_verified(weights_url, hashes.get("model.safetensors"), storage_options))
+    check_finite(weights, weights_url)
     items_url = join(folder, "items.safetensors")
     items = st_load(read_verified(items_url, hashes.get("items.safetensors"), storage_options))["items"]
     if tuple(items.shape) != (manifest["num_items"] + 1, size):
         raise ExportError(
             f"{items_url} has shape {tuple(items.shape)}, expected ({manifest['num_items'] + 1}, {size})"
         )
+    check_finite({"items": items}, items_url)
     trunk_state = {k.removeprefix("trunk."): v for k, v in weights.items()}
+    # the weights decide the nested sizes (each one normalises its own block): config.json must agree
+    in_weights = weight_nested_sizes(trunk_state)
+    if in_weights != cfg.nested_sizes:
+        differences = [
+            f"size {m} missing from config.json" if m in in_weights else f"size {m} not in the weights"
+            for m in sorted(set(in_weights) ^ set(cfg.nested_sizes))
+        ]
+        raise ExportError(
+            f"{config_url} lists nested sizes {cfg.nested_sizes}, but the weights in {weights_url} are "
+            f"nested at {in_weights} ({'; '.join(differences)}): the config was edited or is another model's"
+        )
     return SizeExport(size, cfg, trunk_state, items, folder)
 
 

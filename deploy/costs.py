@@ -3,9 +3,14 @@
 Per size: parameters; bytes of the trunk (fp32, fp16) and of the item table (fp32, fp16, int8 row-wise
 with one fp32 scale per row); query latency p50/p99 of ``recommend`` (encode, score every item, top-k
 with the history excluded) for one user and for a batch of 64, and queries/s of the batch. The quality
-(the run's test NDCG@10 / Recall@10 at that size) is added by ``fmrl sizes`` from the run's metrics.
-``fmrl sizes`` saves the table beside the export as ``sizes.json``;
-:func:`deploy.recommender.cost_table` reads it back (or measures latency and memory on the spot).
+is added by ``fmrl sizes`` from the run's test split: ``quality`` is NDCG@10 / Recall@10 **as served**
+(``Recommender.recommend``, which masks every item of the history, so a user's next item that is
+already in the history is never recommended: :data:`SERVED`), ``quality_run`` the run's own test
+metrics (its ``metrics.json``, ranked as its ``eval.exclude_history`` says). Budgets and ``/info``
+quote ``quality`` (:func:`served_quality`). ``fmrl sizes`` saves the table beside the export as
+``sizes.json``; :func:`deploy.recommender.cost_table` reads it back (or measures latency and memory on
+the spot). A table saved by an older ``fmrl sizes`` holds the run's metrics as ``quality`` without
+saying how they were ranked: it counts as not measured as served.
 """
 
 from __future__ import annotations
@@ -23,6 +28,30 @@ COSTS_FILE = "sizes.json"
 """The cost table, written beside export.json by ``fmrl sizes``."""
 
 MB = 1024 * 1024
+
+SERVED = "masked"
+"""The ``history`` of a quality measured as the service answers: every item of the history masked."""
+
+NOT_SERVED = "not measured as served"
+
+
+def served_quality(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The quality of a cost entry as served (history masked), or None if it was not measured so (no
+    run to measure on, or a table saved by an older ``fmrl sizes``, whose ``quality`` was the run's
+    metrics ranked otherwise)."""
+    quality = entry.get("quality")
+    if not quality or quality.get("history") != SERVED:
+        return None
+    return dict(quality)
+
+
+def quality_report(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """What the service's ``/info`` quotes of a cost entry: ``served``, the test quality as served (or
+    :data:`NOT_SERVED`), and ``run``, the run's own test metrics where the table has them (an older
+    table's ``quality`` is those)."""
+    served = served_quality(entry)
+    run = entry.get("quality_run") or (None if served is not None else entry.get("quality"))
+    return {"served": served if served is not None else NOT_SERVED, "run": run}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -92,8 +121,9 @@ def choose_size(
     min_ndcg: float | None = None,
     quantised: bool = False,
 ) -> Choice:
-    """The largest size whose one-user p99 latency, memory (trunk + item table) and test NDCG@10 fit the
-    budget; if none does, ``size`` is None and ``reason`` says what each size misses."""
+    """The largest size whose one-user p99 latency, memory (trunk + item table) and test NDCG@10 as
+    served (:func:`served_quality`) fit the budget; if none does, ``size`` is None and ``reason`` says
+    what each size misses."""
     misses = []
     for entry in sorted(table, key=lambda e: e["size"], reverse=True):
         problems = []
@@ -104,11 +134,17 @@ def choose_size(
         if max_memory_mb is not None and memory > max_memory_mb:
             problems.append(f"memory {memory:.2f} MB > {max_memory_mb:g} MB")
         if min_ndcg is not None:
-            ndcg = (entry.get("quality") or {}).get("NDCG@10")
-            if ndcg is None:
-                problems.append("test NDCG@10 unknown (no run metrics)")
-            elif ndcg < min_ndcg:
-                problems.append(f"test NDCG@10 {ndcg:.4f} < {min_ndcg:g}")
+            served = served_quality(entry)
+            if served is None and entry.get("quality"):
+                problems.append(
+                    f"test NDCG@10 {NOT_SERVED} (sizes.json from an older `fmrl sizes`: run it again)"
+                )
+            elif served is None:
+                problems.append(
+                    f"test NDCG@10 unknown ({NOT_SERVED}: `fmrl sizes` of the run folder measures it)"
+                )
+            elif served["NDCG@10"] < min_ndcg:
+                problems.append(f"test NDCG@10 as served {served['NDCG@10']:.4f} < {min_ndcg:g}")
         if not problems:
             return Choice(entry["size"], f"size {entry['size']} is the largest that fits")
         misses.append(f"size {entry['size']}: " + ", ".join(problems))

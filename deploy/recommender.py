@@ -6,6 +6,7 @@
     scores, ids = rec.recommend([[12, 7, 301], [5]], k=10)       # (2, 10) each, history excluded
     rec.source_ids(ids)                                          # the items' ids in the source data
     rec = load_recommender("runs/demo/export", size="auto", max_latency_ms=5, max_memory_mb=20)
+    rec.max_len, rec.history_limit                               # histories keep their last items only
 
 Shapes: B batch, L history length, m size, N items (ids 1..N; 0 is padding), C funnel candidates.
 """
@@ -13,6 +14,7 @@ Shapes: B batch, L history length, m size, N items (ids 1..N; 0 is padding), C f
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,7 @@ from deploy.artifact import (
     read_catalog,
     read_manifest,
     read_size,
+    recorded_max_len,
 )
 from deploy.costs import COSTS_FILE, choose_size, size_costs
 from deploy.scoring import ScoringModel
@@ -86,13 +89,30 @@ def mask_history_(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return scores.scatter_(1, index, fill.to(scores.dtype))
 
 
+NO_HISTORIES = (
+    "no histories given: pass a list of histories, each a list of item ids (an empty history, [[]], "
+    "gets the most popular items)"
+)
+
+UNRECORDED_MAX_LEN = 200
+"""The history kept for an export that records no training ``max_len`` (written before exports
+recorded it): the largest ``train.max_len`` of this project's configs (configs/ml-100k.yaml). It bounds
+what one history costs: encoding grows with the square of its length."""
+
+
 class Recommender:
     """A size-m model: the scoring program (trunk + (N + 1, m) item table) and the item catalog.
 
     Histories are item ids 1..N, oldest first. :meth:`recommend` and :meth:`scores` take either a list of
     histories (any lengths, padded here) or a (B, L) integer tensor left-padded with 0 (padding first,
     as the model was trained). An empty history has nothing to go on: it gets the most popular items of
-    the training data (when the export records them).
+    the training data (when the export records them); an empty list of histories is refused.
+
+    Only the last :attr:`history_limit` items of a longer history are used, to encode it and to leave
+    out of the answer: the training ``max_len`` (the model never saw longer histories, and encoding
+    cost grows with the square of the length), or the lower ``history_cap`` if one is set (the service
+    sets it to bound a request's cost). ``max_len`` is None for an export that does not record it
+    (written before exports did); :data:`UNRECORDED_MAX_LEN` items are kept then.
     """
 
     def __init__(
@@ -101,11 +121,20 @@ class Recommender:
         item_ids: list[str] | None = None,
         popularity: torch.Tensor | None = None,
         funnel: Funnel | None = None,
+        max_len: int | None = None,
+        history_cap: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.item_ids = item_ids
         self.popularity = popularity
         self.funnel = funnel
+        for name, value in (("max_len", max_len), ("history_cap", history_cap)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self.max_len: int | None = max_len
+        """The training ``train.max_len`` the export records (None: not recorded)."""
+        self.history_cap: int | None = history_cap
+        """An optional lower limit on the items of a history used (the service's ``--max-history``)."""
         self._index: PrefixIndex | None = None
         if funnel is not None:
             if funnel.prefix > model.size:
@@ -128,8 +157,17 @@ class Recommender:
     def num_items(self) -> int:
         return self.model.num_items
 
+    @property
+    def history_limit(self) -> int:
+        """How many of a history's most recent items are used: ``max_len`` (or
+        :data:`UNRECORDED_MAX_LEN`), or ``history_cap`` where that is lower."""
+        limit = self.max_len if self.max_len is not None else UNRECORDED_MAX_LEN
+        return limit if self.history_cap is None else min(limit, self.history_cap)
+
     def as_batch(self, histories: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
-        """(B, L) left-padded int64 ids from ``histories`` (checked: ids in 1..N, padding on the left)."""
+        """(B, L) left-padded int64 ids from ``histories`` (checked: ids in 1..N, padding on the left),
+        with L at most :attr:`history_limit`: a longer history keeps its most recent items."""
+        limit = self.history_limit
         n = self.num_items
         if isinstance(histories, torch.Tensor):
             if histories.ndim != 2 or histories.dtype.is_floating_point or histories.dtype == torch.bool:
@@ -137,6 +175,8 @@ class Recommender:
                     f"histories must be a (batch, length) integer tensor, got {histories.dtype} of shape "
                     f"{tuple(histories.shape)}"
                 )
+            if histories.shape[0] == 0:
+                raise ValueError(NO_HISTORIES)
             tokens = histories.long()
             bad = (tokens < 0) | (tokens > n)
             if bool(bad.any()):
@@ -153,17 +193,20 @@ class Recommender:
                     f"histories row {row} has padding (0) after an item: pad on the left (0s first, the most "
                     "recent item last), or pass the histories as lists of ids"
                 )
-            return tokens
+            return tokens[:, -limit:]
         rows = []
         for index, history in enumerate(histories):
             if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
                 raise ValueError(
                     f"histories[{index}] must be a sequence of item ids, got {type(history).__name__}"
                 )
-            for value in history:
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
-                    raise ValueError(f"histories[{index}] holds {value!r}: item ids are integers in 1..{n}")
-            rows.append(list(history))
+            for value in history:  # numpy integers are integers too (numbers.Integral)
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= n:
+                    shown = repr(value) if isinstance(value, str) else str(value)  # 5, not np.int64(5)
+                    raise ValueError(f"histories[{index}] holds {shown}: item ids are integers in 1..{n}")
+            rows.append([int(value) for value in history][-limit:])
+        if not rows:
+            raise ValueError(NO_HISTORIES)
         width = max((len(r) for r in rows), default=0)
         tokens = torch.zeros(len(rows), max(width, 1), dtype=torch.int64)
         for index, row in enumerate(rows):
@@ -267,7 +310,9 @@ def measure_export(
     for size in exported_sizes(manifest):
         export = read_size(url, size, manifest, storage_options)
         model = ScoringModel.from_state(export.config, export.trunk_state, export.items)
-        recommender = Recommender(model, catalog.item_ids, catalog.popularity)
+        recommender = Recommender(
+            model, catalog.item_ids, catalog.popularity, max_len=recorded_max_len(url, manifest)
+        )
         entries.append(size_costs(model, recommender.recommend, repeats=repeats))
     return entries
 
@@ -298,15 +343,18 @@ def load_recommender(
     min_ndcg: float | None = None,
     quantised: bool = False,
     funnel: Funnel | None = None,
+    history_cap: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Recommender:
     """The recommender of one size of the export at ``url`` (safetensors and JSON only; every file
     checked against the sha256 that export.json records).
 
     ``size="auto"`` takes the largest size that fits ``max_latency_ms`` (p99 of one user's query),
-    ``max_memory_mb`` (model and item table) and ``min_ndcg`` (the run's test NDCG@10 at that size), from
-    the cost table that ``fmrl sizes`` saved beside the export (``sizes.json``), or, without one, from
-    latency and memory measured here; an ExportError says why none fits.
+    ``max_memory_mb`` (model and item table) and ``min_ndcg`` (the test NDCG@10 at that size as served,
+    history masked), from the cost table that ``fmrl sizes`` saved beside the export (``sizes.json``),
+    or, without one, from latency and memory measured here; an ExportError says why none fits.
+    ``history_cap``: use at most that many of a history's most recent items (below the training
+    ``max_len`` the export records; see :class:`Recommender`).
     """
     manifest = fmrl_manifest(url, storage_options)
     if size == "auto":
@@ -323,4 +371,5 @@ def load_recommender(
             f"{export.folder}/model.safetensors does not fit {export.folder}/config.json: {error}"
         ) from error
     catalog = read_catalog(url, manifest, storage_options)
-    return Recommender(model, catalog.item_ids, catalog.popularity, funnel)
+    max_len = recorded_max_len(url, manifest)
+    return Recommender(model, catalog.item_ids, catalog.popularity, funnel, max_len, history_cap)

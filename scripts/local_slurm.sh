@@ -31,7 +31,9 @@ getent hosts "$NODE" >/dev/null || die "hostname '$NODE' does not resolve (add i
 node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1 || true; }
 
 # --- slurm.conf ---------------------------------------------------------------------------------------
-cpus=$(nproc)
+# GNU nproc reports OMP_NUM_THREADS when it is set (tests run with OMP_NUM_THREADS=1): a 1-CPU node would
+# keep the 2-process test jobs PENDING (Reason=PartitionConfig)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_mib=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 # a little under the machine's memory: slurmd drains a node that reports less than RealMemory
 real_mem=$((mem_mib * 9 / 10))

@@ -75,9 +75,25 @@ class DenseBackend:
         """Backward of one micro-batch's loss (the mean over the accumulated micro-batches is taken here)."""
         raise NotImplementedError
 
+    def clip_gradients(self) -> float | None:
+        """At an accumulation boundary, before :meth:`step`: clip the gradients to ``optim.grad_clip`` and
+        return this rank's part of their norm (non-finite if any of this rank's gradients is); None
+        where the step clips by itself (DeepSpeed: see :meth:`grad_norm`)."""
+        return None
+
     def step(self, boundary: bool) -> None:
-        """After each micro-batch; at an accumulation boundary: clip, step the optimizer and the schedule."""
+        """After each micro-batch; at an accumulation boundary: step the optimizer and the schedule."""
         raise NotImplementedError
+
+    def skip_step(self) -> None:
+        """At an accumulation boundary, instead of :meth:`step`: drop the gradients, leave the weights and
+        the optimizer state untouched; the schedule advances as on a step (it follows the step count)."""
+        raise NotImplementedError
+
+    def grad_norm(self) -> float | None:
+        """After a :meth:`step` that clipped by itself: the global gradient norm it used (the same on
+        every rank), None if it is unknown or :meth:`clip_gradients` gave it already."""
+        return None
 
     def set_grad_sync(self, enabled: bool) -> None:
         """Whether this micro-batch's backward all-reduces the gradients (off within an accumulation)."""
@@ -117,13 +133,22 @@ class _AdamWBackend(DenseBackend):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.optim.grad_accum_steps).backward()
 
+    def clip_gradients(self) -> float | None:
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.optim.grad_clip)
+        # FSDP2: a DTensor whose local value is the norm of this rank's gradient shards; non-finite there
+        # iff the global norm is (the step's all-reduce makes that every rank's decision, no collective)
+        return float(norm.to_local() if hasattr(norm, "to_local") else norm)
+
     def step(self, boundary: bool) -> None:
         if not boundary:
             return
-        torch.nn.utils.clip_grad_norm_(self.parameters(), self.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -258,6 +283,14 @@ class DeepSpeedBackend(DenseBackend):
 
     def step(self, boundary: bool) -> None:
         self.module.step()  # type: ignore[operator]  # steps (clipping, schedule) at its own boundaries
+
+    def skip_step(self) -> None:
+        # the engine owns its boundaries, clipping and optimizer: it has no step without an update
+        raise NotImplementedError("DeepSpeed cannot skip an optimizer step (train.skip_nonfinite_steps)")
+
+    def grad_norm(self) -> float | None:
+        norm = self.module.get_global_grad_norm()  # type: ignore[operator]
+        return None if norm is None else float(norm)
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.module.module.parameters())  # type: ignore[union-attr]

@@ -204,9 +204,37 @@ class ParallelModel:
         self.dense.backward(loss)
 
     def micro_step(self, boundary: bool) -> None:
-        """After each micro-batch: at an accumulation boundary the dense part is clipped and stepped with
-        its schedule (the tables' fused optimizer already stepped in backward)."""
+        """After each micro-batch: at an accumulation boundary the dense part is stepped with its schedule
+        (clipped before by :meth:`clip_gradients`, or by DeepSpeed's step itself; the tables' fused
+        optimizer already stepped in backward)."""
         self.dense.step(boundary)
+
+    def clip_gradients(self) -> float | None:
+        """At an accumulation boundary, before :meth:`micro_step`: clip the dense gradients; this rank's
+        part of their norm, or None where the backend clips in its step (then :meth:`grad_norm`)."""
+        return self.dense.clip_gradients()
+
+    def skip_step(self) -> None:
+        """At an accumulation boundary, instead of :meth:`micro_step`: no update of the dense weights or
+        their optimizer state. The tables' fused optimizer stepped in backward already: not undone."""
+        self.dense.skip_step()
+
+    def grad_norm(self) -> float | None:
+        """After :meth:`micro_step` at a boundary: the global dense gradient norm where the backend clipped
+        by itself (DeepSpeed), else None."""
+        return self.dense.grad_norm()
+
+    def nonfinite_tensor(self) -> str:
+        """The first of this rank's trainable tensors (dense shards, trained table shards) holding a NaN
+        or infinity, by its name in the model's state dict; "" if all are finite. Local."""
+        names = [self.model_key(name) for name, _ in self.dense.inner.named_parameters()]
+        for name, tensor in zip(names, self.dense.local_tensors(), strict=True):
+            if not bool(torch.isfinite(tensor).all()):
+                return name
+        for key, value in self._trained_tables().items():
+            if not all(bool(torch.isfinite(shard.tensor).all()) for shard in value.local_shards()):
+                return key.removeprefix(DMP_PREFIX)
+        return ""
 
     def set_grad_sync(self, enabled: bool) -> None:
         """Skip the gradient all-reduce on accumulation micro-batches."""

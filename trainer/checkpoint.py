@@ -23,9 +23,12 @@ waits for it), with a deadline (``timeout``): while a save is slow a warning is 
 together: it is never committed (its thread checks before writing the marker), its folder is removed as
 debris by a later save, and training goes on, trying again at the next checkpoint. A run stops with a
 :class:`CheckpointError` only after ``max_abandoned`` abandoned saves in a row. A save that fails with
-an error (storage refusing, a full disk) raises at once, naming the checkpoint, the cause and, on a local
-disk, the free space. Loading has the same deadline. Uncommitted step folders (a save that died with its
-job, an abandoned one) are removed by the next save.
+an error (storage refusing, a full disk) raises at once on every rank, naming the checkpoint, the cause
+and, on a local disk, the free space: what rank 0 does alone (the existence check, clearing debris, the
+marker) reports its outcome in the collective that follows, so no rank waits out the deadline in a
+collective that a failed rank left. Loading has the same deadline. Uncommitted step folders (a save that
+died with its job, an abandoned one) are removed by the next save. A damaged marker is named; resume=auto
+loads the newest checkpoint whose marker reads (:meth:`CheckpointManager.latest_intact`).
 
 What goes into a checkpoint is a :class:`TrainingState`: named objects with ``state_dict()`` /
 ``load_state_dict()``, saved and loaded as they are. The trainer's are the parallel model (the dense
@@ -42,7 +45,6 @@ strings) are loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -54,6 +56,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -66,7 +69,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from data_pipeline.storage import (
     StorageOptions,
+    StorageTimeoutError,
     atomic_write,
+    bound_s3_retries,
     exists,
     is_remote,
     join,
@@ -75,6 +80,7 @@ from data_pipeline.storage import (
     remove,
     s3_filesystem_kwargs,
 )
+from trainer.dist import all_reduce_sum
 
 log = logging.getLogger("fmrl")
 
@@ -84,6 +90,11 @@ _STEP_DIR = re.compile(r"^step-(\d{9})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the run that tries to load it."""
+
+
+class _StorageHung(CheckpointError):
+    """A save's storage call ran into ``StorageOptions.deadline``: :meth:`CheckpointManager.wait`
+    abandons that save (as one past ``run.checkpoint_timeout``) instead of failing the job."""
 
 
 # the globals a DCP .metadata pickle refers to (torch 2.13); everything else is refused
@@ -140,9 +151,10 @@ def _unwrapped(failure: Any) -> BaseException:
     return failure[0] if isinstance(failure, tuple) else failure
 
 
-def _describe_failure(failure: Any) -> str:
+def _describe_failure(failure: Any, remote: bool = False) -> str:
     error = _unwrapped(failure)
-    if _mentions_enospc(error):
+    # on object storage a short write is a dropped connection, not a full disk
+    if _mentions_enospc(error) and not (remote and "unexpected pos" in str(error)):
         return f"No space left on device ({type(error).__name__}: {error})"
     return f"{type(error).__name__}: {error}"
 
@@ -298,8 +310,15 @@ class CheckpointManager:
         if is_remote(url):
             from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-            return FsspecWriter(url, **_fsspec_kwargs(self.options))
+            writer = FsspecWriter(url, **_fsspec_kwargs(self.options))
+            self._bound_retries(writer)
+            return writer
         return dcp.FileSystemWriter(url)
+
+    def _bound_retries(self, reader_or_writer: Any) -> None:
+        """DCP's fsspec reader and writer make their own s3fs file system: the same retries as ours."""
+        if self.options is not None:
+            bound_s3_retries(reader_or_writer.fs.fs, self.options)
 
     def _reader(self, url: str) -> Any:
         if is_remote(url):
@@ -308,7 +327,9 @@ class CheckpointManager:
             class SafeFsspecReader(_SafeMetadataReader, FsspecReader):
                 pass
 
-            return SafeFsspecReader(url, **_fsspec_kwargs(self.options))
+            reader = SafeFsspecReader(url, **_fsspec_kwargs(self.options))
+            self._bound_retries(reader)
+            return reader
 
         class SafeFileSystemReader(_SafeMetadataReader, dcp.FileSystemReader):
             pass
@@ -360,25 +381,28 @@ class CheckpointManager:
         if self._pending is None:
             return None
         pending, self._pending = self._pending, None
-        finished = self._wait_for(pending)
+        # a storage call that ran into its own deadline ends the save early: abandoned all the same
+        finished = self._wait_for(pending) and not isinstance(pending.future.exception(), _StorageHung)
         if dist.is_initialized() and dist.get_world_size() > 1:  # all ranks abandon it, or none does
-            flag = torch.tensor([0 if finished else 1])
-            dist.all_reduce(flag)
-            finished = int(flag) == 0
+            # on the group's device: NCCL, the default group on GPUs, has no CPU tensors
+            finished = float(all_reduce_sum(torch.tensor([0.0 if finished else 1.0]))[0]) == 0
         if finished:
             pending.future.result()
             self._abandoned_in_a_row = 0
             return pending.url
+        hung = pending.future.exception() if pending.future.done() else None
         pending.cancelled.set()  # should its writes ever finish, the marker is not written
         # its thread and process group may stay stuck in the hung connection: the next save gets new ones
         if self._executor is not None:
             self._executor.shutdown(wait=False)
         self._executor, self._group = None, None
         self._abandoned_in_a_row += 1
-        message = (
-            f"checkpoint {pending.url} did not finish within {self.timeout:.0f} s (storage not answering?): "
-            f"abandoned, not committed ({self._abandoned_in_a_row} in a row)"
+        cause = (
+            f"was given up ({hung})"
+            if isinstance(hung, _StorageHung)
+            else f"did not finish within {self.timeout:.0f} s (storage not answering?)"
         )
+        message = f"checkpoint {pending.url} {cause}: abandoned, not committed ({self._abandoned_in_a_row} in a row)"
         if self._abandoned_in_a_row >= self.max_abandoned:
             raise CheckpointError(
                 f"{message}; giving up after {self.max_abandoned} abandoned saves in a row. The newest "
@@ -441,27 +465,25 @@ class CheckpointManager:
         cancelled: threading.Event,
     ) -> None:
         rank = dist.get_rank(group) if group is not None else 0
-        # every rank must take the same branch: rank 0 looks, all follow
-        done = [exists(join(url, COMMIT), self.options)] if rank == 0 else [None]
-        if group is not None:
-            dist.broadcast_object_list(done, src=0, group=group)
-        if done[0]:  # e.g. a job resumed at this step stops again
+        # every rank must take the same branch: rank 0 looks (and clears the debris), all follow
+        if self._on_rank_0(url, group, lambda: self._prepare(url)):  # e.g. a job resumed here stops again
             log.info("checkpoint %s exists already; not overwritten", url)
             return
-        if rank == 0:
-            self._remove_debris(keep=url)
         try:
             dcp.save(state, storage_writer=self._writer(url), process_group=group)
         except CheckpointException as e:  # no marker is written: the previous checkpoint stays the latest
-            causes = self._redact(
-                "; ".join(f"rank {r}: {_describe_failure(x)}" for r, x in e.failures.items())
-            )
+            remote = is_remote(url)
+            causes = "; ".join(f"rank {r}: {_describe_failure(x, remote)}" for r, x in e.failures.items())
+            probe = ""
             if rank == 0:  # every rank has stopped writing (DCP gathered the failures): drop the part
-                with contextlib.suppress(Exception):
+                try:
                     if exists(url, self.options):
                         remove(url, self.options, recursive=True)
+                except Exception as gone:  # a dead endpoint: DCP's own error may not say so, this does
+                    probe = f"; {type(gone).__name__}: {gone}"
             raise CheckpointError(
-                f"saving checkpoint {url} failed (it is not committed): {causes}{self._space_note(e)}"
+                self._redact(f"saving checkpoint {url} failed (it is not committed): {causes}{probe}")
+                + self._space_note(e)
             ) from e
         # each rank fingerprints the files it wrote; rank 0 records them all in the marker
         mine: dict[str, Any] | str
@@ -477,20 +499,67 @@ class CheckpointManager:
                 self._redact(f"saving checkpoint {url} failed (it is not committed): " + "; ".join(failed))
             )
         files = {name: record for part in gathered for name, record in part.items()}
-        if dist.get_rank(group) == 0 and not cancelled.is_set():
-            marker = {
-                "step": step,
-                "world_size": dist.get_world_size(group),
-                "time": time.time(),
-                "bytes": sum(record["bytes"] for record in files.values()),
-                "files": files,
-                **info,
-            }
-            with atomic_write(join(url, COMMIT), self.options) as f:
-                f.write(json.dumps(marker, indent=1, sort_keys=True).encode())
-            self._prune()
-        dist.barrier(group=group)
+        marker = {
+            "step": step,
+            "world_size": dist.get_world_size(group),
+            "time": time.time(),
+            "bytes": sum(record["bytes"] for record in files.values()),
+            "files": files,
+            **info,
+        }
+        self._on_rank_0(url, group, lambda: self._commit(url, marker, cancelled))
         log.info("checkpoint %s saved in %.1f s", url, time.monotonic() - start)
+
+    def _on_rank_0(self, url: str, group: Any, action: Callable[[], Any]) -> Any:
+        """``action()`` on rank 0, its result on every rank, and its failure raised on every rank as a
+        CheckpointError naming the checkpoint and the cause. Collective: a rank that skipped the
+        broadcast after a storage error would leave the others waiting in it until the save's deadline,
+        and the save would then be abandoned with the cause unsaid."""
+        box: list[Any] = [None]
+        if group is None or dist.get_rank(group) == 0:
+            try:
+                box = [(True, action(), False)]
+            except Exception as e:
+                box = [(False, self._redact(f"{type(e).__name__}: {e}"), isinstance(e, StorageTimeoutError))]
+        if group is not None:
+            dist.broadcast_object_list(box, src=0, group=group)
+        ok, value, timed_out = box[0]
+        if timed_out:
+            raise _StorageHung(f"rank 0: {value}")
+        if not ok:
+            raise CheckpointError(f"saving checkpoint {url} failed (it is not committed): rank 0: {value}")
+        return value
+
+    def _prepare(self, url: str) -> bool:
+        """Rank 0 before a save: whether ``url`` is committed already; if not, the debris goes."""
+        if self._committed_intact(url):
+            return True
+        self._remove_debris(keep=url)
+        return False
+
+    def _commit(self, url: str, marker: dict[str, Any], cancelled: threading.Event) -> None:
+        """Rank 0 after every rank has written and fingerprinted its files: the marker, then pruning."""
+        if cancelled.is_set():  # abandoned meanwhile: the job has moved on without it
+            return
+        with atomic_write(join(url, COMMIT), self.options) as f:
+            f.write(json.dumps(marker, indent=1, sort_keys=True).encode())
+        try:
+            self._prune()
+        except Exception as e:  # the checkpoint is committed; old ones stay until the next save prunes
+            log.warning("checkpoint %s committed, but removing old checkpoints failed: %s", url, e)
+
+    def _committed_intact(self, url: str) -> bool:
+        """Whether ``url`` holds a committed checkpoint with a readable marker. One whose marker is
+        damaged (resume=auto skipped it) is removed, so that this save writes the step afresh."""
+        if not exists(join(url, COMMIT), self.options):
+            return False
+        try:
+            self.marker(url)
+        except CheckpointError as e:
+            log.warning("replacing checkpoint %s: %s", url, e)
+            remove(url, self.options, recursive=True)
+            return False
+        return True
 
     def remove_debris(self) -> None:
         """Delete uncommitted step folders left by saves that did not finish (call it on one rank, with
@@ -574,15 +643,36 @@ class CheckpointManager:
         done = self.complete()
         return done[-1][1] if done else None
 
+    def latest_intact(self) -> str | None:
+        """The newest committed checkpoint whose commit marker can be read (what ``run.resume=auto``
+        loads), or None. A newer one with a damaged marker is skipped with a warning naming it: its files
+        cannot be checked without the marker, so it is never loaded, and never deleted either."""
+        for _, url in reversed(self.complete()):
+            try:
+                self.marker(url)
+            except CheckpointError as e:
+                log.warning("skipping checkpoint %s: %s", url, e)
+                continue
+            return url
+        return None
+
     def marker(self, url: str) -> dict[str, Any]:
-        """The commit marker of ``url``; CheckpointError if there is none (an incomplete checkpoint)."""
+        """The commit marker of ``url``; CheckpointError naming it if there is none (an incomplete
+        checkpoint) or it is not the JSON object a save writes (a damaged file)."""
         path = join(url, COMMIT)
         if not exists(path, self.options):
             raise CheckpointError(
                 f"{url} has no {COMMIT} marker: the save did not finish, it cannot be loaded"
             )
         with open_read(path, self.options) as f:
-            return json.loads(f.read())
+            raw = f.read()
+        try:
+            marker = json.loads(raw.decode("utf-8"))
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are ValueErrors
+            raise CheckpointError(f"{path}: the commit marker is damaged (not JSON text: {e})") from None
+        if not isinstance(marker, dict):
+            raise CheckpointError(f"{path}: the commit marker is damaged (not the JSON object a save writes)")
+        return marker
 
     def load(
         self, url: str, state: TrainingState | dict[str, Any], only: tuple[str, ...] = ()
@@ -651,7 +741,12 @@ class CheckpointManager:
         checkpoint names as holding the best weights (its marker's ``best_step``)."""
         done = self.complete()
         kept = done[-self.keep_last :]
-        needed = {self.marker(url).get("best_step") for _, url in kept}
+        needed = set()
+        for _, url in kept:
+            try:
+                needed.add(self.marker(url).get("best_step"))
+            except CheckpointError:  # a damaged marker: resume=auto skips it, it still costs no data
+                continue
         for step, url in done[: -self.keep_last]:
             if step not in needed:
                 remove(url, self.options, recursive=True)

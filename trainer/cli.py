@@ -64,6 +64,7 @@ EXPECTED_ERRORS: tuple[tuple[str, str, int, str], ...] = (
     ("trainer.export", "ExportError", 2, "export error"),
     ("trainer.checkpoint", "CheckpointError", 1, "checkpoint error"),
     ("trainer.tracking", "TrackingError", 1, "tracking error"),
+    ("trainer.state", "DivergedError", 1, "training diverged"),
     ("data_pipeline.storage", "StorageNotFoundError", 2, "error"),
     ("data_pipeline.storage", "StorageError", 1, "storage error"),
     ("builtins", "FileNotFoundError", 2, "error"),
@@ -699,7 +700,15 @@ def _recommend(args: argparse.Namespace) -> int:
         raise UsageError(f"--size {size}: {url} holds sizes {', '.join(map(str, sizes))}")
     recommender = load_recommender(url, size, options)
     by_source = recommender.item_ids is not None and not args.internal_ids
-    tokens = [t.strip() for t in args.history.split(",") if t.strip()]
+    tokens = [t.strip() for t in args.history.split(",")]
+    if tokens == [""]:
+        tokens = []  # --history '': no history, the most popular items
+    empty = [position for position, token in enumerate(tokens, start=1) if not token]
+    if empty:
+        raise UsageError(
+            f"--history {args.history!r}: entry {empty[0]} is empty: give comma-separated item ids "
+            "(or '' for no history)"
+        )
     if by_source:
         index = {source_id: n for n, source_id in enumerate(recommender.item_ids) if n > 0}
         unknown = [t for t in tokens if t not in index]
@@ -725,6 +734,11 @@ def _recommend(args: argparse.Namespace) -> int:
             str(error).replace("histories[0]", "--history").replace("k must", "--k must")
         ) from None
     shown = recommender.source_ids(ids)[0] if by_source else [str(int(i)) for i in ids[0]]
+    if len(history) > recommender.history_limit:
+        print(
+            f"note: only the last {recommender.history_limit} of the history's {len(history)} items are "
+            "used (the length the model was trained on)"
+        )
     print(
         f"top {args.k} of {recommender.num_items} items for a history of {len(history)} (size {size}, {url}):"
     )
@@ -759,9 +773,29 @@ def _features(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    summary = _run_data_command(args, _options(args))
+    try:
+        summary = _run_data_command(args, _options(args))
+    except ValueError as error:
+        flagged = _in_flag_words(str(error), args)
+        if flagged is None:
+            raise
+        raise UsageError(flagged) from error
     print_summary(*summary_rows(summary, time.perf_counter() - start))
     return 0
+
+
+_FLAG_OF_ARGUMENT = {"max_samples_per_shard": "shard_size"}
+"""The writers' argument names whose command-line option is named otherwise (``--shard-size``)."""
+
+
+def _in_flag_words(message: str, args: argparse.Namespace) -> str | None:
+    """A writer's message about one of its arguments (``num_items must be >= 2, got 1``) in the words
+    the user typed (``--num-items must be >= 2, got 1``); None if it names no option of the command."""
+    name, space, rest = message.partition(" ")
+    dest = _FLAG_OF_ARGUMENT.get(name, name)
+    if not space or not name.isidentifier() or dest not in vars(args) or dest in ("out_url", "debug"):
+        return None
+    return f"--{dest.replace('_', '-')} {rest}"
 
 
 def _run_data_command(args: argparse.Namespace, options: Any) -> object:
@@ -937,12 +971,25 @@ def _add_sizes_command(commands: argparse._SubParsersAction) -> None:
     sizes.add_argument("--max-memory-mb", type=float, help="budget: trunk + item table in MB")
     sizes.add_argument("--min-ndcg", type=float, help="budget: the least test NDCG@10")
     sizes.add_argument("--quantised", action="store_true", help="budget with the int8 item table")
-    sizes.add_argument("--repeats", type=int, default=30, help="timed queries per size (one user)")
+    sizes.add_argument(
+        "--repeats", type=_positive_int, default=30, help="timed queries per size (one user); at least 1"
+    )
     sizes.add_argument(
         "--max-users", type=int, default=2000, help="test users for the int8 NDCG check (-1: skip it)"
     )
     sizes.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sizes.add_argument("--out", help="where sizes.json and sizes.png go (default: the export folder)")
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (else argparse's one-line error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1")
+    return value
 
 
 def _add_serve_command(commands: argparse._SubParsersAction) -> None:
@@ -951,7 +998,7 @@ def _add_serve_command(commands: argparse._SubParsersAction) -> None:
     serve = _command(
         commands,
         "serve",
-        "serve recommendations of an export over HTTP (POST /recommend, GET /health, /info)",
+        "serve recommendations of an export over HTTP (POST /recommend, GET /health, /ready, /info)",
     )
     add_arguments(serve)
 

@@ -143,11 +143,17 @@ class TrainConfig:
     """torch intra-op threads; 0 divides the machine's cores evenly among the ranks on it."""
     max_steps: int = 0
     """Stop after this many optimisation steps in total; 0 means no limit (smoke tests use it)."""
+    skip_nonfinite_steps: int = 0
+    """Optimizer steps with a non-finite loss or gradient norm that are skipped (no update of the dense
+    weights, logged and counted) before the run fails; 0: the first one fails the run (exit code 1).
+    fsdp2 and ddp only. The trained tables' fused optimizer steps inside backward: not undone."""
     loss: str = "auto"
     """"full" softmax over every item, "sampled" softmax (in-batch + sampled negatives, logQ-corrected),
     or "auto": full up to train.full_softmax_max_items items, sampled above."""
     full_softmax_max_items: int = 200_000
-    """Catalog size up to which loss "auto" means the full softmax."""
+    """Largest catalog for the full softmax: loss "auto" picks it up to here, and an explicit "full"
+    above it is refused (every rank would look up every item and hold the (N + 1, D) item matrix and its
+    gradient each step); raise it to force the full softmax where `fmrl plan` says it fits."""
     num_negatives: int = 1024
     """Sampled negatives per step and rank for the sampled softmax."""
     negative_sampling: str = "uniform"
@@ -160,10 +166,25 @@ class TrainConfig:
         _at_least("train.patience", self.patience, 1)
         _at_least("train.num_threads", self.num_threads, 0)
         _at_least("train.max_steps", self.max_steps, 0)
+        _at_least("train.skip_nonfinite_steps", self.skip_nonfinite_steps, 0)
         _one_of("train.loss", self.loss, ("auto", "full", "sampled"))
         _at_least("train.full_softmax_max_items", self.full_softmax_max_items, 1)
         _at_least("train.num_negatives", self.num_negatives, 1)
         _one_of("train.negative_sampling", self.negative_sampling, ("uniform", "popularity"))
+
+    def loss_for(self, num_items: int) -> str:
+        """The softmax a catalog of ``num_items`` items trains with, "full" or "sampled"; ConfigError for
+        "full" asked above train.full_softmax_max_items."""
+        if self.loss == "auto":
+            return "full" if num_items <= self.full_softmax_max_items else "sampled"
+        _require(
+            self.loss != "full" or num_items <= self.full_softmax_max_items,
+            f"train.loss=full with {num_items:,} items is above train.full_softmax_max_items="
+            f"{self.full_softmax_max_items:,}: every rank would look up all {num_items + 1:,} items and hold "
+            "the (N + 1, D) item matrix each step; use train.loss=sampled (or auto), or raise "
+            "train.full_softmax_max_items if `fmrl plan` says it fits",
+        )
+        return self.loss
 
 
 def _default_ks() -> list[int]:
@@ -206,7 +227,8 @@ class RunConfig:
     out_dir: str = "runs"
     """Parent folder of run folders: a local path or a URL (kept a str since it may become remote)."""
     name: str = ""
-    """Run folder name inside out_dir; "" derives a timestamped name."""
+    """Run folder name inside out_dir: one folder name (no "/" or "\\", not "." or ".."); "" derives a
+    timestamped name."""
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where the training scalars (loss, learning rate, throughput, validation and test metrics) go:
     "tensorboard" (event files in <run dir>/tensorboard) and/or "mlflow" (the scalars, the resolved
@@ -252,6 +274,12 @@ class RunConfig:
     """If this file appears, every rank stops at the next step boundary after saving a checkpoint, and
     rank 0 deletes the file (the SLURM template creates it on the preemption warning and requeues the
     job if it is gone). SIGUSR1 to a training process stops it the same way."""
+    stop_grace_s: float = 20.0
+    """After SIGTERM (scancel, a preemption, `kill` of torchrun or of `fmrl train`), the seconds a
+    process has to reach the next step boundary and commit its checkpoint; past it the process logs
+    that it stops without one and exits 1 (the last committed checkpoint stays). Keep it under the time
+    the sender waits before SIGKILL: SLURM's KillWait (30 s by default), torchrun's --shutdown-timeout
+    (30 s by default)."""
     export: bool = True
     """At the end, write a standalone model at every nested size to <run dir>/export (`fmrl export`)."""
     log_sample_keys: bool = False
@@ -259,12 +287,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.out_dir != "", "run.out_dir must not be empty")
+        _require(
+            self.name not in (".", "..") and not any(c in self.name for c in "/\\\0"),
+            f"run.name must be one folder name inside run.out_dir (no '/' or '\\', not '.' or '..'), got "
+            f"'{self.name}'; leave it out for a timestamped name",
+        )
         _at_least("run.log_every", self.log_every, 1)
         _at_least("run.checkpoint_every", self.checkpoint_every, 0)
         _at_least("run.keep_checkpoints", self.keep_checkpoints, 1)
         _positive("run.checkpoint_timeout", self.checkpoint_timeout)
         _at_least("run.checkpoint_max_abandoned", self.checkpoint_max_abandoned, 1)
         _at_least("run.stop_after_steps", self.stop_after_steps, 0)
+        _positive("run.stop_grace_s", self.stop_grace_s)
         for i, logger in enumerate(self.loggers):
             _one_of(f"run.loggers[{i}]", logger, LOGGERS)
         _require(len(set(self.loggers)) == len(self.loggers), f"run.loggers repeats a name: {self.loggers}")
@@ -387,13 +421,20 @@ class Config:
                 f"section '{unused}' configures the {'DLRM' if unused == 'dlrm' else 'fMRLRec'} model, "
                 f"but task is {self.task!r}: remove it or set task={'dlrm' if unused == 'dlrm' else 'fmrl'}"
             )
+        _require(
+            not (self.train.skip_nonfinite_steps and self.parallel.backend == "deepspeed"),
+            "train.skip_nonfinite_steps needs parallel.backend fsdp2 or ddp: DeepSpeed's engine has no "
+            "step without an update",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Generic dict <-> dataclass machinery
 
 
-_SCALAR_NAMES = {bool: "a bool", int: "an int", float: "a float", str: "a str"}
+# what a key takes, in the words of a YAML file rather than Python's type names
+_SCALAR_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_SCALAR_PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
 
 # PyYAML implements YAML 1.1, which reads "1e-3" (no dot, unsigned exponent) as a string; float fields
 # therefore also take strings that are plain decimal literals, so `optim.lr=3e-4` works as users expect.
@@ -409,12 +450,14 @@ def _describe(tp: Any) -> str:
         return "a mapping"
     if get_origin(tp) is list:
         (item,) = get_args(tp)
-        return f"a list of {_describe(item).split(' ', 1)[1]}"
+        return f"a list of {_SCALAR_PLURALS.get(item, repr(item))}"
     return _SCALAR_NAMES.get(tp, repr(tp))
 
 
 def _show(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
+    """A value as YAML writes it (``true``, ``32.5``, ``[1, 2]``, ``{a: 1}``, ``null``); a string quoted
+    and said to be one, since ``'8'`` and ``8`` read alike otherwise."""
+    return f"'{value}' (a string)" if isinstance(value, str) else _yaml_value(value)
 
 
 def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
@@ -445,6 +488,12 @@ def upgrade_saved_config(data: Mapping[str, Any]) -> dict[str, Any]:
     out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
     if isinstance(out.get("run"), dict) and "tensorboard" in out["run"]:
         out["run"]["loggers"] = ["tensorboard"] if out["run"].pop("tensorboard") else []
+    name = out.get("run", {}).get("name") if isinstance(out.get("run"), dict) else None
+    if isinstance(name, str) and (name in (".", "..") or any(c in name for c in "/\\\0")):
+        # saved before run.name had to be one folder name: the run is found by its path, not its name,
+        # so the saved config keeps loading (eval, export) with the name's last component
+        last = name.replace("\\", "/").replace("\0", "").rstrip("/").rsplit("/", 1)[-1]
+        out["run"]["name"] = "" if last in ("", ".", "..") else last
     for old, new in MOVED_KEYS.items():
         old_section, old_key = old.split(".")
         new_section, new_key = new.split(".")

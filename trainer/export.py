@@ -11,8 +11,9 @@ For each size m the export folder ``size-<m>/`` holds
   (and the ID table) through the projector, so serving needs neither the features nor the projector;
 * ``config.json``: the model config at size m and the number of items.
 
-``export.json`` (written last) lists the sizes with their bytes. Everything is safetensors and JSON:
-loading never unpickles. :func:`load_recommender` turns one size back into a :class:`Recommender`.
+``export.json`` (written last) lists the sizes with their bytes and the training ``max_len`` (the most
+recent items of a history the model was trained on; the recommender keeps that many). Everything is
+safetensors and JSON: loading never unpickles. :func:`load_recommender` turns one size back into a :class:`Recommender`.
 
 The input is a finished run folder (its ``config.yaml`` and ``model.safetensors``, the best model) or a
 sharded checkpoint (:func:`load_checkpoint_model`): one ``step-N`` folder, or a checkpoint root, whose
@@ -35,7 +36,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,13 +68,15 @@ from data_pipeline.storage import (
 from deploy import ExportError, Recommender
 from deploy import artifact as deploy_artifact
 from deploy import load_recommender as deploy_load_recommender
-from deploy.artifact import sha256
+from deploy.artifact import check_finite, sha256
 from deploy.portable import FILES as PORTABLE_FILES
 from deploy.portable import program_bytes
 from deploy.scoring import ScoringModel
 from models.ctr import build_ctr_model
 from models.dlrm import CTRModel, DLRMConfig, ids_to_kjt
 from models.fmrl import AttributeBags, FMRLRec, slice_state_dict
+
+log = logging.getLogger("fmrl")
 
 EXPORT_VERSION = 3
 """2: export.json records each file's sha256, the model's fingerprint and the item catalog. 3: the
@@ -139,7 +144,9 @@ def _load_weights(
     model: FMRLRec, weights: dict[str, torch.Tensor], source: str, streamed: frozenset[str] = frozenset()
 ) -> None:
     """Load a run's trained ``weights`` into ``model``: every key must be the model's, and every
-    trainable weight there except the tables in ``streamed`` (read by row range instead)."""
+    trainable weight there except the tables in ``streamed`` (read by row range instead); a weight
+    holding NaN or infinity (a diverged run) is refused naming it."""
+    check_finite(weights, source)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     absent = set(missing) - frozen - streamed
@@ -193,6 +200,7 @@ def load_checkpoint_model(
         text, image, _ = load_feature_tables(features or cfg.data.features_url, options)
     model = FMRLRec(cfg.model, int(marker["num_items"]), text, image, _attribute_bags(cfg, options))
     dense = {k.removeprefix("dense."): v for k, v in state.items() if k.startswith("dense.")}
+    check_finite(state, url)
     DenseFMRL(model).load_state_dict(dense)  # strict: names the first key that does not fit
     tables = {
         k.removeprefix("tables.").split(".", 1)[0]: v
@@ -319,6 +327,8 @@ class ItemTableSource:
     readers: dict[str, FeatureTableReader] = dataclasses.field(default_factory=dict)
     block_rows: int = EXPORT_BLOCK_ROWS
     checksums: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_len: int | None = None
+    """The training ``train.max_len`` (recorded in export.json), if known."""
 
     def __post_init__(self) -> None:
         if self.block_rows < 1:
@@ -357,7 +367,14 @@ class ItemTableSource:
     def item_blocks(self) -> Iterator[torch.Tensor]:
         """The item table (N + 1, D) in consecutive blocks of up to ``block_rows`` rows, (b, D) each."""
         for start, stop in self._blocks():
-            yield self.model.item_tower.project(self.table_rows(start, stop))  # (b, D)
+            block = self.model.item_tower.project(self.table_rows(start, stop))  # (b, D)
+            if not bool(torch.isfinite(block).all()):
+                row = start + int((~torch.isfinite(block)).any(dim=1).nonzero()[0])
+                raise ExportError(
+                    f"the item table holds non-finite values (NaN or infinity) at item {row}: the model's "
+                    "item tables or projector diverged; use the weights of a checkpoint from before that"
+                )
+            yield block
 
     @torch.no_grad()
     def fingerprint(self) -> str:
@@ -457,6 +474,7 @@ def open_run_items(
         {n: r for n, r in readers.items() if n in used},
         block_rows,
         {n: c for n, c in checksums.items() if n in used},
+        cfg.train.max_len,
     )
 
 
@@ -477,11 +495,18 @@ def export_sizes(
     overwrite: bool = False,
     formats: Sequence[str] = (),
     block_rows: int = EXPORT_BLOCK_ROWS,
+    max_len: int | None = None,
 ) -> dict[str, Any]:
     """:func:`export_items` of a model held in memory (its item table computed ``block_rows`` items at
-    a time, like a streamed export's)."""
+    a time, like a streamed export's); ``max_len``: the training ``train.max_len``, if known."""
     return export_items(
-        ItemTableSource(model, {}, block_rows), out_url, sizes, options, catalog, overwrite, formats
+        ItemTableSource(model, {}, block_rows, max_len=max_len),
+        out_url,
+        sizes,
+        options,
+        catalog,
+        overwrite,
+        formats,
     )
 
 
@@ -514,6 +539,8 @@ def export_items(
     each file's sha256) last, so a reader sees the old export or the new one, never a mixture; folders
     the new index no longer names are deleted afterwards. ``formats`` ("pt2", "onnx") adds portable
     programs of each size (deploy/portable.py); a listed size without one of them is written anew.
+    Each file written is logged with its time (portable programs take minutes at large sizes).
+    ``export.json`` records ``source.max_len`` (or, for more sizes of the same model, the one there).
 
     Each size's ``items.safetensors`` is written as it is computed, ``source.block_rows`` items at a
     time (one pass over the item tables per size, one more for the fingerprint). A portable program
@@ -552,14 +579,21 @@ def export_items(
             )
     used_folders = {entry["folder"] for entry in (existing or {}).get("sizes", {}).values()}
     state = {k: v for k, v in model.state_dict().items() if k.startswith("trunk.")}
+    check_finite(state, "the model to export")
+    max_len = source.max_len
+    if max_len is None and listed:  # more sizes of the same model: keep what its export recorded
+        max_len = existing.get("max_len") if existing is not None else None
     manifest: dict[str, Any] = {
         "version": EXPORT_VERSION,
         "num_items": model.num_items,
         "fingerprint": fingerprint,
+        "max_len": max_len,
         "sizes": listed,
     }
+    todo = sorted(set(sizes))
+    log.info("export to %s: sizes %s%s", out_url, todo, f", formats {', '.join(formats)}" if formats else "")
     items = None  # (N + 1, D), only for portable programs
-    for m in sorted(set(sizes)):
+    for position, m in enumerate(todo, start=1):
         wanted = {PORTABLE_FILES[f] for f in formats}
         if str(m) in listed and wanted <= set(listed[str(m)].get("sha256", {})):
             continue  # the same model's size m is there already: identical files
@@ -589,16 +623,23 @@ def export_items(
                 items[:, :m],
             )
             for fmt, name in PORTABLE_FILES.items():
-                if name in wanted:
+                if name in wanted:  # minutes at large sizes: say what runs before and after
+                    step = f"export size {m} ({position}/{len(todo)}): {name}"
+                    log.info("%s: tracing ...", step)
+                    started = time.perf_counter()
                     files[name] = program_bytes(program, fmt)
+                    log.info("%s traced in %.1f s", step, time.perf_counter() - started)
         hashes, written = {}, 0
         for name, data in files.items():
             url = join(out_url, folder, name)
+            started = time.perf_counter()
             if data is None:
                 hashes[name], size = _write_items(source, url, m, options)
             else:
                 hashes[name], size = sha256(data), _write(url, data, options)
             written += size
+            log.debug("export size %d: %s written in %.1f s", m, name, time.perf_counter() - started)
+        log.info("export size %d (%d/%d): %.2f MiB in %s", m, position, len(todo), written / 2**20, folder)
         listed[str(m)] = {"folder": folder, "bytes": written, "sha256": hashes}
     if catalog is not None:
         if len(catalog.source_ids) != model.num_items + 1 or tuple(catalog.popularity.shape) != (
@@ -648,7 +689,8 @@ def load_recommender(
 
 def _dlrm_with_weights(cfg: DLRMConfig, weights: dict[str, torch.Tensor], source: str) -> CTRModel:
     """A CTR model of ``cfg`` (DLRM or ``cfg.model``) holding ``weights`` (named like its
-    ``state_dict()``); every key must fit."""
+    ``state_dict()``); every key must fit, and no weight may hold NaN or infinity."""
+    check_finite(weights, source)
     model = build_ctr_model(cfg)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -717,13 +759,15 @@ def export_model(
     catalog: ItemCatalog | None = None,
     overwrite: bool = False,
     formats: Sequence[str] = (),
+    max_len: int | None = None,
 ) -> dict[str, Any]:
-    """Export any trained model: fMRL at ``sizes`` (required), DLRM whole (``sizes`` must be None)."""
+    """Export any trained model: fMRL at ``sizes`` (required), DLRM whole (``sizes`` must be None).
+    ``max_len``: the training ``train.max_len`` an fMRL export records, if known."""
     if isinstance(model, CTRModel):
         if sizes:
             raise ExportError("a DLRM has no nested sizes: leave out --sizes")
         return export_dlrm(model, out_url, options)
-    return export_sizes(model, out_url, sizes, options, catalog, overwrite, formats)
+    return export_sizes(model, out_url, sizes, options, catalog, overwrite, formats, max_len=max_len)
 
 
 def export_trained(
@@ -741,9 +785,11 @@ def export_trained(
     exported streamed (:func:`open_run_items`, :func:`export_items`): no item table is ever whole in
     memory. A checkpoint (its tables are read whole by the checkpoint reader) and a DLRM are loaded and
     exported whole (:func:`load_model`, :func:`export_model`)."""
-    if _is_run_folder(url) and source_config(url, options).task != "dlrm":
+    config = source_config(url, options)
+    if _is_run_folder(url) and config.task != "dlrm":
         source = open_run_items(url, options, features, block_rows)
         return export_items(source, out_url, sizes, options, catalog, overwrite, formats)
+    model = load_model(url, options, features)
     return export_model(
-        load_model(url, options, features), out_url, sizes, options, catalog, overwrite, formats
+        model, out_url, sizes, options, catalog, overwrite, formats, max_len=config.train.max_len
     )

@@ -9,6 +9,8 @@ with torchrun by hand or with SLURM.
 Before it starts anything it prints the torchrun command it runs (copy it to run by hand) and the
 equivalent ``sbatch`` submission of ``slurm/train.sbatch``; then it replaces itself with torchrun
 (``exec``), so the exit code, signals (Ctrl-C, SIGTERM from a scheduler) and output are torchrun's own.
+torchrun forwards SIGTERM to the workers at once; each stops at its next step boundary with a committed
+checkpoint within ``run.stop_grace_s`` (trainer/preemption.py), and torchrun then exits 1.
 
 Processes per node (``--nproc``), by default: one per visible GPU when CUDA is available; on CPU two
 (the layout the demo is sized for: TorchRec puts the text and image tables on one rank each, FSDP2

@@ -10,7 +10,8 @@ noise filtered, and the progress bars.
 * :func:`run_log_file`: while a run is in progress, every record of the ``fmrl`` logger, DEBUG
   included, is appended to ``<run dir>/train.log`` (rank 0) or ``<run dir>/train-rank<N>.log`` (rank N,
   created only if that rank logs something); a run that fails records its traceback there. A resumed
-  run appends to the same file.
+  run appends to the same file; a run that replaces an earlier one (``run.overwrite``) holds its records
+  in memory until the earlier run is deleted, then writes them to a new file.
 * :func:`quiet_library_noise`: message-specific filters for the warnings that TorchRec and torch print
   on every run and that need no action from a user (each filter says why it is safe). Anything else,
   from the same libraries too, still shows.
@@ -75,18 +76,59 @@ def configure_logging(debug: bool = False) -> None:
     quiet_library_noise()
 
 
+class _HeldRecords(logging.Handler):
+    """Keeps records in memory (a run log held back while run.overwrite's earlier run is still there)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class RunLog:
+    """This rank's log file of a run (:func:`run_log_file`)."""
+
+    def __init__(self, path: str, file: logging.FileHandler | None, held: _HeldRecords | None) -> None:
+        self.path, self.file, self.held = path, file, held
+        self.handler: logging.Handler | None = held or file
+        if self.handler is not None:
+            logging.getLogger(LOGGER).addHandler(self.handler)
+
+    def write_held(self) -> None:
+        """Write the records held back so far to the file, and every later one directly."""
+        if self.held is None or self.file is None:
+            return
+        logger = logging.getLogger(LOGGER)
+        logger.removeHandler(self.held)
+        for record in self.held.records:
+            self.file.handle(record)
+        self.held, self.handler = None, self.file
+        logger.addHandler(self.file)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger(LOGGER).removeHandler(self.handler)
+        if self.file is not None:
+            self.file.close()
+
+
 @contextlib.contextmanager
-def run_log_file(run_dir: str, rank: int) -> Iterator[str]:
+def run_log_file(run_dir: str, rank: int, hold: bool = False) -> Iterator[RunLog]:
     """Append every ``fmrl`` record (DEBUG and above) to this rank's log file in ``run_dir`` (see
     :func:`log_file_name`) for the duration of the block; an exception leaving the block is recorded
-    with its traceback. Yields the file's path. A rank on a host that does not see ``run_dir`` (another
-    node without a shared file system) keeps no file."""
+    with its traceback. A rank on a host that does not see ``run_dir`` (another node without a shared
+    file system) keeps no file. With ``hold`` (``run.overwrite``: the file is the earlier run's until it
+    is deleted) the records stay in memory until :meth:`RunLog.write_held`; a block left before that
+    writes nothing, so a failed start leaves the earlier run's log as it was (the failure is on the
+    terminal)."""
     path = os.path.join(run_dir, log_file_name(rank))
     if not os.path.isdir(run_dir):
-        yield path
+        yield RunLog(path, None, None)
         return
     logger = logging.getLogger(LOGGER)
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=rank != 0)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=hold or rank != 0)
     handler.setFormatter(LogFormatter())
     handler.setLevel(logging.DEBUG)
     level = logger.level
@@ -94,15 +136,14 @@ def run_log_file(run_dir: str, rank: int) -> Iterator[str]:
         logger.setLevel(
             logging.DEBUG
         )  # not set up by configure_logging (a test, a script): the file wants all
-    logger.addHandler(handler)
+    run_log = RunLog(path, handler, _HeldRecords() if hold else None)
     try:
-        yield path
+        yield run_log
     except BaseException as error:
         logger.debug("the run ended with %s", type(error).__name__, exc_info=True)
         raise
     finally:
-        logger.removeHandler(handler)
-        handler.close()
+        run_log.close()
         logger.setLevel(level)
 
 

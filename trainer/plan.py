@@ -2,8 +2,9 @@
 item tables on a simulated topology through the same function training uses
 (:func:`sharding.fmrl.plan_item_tables`), and the command prints, per world size, each table's sharding
 type and compute kernel, TorchRec's own per-rank HBM and host-memory estimates, whether a table must be
-cached in host memory (UVM caching) to fit, the trunk's per-rank memory under the dense backend, and the
-checkpoint size::
+cached in host memory (UVM caching) to fit, the trunk's per-rank memory under the dense backend, what the
+loss holds per rank (``train.loss``: the full softmax's item matrix, the popularity sampler's table), and
+the checkpoint size::
 
     fmrl plan --config configs/scale-100m.yaml --num-items 100000000 --world-size 64,128,256,512 --device h100
     fmrl plan --config configs/scale-100m.yaml --num-items 1000000 --world-size 2 --device cpu
@@ -25,9 +26,11 @@ import torch
 
 from models.fmrl import AttributeBags, FMRLRec
 from models.fmrl.config import FMRLConfig
+from models.ops import chunk_rows_for_budget
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.core import PlanStorage
 from sharding.fmrl import FROZEN_TABLES, plan_item_tables
+from trainer.config import TrainConfig
 from trainer.hardware import DEVICES, Device
 
 GIB = 2**30
@@ -65,6 +68,12 @@ class ClusterPlan:
     largest_block_parameters: int
     trunk_per_rank: int
     trunk_note: str
+    loss_per_rank: int
+    """Bytes the loss holds per rank on the training device: for the full softmax the (N + 1, D) item
+    matrix, its gradient, every table's looked-up rows and the score buffer; 0 for the sampled softmax."""
+    sampler_per_rank: int
+    """Host bytes of the popularity sampler's (N,) float64 cumulative table, on every rank; 0 if uniform."""
+    loss_note: str
     checkpoint_bytes: int
     sharding_plan: Any
     """TorchRec's ShardingPlan of the item tables (what DistributedModelParallel would apply)."""
@@ -121,6 +130,30 @@ def trunk_memory(parameters: int, block: int, parallel: ParallelConfig, world_si
     return per_rank, note
 
 
+def loss_memory(
+    train: TrainConfig, model_cfg: FMRLConfig, num_items: int, table_dims: list[int]
+) -> tuple[int, int, str]:
+    """(device bytes, host bytes, what is counted) of the loss of ``train`` at ``num_items`` items per rank;
+    ConfigError for a full softmax above train.full_softmax_max_items (training refuses it too)."""
+    kind = train.loss_for(num_items)
+    if kind == "full":
+        rows, width, sizes = num_items + 1, model_cfg.nested_sizes[-1], len(model_cfg.nested_sizes)
+        # every rank looks up all rows of every table, projects them to the (N + 1, D) item matrix and
+        # allocates its gradient; the fused loss scores chunks of positions against all N items
+        matrix = 2 * rows * width * 4 + rows * sum(table_dims) * 4
+        positions = train.batch_size * train.max_len
+        chunk = min(positions, chunk_rows_for_budget(num_items, sizes, model_cfg.loss_chunk_mb * 2**20))
+        scores = sizes * chunk * num_items * 4
+        note = (
+            f"full softmax: the {rows:,} x {width} item matrix and its gradient, the tables' looked-up rows "
+            f"(widths {'+'.join(map(str, table_dims))}), {sizes} x {chunk:,} x {num_items:,} fp32 scores"
+        )
+        return matrix + scores, 0, note
+    if train.negative_sampling == "popularity":
+        return 0, 8 * num_items, f"sampled softmax: the popularity sampler's {num_items:,} x float64 table"
+    return 0, 0, "sampled softmax, uniform negatives: no per-item table"
+
+
 def plan_cluster(
     model_cfg: FMRLConfig,
     parallel: ParallelConfig,
@@ -133,13 +166,19 @@ def plan_cluster(
     text_dim: int,
     image_dim: int,
     num_attributes: int,
+    train: TrainConfig | None = None,
 ) -> ClusterPlan:
     """TorchRec's plan of the item tables of ``model_cfg`` at ``num_items`` items on ``world_size`` ranks
-    of ``device``, with its memory estimates; :class:`PlanDoesNotFit` if the planner finds no plan."""
+    of ``device``, with its memory estimates and the loss's under ``train`` (default: TrainConfig());
+    :class:`PlanDoesNotFit` if the planner finds no plan, ConfigError for a refused full softmax."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.types import PlannerError
 
     model = meta_model(model_cfg, num_items, text_dim, image_dim, num_attributes)
+    table_dims = [table.embedding_dim for table in model.item_tower.tables()]
+    loss_per_rank, sampler_per_rank, loss_note = loss_memory(
+        train or TrainConfig(), model_cfg, num_items, table_dims
+    )
     ddr_per_rank = int(device.ddr_gb * GIB / device.ranks_per_node)
     topology = Topology(
         world_size=world_size,
@@ -209,6 +248,9 @@ def plan_cluster(
         largest_block_parameters=block,
         trunk_per_rank=trunk_per_rank,
         trunk_note=trunk_note,
+        loss_per_rank=loss_per_rank,
+        sampler_per_rank=sampler_per_rank,
+        loss_note=loss_note,
         checkpoint_bytes=checkpoint,
         sharding_plan=sharding_plan,
     )
@@ -283,11 +325,16 @@ def render(plan: ClusterPlan) -> str:
         f"{plan.largest_block_parameters / 1e6:,.1f}M): {_gib(plan.trunk_per_rank)} per rank "
         f"({plan.trunk_note}; fp32 weights, grads and AdamW moments, 16 B/parameter; activations not counted)"
     )
-    total_hbm = max_hbm + (plan.trunk_per_rank if d.compute == "cuda" else 0)
+    lines.append(
+        f"Loss ({plan.loss_note}): {_gib(plan.loss_per_rank)} on the training device, "
+        f"{_gib(plan.sampler_per_rank)} host memory per rank"
+    )
+    total_hbm = max_hbm + (plan.trunk_per_rank + plan.loss_per_rank if d.compute == "cuda" else 0)
     if d.compute == "cuda":
         lines.append(
-            f"Busiest rank: {_gib(total_hbm)} of {d.hbm_gb:g} GiB HBM (tables + trunk state), "
-            f"{_gib(max_ddr)} of {d.ddr_gb / d.ranks_per_node:,.0f} GiB host memory"
+            f"Busiest rank: {_gib(total_hbm)} of {d.hbm_gb:g} GiB HBM (tables + trunk state + loss), "
+            f"{_gib(max_ddr + plan.sampler_per_rank)} of {d.ddr_gb / d.ranks_per_node:,.0f} GiB host memory"
+            + ("; does NOT fit in HBM" if total_hbm > d.hbm_gb * GIB else "")
         )
     lines.append(
         f"Checkpoint (trained tables + their optimizer state + dense weights + AdamW; frozen feature tables "
@@ -367,7 +414,11 @@ def run_plan(args: argparse.Namespace) -> int:
                 text_dim=args.text_dim,
                 image_dim=args.image_dim,
                 num_attributes=args.num_attributes,
+                train=cfg.train,
             )
+        except ConfigError as error:  # the same for every world size: train.loss=full refused
+            print(f"fmrl plan: config error: {error}", file=sys.stderr)
+            return 2
         except PlanDoesNotFit as error:  # the other world sizes may still fit
             print(f"## {world_size} x {args.device}: does not fit\n\n{error}\n", flush=True)
             print(f"fmrl plan: {error}", file=sys.stderr)

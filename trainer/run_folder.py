@@ -3,9 +3,13 @@
 Which folder a job uses (``run.out_dir`` / ``run.name``):
 
 * a new name: a new folder;
-* a name whose folder holds a run (a ``config.yaml``, checkpoints, weights or metrics): refused, unless
-  the job resumes it (``run.resume=auto`` or a checkpoint URL) or says ``run.overwrite=true``, which
-  empties the folder first (after the lease below is held, so a running job's folder is never emptied);
+* a name whose folder holds a run (a ``config.yaml``, checkpoints, weights or metrics): refused (saying
+  so when a job is training in it), unless the job resumes it (``run.resume=auto`` or a checkpoint URL)
+  or says ``run.overwrite=true``, which replaces the earlier run: the lease below is held while the new
+  job starts, and the earlier run is deleted (:func:`empty_run_folder`) only once the new start-up has
+  passed every check (trainer/train.py, ``claim_run_folder``), so a start that fails leaves it as it was;
+* ``run.name`` is one folder name (trainer/config.py refuses ``/``, ``\\``, ``.`` and ``..``), and
+  :func:`empty_run_folder` empties nothing but a run folder directly inside ``run.out_dir``;
 * no name: a new timestamped folder; with ``run.resume=auto``, the newest run in ``run.out_dir`` trained
   with the same config (every section but ``run``), so that the same command resumes its own run after a
   crash or a requeue.
@@ -29,6 +33,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from data_pipeline.storage import StorageOptions, atomic_write, exists, join, open_read, remove
@@ -44,6 +49,16 @@ RUN_MARKERS = ("config.yaml", "checkpoints", "model.safetensors", "metrics.json"
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used by this job; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The run folder of a job, the same on every rank."""
+
+    path: str
+    replaces: bool = False
+    """It holds an earlier run that ``run.overwrite`` replaces: deleted once the new start-up has passed
+    every check, not before."""
 
 
 def holds_run(folder: str) -> bool:
@@ -107,15 +122,29 @@ def choose_run_folder(
         return folder, False
     if overwrite:
         return folder, True
+    holder = live_holder(folder)
+    if holder is not None:
+        raise RunFolderError(
+            f"run folder {folder} holds a run that is in use by {_describe(holder)}: wait for that job to "
+            "end, or start a new run with another run.name"
+        )
     raise RunFolderError(
         f"run folder {folder} holds a run already: continue it with run.resume=auto, start a new one with "
         "another run.name, or replace it with run.overwrite=true (its checkpoints, weights and exports are "
-        "deleted)"
+        "deleted once the new start-up has passed its checks)"
     )
 
 
-def empty_folder(folder: str) -> None:
-    """Delete everything in ``folder`` but the lease (``run.overwrite``)."""
+def empty_run_folder(folder: str, out_dir: str) -> None:
+    """Delete everything in the run folder ``folder`` but the lease (``run.overwrite``). Refuses
+    (:class:`RunFolderError`) anything that is not a run folder directly inside ``out_dir``: not a link,
+    not ``out_dir`` itself, holding a run. Whatever path led here, nothing else is emptied."""
+    real, parent = os.path.realpath(folder), os.path.realpath(out_dir)
+    if os.path.islink(folder) or real == parent or os.path.dirname(real) != parent or not holds_run(real):
+        raise RunFolderError(
+            f"refusing to empty {folder}: run.overwrite empties only a run folder directly inside "
+            f"run.out_dir={out_dir}"
+        )
     for name in os.listdir(folder):
         if name == LEASE:
             continue
@@ -141,6 +170,17 @@ def _describe(holder: dict[str, Any]) -> str:
     job = f", job {holder['job']}" if holder.get("job") else ""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
     return f"process {holder.get('pid')} on host {holder.get('host')}{job} (started {started})"
+
+
+def live_holder(folder: str) -> dict[str, Any] | None:
+    """The holder of the lease on the local run folder ``folder`` (host, pid ...) if it may still be
+    running, else None."""
+    try:
+        with open(os.path.join(folder, LEASE), encoding="utf-8") as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and _alive(holder) else None
 
 
 def _alive(holder: dict[str, Any]) -> bool:

@@ -4,10 +4,12 @@ that fits a budget.
     fmrl sizes runs/demo                                   # a run folder (its export/) or an export
     fmrl sizes runs/demo --max-latency-ms 5 --max-memory-mb 2 [--min-ndcg 0.05]
 
-Per size: the run's test NDCG@10 / Recall@10 (its metrics.json), parameters, bytes of the trunk and the
-item table in fp32 / fp16 / int8 (row-wise, one scale per row), latency p50/p99 of one query and of a
-batch of 64 (encode, score every item, top-k with the history excluded), queries/s; and the int8 item
-table's effect on NDCG@10, measured on the run's test split (both tables scored on the same users).
+Per size: test NDCG@10 / Recall@10 **as served** (measured here on the run's test split through
+``Recommender.recommend``, which masks the whole history as the service does) beside the run's own
+test metrics (its metrics.json, ranked as the run's ``eval.exclude_history`` says), parameters, bytes
+of the trunk and the item table in fp32 / fp16 / int8 (row-wise, one scale per row), latency p50/p99 of
+one query and of a batch of 64 (encode, score every item, top-k with the history excluded), queries/s;
+and the int8 item table's effect on NDCG@10 as served (both tables scored on the same users).
 The table is printed, saved beside the export as ``sizes.json`` (what ``load_recommender(size="auto")``
 and ``fmrl serve --size auto`` read) and plotted into ``sizes.png`` (quality against latency and against
 memory, one point per size).
@@ -23,9 +25,16 @@ from typing import Any
 import torch
 
 from data_pipeline.storage import StorageOptions, atomic_write, is_remote, join
-from deploy.artifact import ExportError, exported_sizes, fmrl_manifest, read_size
-from deploy.costs import COSTS_FILE, MB, choose_size, memory_mb
-from deploy.recommender import measure_export
+from deploy.artifact import (
+    ExportError,
+    exported_sizes,
+    fmrl_manifest,
+    read_catalog,
+    read_size,
+    recorded_max_len,
+)
+from deploy.costs import COSTS_FILE, MB, NOT_SERVED, SERVED, choose_size, memory_mb, served_quality
+from deploy.recommender import Recommender, measure_export
 from deploy.scoring import ScoringModel
 
 PLOT_FILE = "sizes.png"
@@ -42,66 +51,107 @@ def locate(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def run_quality(run_dir: str | None) -> dict[int, dict[str, float]]:
-    """{size: {"NDCG@10": ..., "Recall@10": ...}} from the run's metrics.json (empty without one)."""
+RUN_HISTORY = {False: "ranked", True: "masked except the target"}
+"""How a run's own evaluation treats the history (its ``eval.exclude_history``)."""
+
+
+def run_quality(run_dir: str | None) -> dict[int, dict[str, Any]]:
+    """{size: {"NDCG@10": ..., "Recall@10": ..., "history": ...}}: the test metrics of the run's
+    metrics.json and how its evaluation ranked the history (empty without a run)."""
     if run_dir is None or not os.path.exists(os.path.join(run_dir, "metrics.json")):
         return {}
+    from trainer.config import load_saved_config
+
+    history = RUN_HISTORY[load_saved_config(os.path.join(run_dir, "config.yaml")).eval.exclude_history]
     with open(os.path.join(run_dir, "metrics.json")) as f:
         test = json.load(f).get("test", {})
     return {
-        int(size): {name: metrics[name] for name in ("NDCG@10", "Recall@10") if name in metrics}
+        int(size): {
+            **{name: metrics[name] for name in ("NDCG@10", "Recall@10") if name in metrics},
+            "history": history,
+        }
         for size, metrics in test.items()
     }
 
 
+def served_ranks(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) 0-based rank of each target (B,) in the top-k ``ids`` (B, k) a recommender answered; k (a
+    miss at every cut-off up to k) where the answer does not hold it."""
+    hit = ids == targets[:, None]  # (B, k)
+    return torch.where(hit.any(dim=1), hit.int().argmax(dim=1), ids.shape[1])
+
+
 @torch.no_grad()
-def int8_effect(
+def measure_served(
     url: str, run_dir: str, sizes: Sequence[int], max_users: int, options: StorageOptions | None
-) -> dict[int, dict[str, float]]:
-    """NDCG@10 of each size with its fp32 and its int8 item table, on the first ``max_users`` users of
-    the run's test split (full ranking, the run's own history-exclusion setting)."""
+) -> dict[int, dict[str, Any]]:
+    """Per size, on the first ``max_users`` users of the run's test split (0: all): NDCG@10 and
+    Recall@10 as the service answers them (``Recommender.recommend``: the history masked, so a target
+    the user had already is a miss), with the fp32 item table (``quality``) and the int8 one
+    (``int8``: NDCG@10 of both and the change)."""
     from data_pipeline.loader import SequenceDataset, eval_batches
     from trainer.config import load_saved_config
-    from trainer.evaluation.metrics import RankingMetrics, target_ranks
+    from trainer.evaluation.metrics import RankingMetrics
 
     cfg = load_saved_config(os.path.join(run_dir, "config.yaml"))
     dataset = SequenceDataset.open(cfg.data.path, options)
     batches = list(eval_batches(dataset, "test", cfg.eval.batch_size, cfg.train.max_len, max_users=max_users))
     manifest = fmrl_manifest(url)
-    effect = {}
+    catalog = read_catalog(url, manifest)
+    max_len = recorded_max_len(url, manifest)
+    measured = {}
     for size in sizes:
         export = read_size(url, size, manifest)
-        ndcg = {}
+        quality = {}
         for key, quantised in (("fp32", False), ("int8", True)):
             model = ScoringModel.from_state(export.config, export.trunk_state, export.items, quantised)
+            recommender = Recommender(model, catalog.item_ids, catalog.popularity, max_len=max_len)
             metrics = RankingMetrics([10])
             for batch in batches:
-                history = batch.tokens if cfg.eval.exclude_history else None
-                metrics.update(size, target_ranks(model(batch.tokens), batch.targets, history))
-            ndcg[key] = metrics.sums()[size]["NDCG@10"] / metrics.count(size)
-        effect[size] = {
-            "users": metrics.count(size),
-            "NDCG@10 fp32": ndcg["fp32"],
-            "NDCG@10 int8": ndcg["int8"],
-            "change": ndcg["int8"] - ndcg["fp32"],
+                _, ids = recommender.recommend(batch.tokens, k=10)
+                metrics.update(size, served_ranks(ids, batch.targets))
+            users = metrics.count(size)
+            quality[key] = {name: value / users for name, value in metrics.sums()[size].items()}
+        measured[size] = {
+            "quality": {
+                "NDCG@10": quality["fp32"]["NDCG@10"],
+                "Recall@10": quality["fp32"]["Recall@10"],
+                "history": SERVED,
+                "users": users,
+            },
+            "int8": {
+                "users": users,
+                "NDCG@10 fp32": quality["fp32"]["NDCG@10"],
+                "NDCG@10 int8": quality["int8"]["NDCG@10"],
+                "change": quality["int8"]["NDCG@10"] - quality["fp32"]["NDCG@10"],
+            },
         }
-    return effect
+    return measured
+
+
+def _figure(quality: dict[str, Any] | None, name: str, width: int) -> str:
+    value = (quality or {}).get(name)
+    return f"{value:>{width}.4f}" if value is not None else f"{'n/a':>{width}}"
 
 
 def format_table(table: Sequence[dict[str, Any]]) -> str:
+    """One line per size: quality as served and the run's own (where a run's is known), costs."""
+    with_run = any(e.get("quality_run") for e in table)
+    run_header = f" {'run NDCG@10':>11} {'Rec@10':>7}" if with_run else ""
     header = (
-        f"{'size':>5} {'NDCG@10':>8} {'Rec@10':>7} {'int8 dNDCG':>10} {'params':>9} {'model MB':>8} "
+        f"{'size':>5} {'NDCG@10':>8} {'Rec@10':>7}{run_header} {'int8 dNDCG':>10} {'params':>9} {'model MB':>8} "
         f"{'items MB fp32/fp16/int8':>24} {'1 user p50/p99 ms':>18} {'64 users p50/p99 ms':>20} {'queries/s':>10}"
     )
     lines = [header]
     for e in table:
-        quality = e.get("quality") or {}
+        served = served_quality(e)
+        run = e.get("quality_run")
+        run_columns = f" {_figure(run, 'NDCG@10', 11)} {_figure(run, 'Recall@10', 7)}" if with_run else ""
         effect = e.get("int8") or {}
         items = e["items_bytes"]
         one, batch = e["latency_ms"]["1"], e["latency_ms"]["64"]
         lines.append(
-            f"{e['size']:>5} {quality.get('NDCG@10', float('nan')):>8.4f} "
-            f"{quality.get('Recall@10', float('nan')):>7.4f} "
+            f"{e['size']:>5} {_figure(served, 'NDCG@10', 8)} {_figure(served, 'Recall@10', 7)}{run_columns} "
             f"{format(effect['change'], '+.4f') if effect else 'n/a':>10} "
             f"{e['parameters']:>9,} {e['model_bytes']['fp32'] / MB:>8.3f} "
             f"{items['fp32'] / MB:>10.3f}/{items['fp16'] / MB:.3f}/{items['int8'] / MB:.3f} "
@@ -119,9 +169,11 @@ def save_plot(table: Sequence[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    quality = [(e.get("quality") or {}).get("NDCG@10") for e in table]
-    if any(q is None for q in quality):  # no run metrics: the recomputed fp32 NDCG@10 if there is one
-        quality = [(e.get("int8") or {}).get("NDCG@10 fp32", float("nan")) for e in table]
+    label = "test NDCG@10 as served"
+    quality = [(served_quality(e) or {}).get("NDCG@10") for e in table]
+    if any(q is None for q in quality):  # not measured as served: the run's own metrics, said so
+        label = "test NDCG@10 (the run's, not as served)"
+        quality = [(e.get("quality_run") or {}).get("NDCG@10", float("nan")) for e in table]
     xs = {
         "latency, 1 user p50 (ms)": [e["latency_ms"]["1"]["p50"] for e in table],
         "memory: trunk + item table fp32 (MB)": [memory_mb(e) for e in table],
@@ -131,7 +183,7 @@ def save_plot(table: Sequence[dict[str, Any]], path: str) -> None:
         for e, x, y in zip(table, values, quality):
             axis.annotate(str(e["size"]), (x, y), textcoords="offset points", xytext=(4, 4))
         axis.set_xlabel(label)
-        axis.set_ylabel("test NDCG@10")
+        axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     fig.suptitle("cost and quality of each nested size")
     fig.tight_layout()
@@ -150,22 +202,34 @@ def run_sizes(args: Any) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         table = measure_export(url, repeats=args.repeats)
-        quality = run_quality(run_dir)
-        effect = {}
+        run = run_quality(run_dir)
+        served = {}
         if run_dir is not None and args.max_users >= 0:
-            effect = int8_effect(url, run_dir, exported_sizes(manifest), args.max_users, options)
+            served = measure_served(url, run_dir, exported_sizes(manifest), args.max_users, options)
         for entry in table:
-            entry["quality"] = quality.get(entry["size"])
-            entry["int8"] = effect.get(entry["size"])
+            measured = served.get(entry["size"], {})
+            entry["quality"] = measured.get("quality")
+            entry["quality_run"] = run.get(entry["size"])
+            entry["int8"] = measured.get("int8")
     except (ExportError, OSError) as error:
         print(f"fmrl sizes: {error}", file=sys.stderr)
         return 2
     print(format_table(table))
-    if effect:
-        users = next(iter(effect.values()))["users"]
-        print(f"int8 dNDCG: NDCG@10 with the int8 item table minus fp32, on {users} test users of the run")
+    if served:
+        users = next(iter(served.values()))["quality"]["users"]
+        print(
+            f"NDCG@10, Rec@10: as served (the whole history masked, as `fmrl serve` does), on {users} test "
+            "users of the run; int8 dNDCG: the same NDCG@10 with the int8 item table minus fp32"
+        )
     elif run_dir is None:
-        print("quality and the int8 effect need the run folder (metrics.json, config.yaml): not found")
+        print(f"quality: {NOT_SERVED}: that needs the run folder (metrics.json, config.yaml): not found")
+    else:
+        print(f"quality: {NOT_SERVED} (--max-users -1)")
+    if run:
+        history = next(iter(run.values()))["history"]
+        print(
+            f"run NDCG@10, Rec@10: the run's test metrics (metrics.json, all test users, history {history})"
+        )
     saved = {"fingerprint": manifest.get("fingerprint"), "sizes": table}
     out = args.out or url
     with atomic_write(join(out, COSTS_FILE), options) as f:

@@ -25,6 +25,10 @@ import torch.distributed as dist
 log = logging.getLogger("fmrl")
 
 
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight: the run failed (exit code 1)."""
+
+
 @dataclass
 class Progress:
     """How far training has come."""
@@ -37,16 +41,19 @@ class Progress:
     """Epochs finished (the last one may have been cut short by train.max_steps)."""
     train_seconds: float = 0.0
     """Wall time of the optimisation steps (evaluation excluded)."""
+    skipped_steps: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient norm (train.skip_nonfinite_steps)."""
 
     def epoch_loss(self, first_step: int) -> float:
-        """Mean loss of the steps from ``first_step`` on."""
-        losses = self.train_losses[first_step:]
+        """Mean loss of the steps from ``first_step`` on (skipped steps' non-finite losses left out)."""
+        losses = [loss for loss in self.train_losses[first_step:] if math.isfinite(loss)]
         return sum(losses) / len(losses) if losses else math.nan
 
 
 @dataclass
 class EarlyStopping:
-    """The best validation score so far and the epochs since it; stop after ``patience`` without gain."""
+    """The best validation score so far and the epochs since it; stop after ``patience`` without gain.
+    A non-finite score (NaN, infinity: a diverged model's) is never the best."""
 
     patience: int
     best_score: float = float("-inf")
@@ -58,8 +65,8 @@ class EarlyStopping:
     """Validation metrics of the best epoch (JSON-able)."""
 
     def update(self, score: float, epoch: int, step: int, metrics: Any) -> bool:
-        """Record an epoch's validation; True if it is the best so far."""
-        if score > self.best_score:
+        """Record an epoch's validation; True if it is the best so far (never for a non-finite score)."""
+        if math.isfinite(score) and score > self.best_score:
             self.best_score, self.epochs_without_gain = score, 0
             self.best_epoch, self.best_step, self.best_metrics = epoch, step, metrics
             return True
@@ -88,6 +95,7 @@ class RunState:
             "train_losses": p.train_losses,
             "epochs": p.epochs,
             "train_seconds": p.train_seconds,
+            "skipped_steps": p.skipped_steps,
             "best_epoch": s.best_epoch,
             "valid_metrics": s.best_metrics,
             "best_score": s.best_score,
@@ -102,6 +110,7 @@ class RunState:
         p, s = self.progress, self.stopping
         p.steps, p.train_losses = run["steps"], run["train_losses"]
         p.epochs, p.train_seconds = run.get("epochs", 0), run["train_seconds"]
+        p.skipped_steps = run.get("skipped_steps", 0)
         s.best_epoch, s.best_score = run["best_epoch"], run["best_score"]
         s.epochs_without_gain, s.best_step = run["epochs_without_gain"], run.get("best_step", 0)
         metrics = run["valid_metrics"]

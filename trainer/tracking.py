@@ -119,10 +119,7 @@ class MLflowTracker(Tracker):
                 "MLflow: run %s in experiment %r at %s", self.run_id, run_cfg.mlflow_experiment, self.uri
             )
         except Exception as error:
-            raise TrackingError(
-                f"MLflow at {self.uri} (run.mlflow_tracking_uri): {error}. Check the URI and that the server "
-                "answers, or leave mlflow out of run.loggers"
-            ) from error
+            raise _unreachable(self.uri, error) from error
 
     def _previous_run(self, record: str) -> str | None:
         """The MLflow run of an earlier job of this run folder, at the same tracking URI."""
@@ -198,6 +195,28 @@ class Trackers:
         trackers, self.trackers = self.trackers, []  # closed once, whatever happens next
         for tracker in trackers:
             tracker.close(status)
+
+
+def _unreachable(uri: str, error: Exception) -> TrackingError:
+    return TrackingError(
+        f"MLflow at {uri} (run.mlflow_tracking_uri): {error}. Check the URI and that the server answers, "
+        "or leave mlflow out of run.loggers"
+    )
+
+
+def check_trackers(run_cfg: RunConfig) -> None:
+    """Raise :class:`TrackingError` now if MLflow is in ``run_cfg.loggers`` and does not answer, before
+    anything is logged: run.overwrite deletes the earlier run only once this passed. (TensorBoard writes
+    local files in the run folder: nothing to reach.)"""
+    if "mlflow" not in run_cfg.loggers:
+        return
+    from mlflow import MlflowClient
+
+    uri = run_cfg.mlflow_tracking_uri or default_tracking_uri(run_cfg.out_dir)
+    try:
+        MlflowClient(tracking_uri=uri).get_experiment_by_name(run_cfg.mlflow_experiment)
+    except Exception as error:
+        raise _unreachable(uri, error) from error
 
 
 def open_trackers(run_cfg: RunConfig, run_dir: str, config: Mapping[str, Any], resumed: bool) -> Trackers:

@@ -15,10 +15,11 @@ and reports. :class:`Trainer` does the rest, in the same way for both::
     for epoch in epochs:
         for batch in task.loader:
             train_step(batch)        # forward + backward; at an accumulation boundary the optimizer step
+                                     # (a non-finite loss or gradient norm: fail, or skip the step)
             if should_stop():        # run.stop_after_steps, a stop file, SIGUSR1, a lost torchrun agent
                 return stop_here()   # checkpoint, no final test
             maybe_save()             # every run.checkpoint_every steps
-        end_epoch()                  # validate, early stopping, checkpoint
+        end_epoch()                  # validate (never non-finite weights), early stopping, checkpoint
         if stopping.exhausted or the step budget is spent: break
     finish()                         # the best weights back, save them, test, report
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import resource
@@ -56,19 +58,20 @@ from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager, Train
 from trainer.config import (
     Config,
     ConfigError,
+    RunConfig,
     config_to_dict,
     dump_config,
     upgrade_saved_config,
     with_absolute_paths,
 )
 from trainer.dist import all_reduce_sum, broadcast_object, distributed
-from trainer.logs import log_file_name, progress_bar, run_log_file
+from trainer.logs import RunLog, log_file_name, progress_bar, run_log_file
 from trainer.preemption import StopRequest
-from trainer.run_folder import RunFolderError, RunLease, choose_run_folder, empty_folder
-from trainer.state import EarlyStopping, Progress, RankPositions, RunState
+from trainer.run_folder import RunFolder, RunFolderError, RunLease, choose_run_folder, empty_run_folder
+from trainer.state import DivergedError, EarlyStopping, Progress, RankPositions, RunState
 from trainer.tasks import task_class
 from trainer.tasks.base import RunResult, TrainingTask
-from trainer.tracking import Trackers, TrackingError, open_trackers
+from trainer.tracking import Trackers, TrackingError, check_trackers, open_trackers
 
 log = logging.getLogger("fmrl")
 
@@ -82,8 +85,14 @@ def train(cfg: Config) -> RunResult:
     cfg = with_absolute_paths(cfg)
     options = cfg.data.storage_options()
     check_resume_source(cfg.run.resume, options)  # before a process group, a data set or a model
-    with distributed() as (world, device), StopRequest(cfg.run.stop_file) as stop_request:
-        with run_folder(cfg, world, options) as run_dir, run_log_file(run_dir, world.rank):
+    check_folder_paths(cfg)
+    stop = StopRequest(cfg.run.stop_file, cfg.run.stop_grace_s)
+    with distributed() as (world, device), stop as stop_request:
+        with (
+            run_folder(cfg, world, options, stop_request) as folder,
+            run_log_file(folder.path, world.rank, hold=folder.replaces) as run_log,
+        ):
+            run_dir = folder.path
             log.debug("command line: %s", " ".join(sys.argv))
             seed_everything(cfg.train.seed)  # the same initial model on every rank
             threads = set_cpu_threads(cfg.train.num_threads, world)
@@ -96,7 +105,9 @@ def train(cfg: Config) -> RunResult:
                 run_dir,
             )
             task = task_class(cfg.task).from_config(cfg, world, device, options)
-            return Trainer(cfg, task, world, run_dir, options, stop_request).run()
+            trainer = Trainer(cfg, task, world, run_dir, options, stop_request)
+            claim_run_folder(folder, cfg.run, world, run_log)  # run.overwrite: only now
+            return trainer.run()
 
 
 class Trainer:
@@ -151,6 +162,8 @@ class Trainer:
         if self.should_stop():  # resumed at the limit: save in this job's layout, then stop
             return self.stop_here()
         for epoch in range(self.loader.epoch + 1, self.cfg.train.epochs + 1):
+            if self.progress.steps >= self.task.total_steps:
+                break  # the step budget is spent (also when resumed with a lower train.max_steps)
             if self.train_epoch(epoch):
                 return self.stop_here()
             self.end_epoch(epoch)
@@ -164,8 +177,6 @@ class Trainer:
                         self.cfg.train.patience,
                     )
                 break
-            if self.progress.steps >= self.task.total_steps:
-                break
         return self.finish()
 
     def start(self) -> None:
@@ -176,7 +187,8 @@ class Trainer:
         ):  # a save that died with an earlier job left a folder without a marker: it only takes space
             self.checkpoints.remove_debris()
         cfg = self.cfg
-        url = self.checkpoints.latest() if cfg.run.resume == "auto" else cfg.run.resume
+        # auto: the newest checkpoint whose commit marker reads (a damaged one is skipped, logged)
+        url = self.checkpoints.latest_intact() if cfg.run.resume == "auto" else cfg.run.resume
         if url:
             self.resume(url)
         elif cfg.run.resume == "auto" and self.main:
@@ -241,15 +253,27 @@ class Trainer:
         if self.keys_log is not None:
             self.keys_log.write(" ".join(batch.keys) + "\n")
             self.keys_log.flush()  # readable while the run goes on
-        self.parallel.micro_step(boundary)
         self.window.add(loss_sum, count, samples)
         if not boundary:
+            self.parallel.micro_step(False)
             return False
-        total = all_reduce_sum(self.window.take(float(self.stop_request.local())))
+        # the gradient norm before the update, so that a non-finite one can still skip it; the flag of
+        # this rank's rides on the step's all-reduce: every rank takes the same decision
+        norm = self.parallel.clip_gradients()
+        local_nonfinite = not math.isfinite(self.window.loss_sum) or not math.isfinite(norm or 0.0)
+        total = all_reduce_sum(self.window.take(float(self.stop_request.local()), float(local_nonfinite)))
         self.stop_requested = self.stop_requested or bool(total[3] > 0)
         loss = float(total[0] / total[1])
         self.window.samples_in_epoch += int(total[2])
         self.progress.steps += 1
+        if total[4] > 0 or not math.isfinite(loss):
+            self.skip_nonfinite_step(loss, "loss" if not math.isfinite(loss) else "gradient norm")
+        else:
+            self.parallel.micro_step(True)
+            # DeepSpeed clips inside its step: its global norm, the same on every rank, comes after it
+            norm = self.parallel.grad_norm()
+            if norm is not None and not math.isfinite(norm):
+                raise DivergedError(self.diverged_message("gradient norm", norm))
         self.progress.train_losses.append(loss)
         if self.progress.steps % self.cfg.run.log_every == 0:
             throughput = self.window.throughput()
@@ -263,12 +287,52 @@ class Trainer:
             )
         return True
 
+    def skip_nonfinite_step(self, loss: float, what: str) -> None:
+        """The step's loss or gradient norm is not finite (on some rank): skip the update while
+        train.skip_nonfinite_steps allows, else fail the run. The same on every rank."""
+        allowed = self.cfg.train.skip_nonfinite_steps
+        if self.progress.skipped_steps >= allowed:
+            limit = f" ({allowed} skipped before: train.skip_nonfinite_steps={allowed})" if allowed else ""
+            raise DivergedError(self.diverged_message(what, loss) + limit)
+        self.parallel.skip_step()
+        self.progress.skipped_steps += 1
+        self.log_scalars({"train/skipped_steps": self.progress.skipped_steps})
+        if self.main:
+            log.warning(
+                "step %d (epoch %d): non-finite %s (loss %s): update skipped, %d of %d allowed "
+                "(train.skip_nonfinite_steps)",
+                self.progress.steps,
+                self.loader.epoch + 1,
+                what,
+                loss,
+                self.progress.skipped_steps,
+                allowed,
+            )
+
+    def diverged_message(self, what: str, value: float) -> str:
+        return (
+            f"non-finite {what} ({value}) at step {self.progress.steps} (epoch "
+            f"{self.loader.epoch + 1}); lower optim.lr, check the data (e.g. fmrl features again), or "
+            f"allow skipped steps with train.skip_nonfinite_steps=N"
+        )
+
+    def check_finite_weights(self, when: str) -> None:
+        """Refuse to evaluate (or save) weights with a NaN or infinity on any rank. Collective: joins the
+        evaluation every rank is about to run."""
+        name = self.parallel.nonfinite_tensor()
+        if all_reduce_sum(torch.tensor([float(bool(name))], dtype=torch.float64))[0] > 0:
+            where = f": {name} on rank {self.world.rank}" if name else " on another rank"
+            raise DivergedError(
+                f"the weights hold NaN or infinity at step {self.progress.steps}{where}; {when} refused"
+            )
+
     def end_epoch(self, epoch: int) -> None:
         """Validate, update early stopping (keeping a copy of the best weights), save a checkpoint."""
         seconds = self.window.epoch_seconds()
         self.progress.train_seconds += seconds
         self.progress.epochs = epoch
         started = time.perf_counter()
+        self.check_finite_weights(f"validation of epoch {epoch}")
         valid = self.task.evaluate("valid")
         valid_seconds = time.perf_counter() - started
         self.log_scalars(self.task.scalars("valid", valid))
@@ -311,6 +375,7 @@ class Trainer:
         no final test."""
         self.save()  # a no-op when this step's checkpoint exists already
         self.checkpoints.close()
+        self.stop_request.stopped()  # committed: a SIGTERM grace running out now must not exit 1
         self.close_logs()
         self.trackers.close("KILLED")  # to be resumed: the resumed job sets it running again
         stop_file = self.cfg.run.stop_file
@@ -332,6 +397,7 @@ class Trainer:
         self.checkpoints.close()  # the last asynchronous save commits before the run reports
         self.close_logs()
         self.parallel.restore(self.best_weights)
+        self.check_finite_weights("the test of the best weights")
         started = time.perf_counter()
         save_weights(self.parallel, os.path.join(self.run_dir, "model.safetensors"))
         saved = time.perf_counter()
@@ -352,6 +418,13 @@ class Trainer:
             result.steps / max(result.train_seconds, 1e-9),
             result.peak_rss_mib,
         )
+        if self.main and result.skipped_steps:
+            log.warning(
+                "%d optimizer step(s) were skipped for a non-finite loss or gradient norm "
+                "(train.skip_nonfinite_steps=%d; metrics.json: skipped_steps)",
+                result.skipped_steps,
+                self.cfg.train.skip_nonfinite_steps,
+            )
         try:
             if self.main:
                 self.task.report(result)
@@ -407,6 +480,7 @@ class Trainer:
             train_losses=self.progress.train_losses,
             valid_metrics=self.stopping.best_metrics,
             train_seconds=self.progress.train_seconds,
+            skipped_steps=self.progress.skipped_steps,
             peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         )
 
@@ -445,9 +519,12 @@ class StepWindow:
             self.samples + samples,
         )
 
-    def take(self, stop_flag: float) -> torch.Tensor:
-        """The window as one tensor for the step's all-reduce (with this rank's stop flag); then empty it."""
-        values = torch.tensor([self.loss_sum, self.count, self.samples, stop_flag], dtype=torch.float64)
+    def take(self, stop_flag: float, nonfinite_flag: float = 0.0) -> torch.Tensor:
+        """The window as one tensor for the step's all-reduce (with this rank's stop flag and non-finite
+        loss or gradient flag); then empty it."""
+        values = torch.tensor(
+            [self.loss_sum, self.count, self.samples, stop_flag, nonfinite_flag], dtype=torch.float64
+        )
         self.loss_sum = self.count = self.samples = 0.0
         return values
 
@@ -492,11 +569,13 @@ def check_resume_source(url: str, options: StorageOptions) -> None:
 
 
 @contextlib.contextmanager
-def run_folder(cfg: Config, world: World, options: StorageOptions) -> Iterator[str]:
-    """The run directory of this job (trainer/run_folder.py), the same on every rank, leased by rank 0
-    for the duration of the block. A folder this job created and left empty (a failed start) is removed
-    again. Collective."""
-    lease, created, folder, error = None, False, "", ""
+def run_folder(
+    cfg: Config, world: World, options: StorageOptions, stop_request: StopRequest | None = None
+) -> Iterator[RunFolder]:
+    """The run folder of this job (trainer/run_folder.py), the same on every rank, leased by rank 0 for
+    the duration of the block. A folder this job created and left empty (a failed start) is removed
+    again; an earlier run that run.overwrite replaces stays until :func:`claim_run_folder`. Collective."""
+    lease, created, folder, overwrite, error = None, False, "", False, ""
     if world.rank == 0:
         try:
             folder, overwrite = choose_run_folder(
@@ -507,23 +586,66 @@ def run_folder(cfg: Config, world: World, options: StorageOptions) -> Iterator[s
             locations = [folder] + ([cfg.run.checkpoint_dir] if cfg.run.checkpoint_dir else [])
             lease = RunLease(locations, options)
             lease.acquire()
-            if overwrite:
-                log.warning("run.overwrite: deleting the earlier run in %s", folder)
-                empty_folder(folder)
+            if stop_request is not None:  # a process leaving after its SIGTERM grace frees the run too
+                stop_request.on_grace_expired(lease.release)
         except RunFolderError as exc:
             error = str(exc)
-    folder, error = broadcast_object((folder, error))  # type: ignore[misc]
+    folder, overwrite, error = broadcast_object((folder, overwrite, error))  # type: ignore[misc]
     if error:
         if created and not os.listdir(folder):
             os.rmdir(folder)
         raise RunFolderError(error)
     try:
-        yield folder
+        yield RunFolder(folder, replaces=bool(overwrite))
     finally:
         if lease is not None:
             lease.release()
         if created and world.rank == 0 and os.path.isdir(folder):
             remove_failed_start(folder, world.world_size)
+
+
+def claim_run_folder(folder: RunFolder, run_cfg: RunConfig, world: World, run_log: RunLog) -> None:
+    """run.overwrite's point of no return, reached once the job is built (its config, data set, features,
+    model and resume source passed their checks): rank 0 checks that the trackers answer, deletes the
+    earlier run (but the lease), then every rank's held log goes to its file. A start that fails before
+    leaves the earlier run as it was. Collective; nothing to do without run.overwrite."""
+    if not folder.replaces:
+        return
+    failure: Exception | None = None
+    if world.rank == 0:
+        try:
+            check_trackers(run_cfg)
+            log.warning("run.overwrite: deleting the earlier run in %s", folder.path)
+            empty_run_folder(folder.path, run_cfg.out_dir)
+        except TrackingError as exc:
+            failure = exc
+        except (RunFolderError, OSError) as exc:
+            failure = RunFolderError(f"run.overwrite: cannot delete the earlier run in {folder.path}: {exc}")
+    failure = broadcast_object(failure)  # type: ignore[assignment]  # logs are written once the old are gone
+    if failure is not None:
+        raise failure
+    run_log.write_held()
+
+
+def check_folder_paths(cfg: Config) -> None:
+    """Refuse a local data.path, data.features, run.out_dir or run.checkpoint_dir that is a file or lies
+    under one (ConfigError naming the key and the file) before anything is built: the system's own words
+    would be "Not a directory", naming neither."""
+    paths = {
+        "data.path": cfg.data.path,
+        "data.features": cfg.data.features,
+        "run.out_dir": cfg.run.out_dir,
+        "run.checkpoint_dir": cfg.run.checkpoint_dir,
+    }
+    for key, path in paths.items():
+        if not path or "://" in path:
+            continue
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        if os.path.exists(existing) and not os.path.isdir(existing):
+            where = "is a file" if existing == os.path.abspath(path) else f"lies under the file {existing}"
+            raise ConfigError(f"{key}={path} {where}, not a folder: give a folder")
 
 
 def remove_failed_start(folder: str, world_size: int) -> None:

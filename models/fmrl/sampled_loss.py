@@ -43,7 +43,12 @@ class NegativeSampler:
     """Draws M negative item ids in 1..N with replacement, uniformly or by smoothed popularity.
 
     "popularity" draws item i with probability proportional to (counts[i] + 1) ** alpha; the +1 keeps
-    unseen items drawable, alpha < 1 flattens the head of the distribution.
+    unseen items drawable, alpha < 1 flattens the head of the distribution. It draws by inverse CDF: a
+    uniform u in [0, W) (W the total weight) picks the item whose interval [cumulative[i-1], cumulative[i])
+    of the (N,) float64 running sum of the weights holds u (``torch.searchsorted``). Unlike
+    ``torch.multinomial``, which refuses more than 2^24 categories, this works for any N; the sampler
+    holds that one table, 8 bytes per item (trainer/plan.py counts it per rank). ``log_q`` reads each
+    item's probability off the same table, so it is exact for the distribution actually drawn.
 
     Args:
         num_items: N, the number of real items (ids 1..N).
@@ -72,44 +77,52 @@ class NegativeSampler:
         self.num_items = num_items
         self.num_negatives = num_negatives
         self.distribution = distribution
-        self._probs: torch.Tensor | None = None  # (N,) float64, popularity only
+        # (N,) float64 running sum of the weights, popularity only
+        self._cumulative: torch.Tensor | None = None
         if distribution == "uniform":
             if counts is not None:
                 raise ValueError("counts is only used by distribution='popularity'; pass counts=None")
             return
         if counts is None:
             raise ValueError("counts is required by distribution='popularity'")
-        counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
+        counts = torch.as_tensor(counts).cpu()
         if counts.shape != (num_items,):
             raise ValueError(f"counts must have shape ({num_items},), got {tuple(counts.shape)}")
         if not (torch.isfinite(counts).all() and (counts >= 0).all()):
             raise ValueError("counts must be finite and >= 0")
-        weights = (counts + 1.0) ** alpha  # (N,)
-        self._probs = weights / weights.sum()
+        # one new (N,) float64 tensor, turned into the running sum in place: no second O(N) table
+        weights = counts.to(torch.float64).add(1.0).pow_(alpha)  # (N,)
+        self._cumulative = weights.cumsum_(0)  # (N,), every interval non-empty: each weight is >= 1
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         """(M,) int64 ids in 1..N, drawn with replacement on the generator's device."""
         device = generator.device
-        if self._probs is None:
+        if self._cumulative is None:
             return torch.randint(
                 1, self.num_items + 1, (self.num_negatives,), generator=generator, device=device
             )
-        probs = self._probs.to(device)
-        return torch.multinomial(probs, self.num_negatives, replacement=True, generator=generator) + 1
+        cumulative = self._cumulative.to(device)
+        u = torch.rand(self.num_negatives, generator=generator, device=device, dtype=torch.float64)
+        u = u * cumulative[-1]  # (M,) uniform in [0, W)
+        # item i holds [cumulative[i-1], cumulative[i]); the clamp only catches u rounded up to W
+        index = torch.searchsorted(cumulative, u, right=True).clamp_(max=self.num_items - 1)  # (M,)
+        return index + 1
 
     def log_q(self, ids: torch.Tensor) -> torch.Tensor:
         """(C,) float64 log expected count log(M p(id)) of each id among the M draws; ids in 1..N."""
         if ids.numel() and (ids.min() < 1 or ids.max() > self.num_items):
             raise ValueError(f"ids must lie in 1..{self.num_items}")
-        if self._probs is None:
+        if self._cumulative is None:
             return torch.full(
                 ids.shape,
                 math.log(self.num_negatives / self.num_items),
                 dtype=torch.float64,
                 device=ids.device,
             )
-        probs = self._probs.to(ids.device)[ids - 1]  # (C,)
-        return torch.log(self.num_negatives * probs)
+        cumulative = self._cumulative.to(ids.device)
+        upper = cumulative[ids - 1]  # (C,)
+        lower = torch.where(ids > 1, cumulative[(ids - 2).clamp_(min=0)], 0.0)  # (C,)
+        return torch.log(self.num_negatives * (upper - lower) / cumulative[-1])
 
 
 def candidate_set(labels: torch.Tensor, negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,3 +227,67 @@ def test_scale_benches_report_what_has_run(tmp_path):
         text = output.read_text()
         assert text.startswith("# doc\n\nkept\n") and header in text, text
         assert f"<!-- bench/{script}:begin -->" in text and f"<!-- bench/{script}:end -->" in text
+
+
+def test_serve_load_bench_mixes_long_and_bad_requests_and_writes_nothing_with_no_write(tmp_path):
+    record = tmp_path / "load.json"
+    command = [sys.executable, os.path.join(REPO, "bench", "serve_load.py"), "--make-export"]
+    command += [str(tmp_path / "export"), "--clients", "1", "--seconds", "1", "--max-requests", "20"]
+    command += ["--no-write", "--record", str(record), "--output", str(tmp_path / "deploy.md")]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, cwd=REPO, env=env, check=True
+    ).stdout
+    alone = next(line for line in out.splitlines() if line.startswith("| alone |"))
+    mixed = next(line for line in out.splitlines() if line.startswith("| mixed |"))
+    assert alone.split("|")[5].strip() == "0" and mixed.split("|")[5].strip() == "0"  # no normal errors
+    assert "422" in mixed.split("|")[7]  # the bad requests were refused, not answered
+    assert not record.exists() and not (tmp_path / "deploy.md").exists()
+
+
+def _files_under(*paths: str) -> list[tuple[str, list[str], list[str]]]:
+    return [entry for path in paths for entry in sorted(os.walk(path))]
+
+
+def test_gpu_smoke_without_cuda_says_so_exits_0_and_writes_nothing():
+    """With no GPU visible the script only says that it needs CUDA: no catalog, no run, no record."""
+    defaults = (
+        os.path.join(REPO, "runs", "bench", "gpu-smoke"),
+        os.path.join(REPO, "bench", "results", "gpu"),
+    )
+    before = _files_under(*defaults)
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "gpu_smoke.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "needs CUDA" in done.stdout and "nothing run or written" in done.stdout, done.stdout
+    assert _files_under(*defaults) == before
+
+
+def test_gpu_smoke_flops_and_mfu_match_a_hand_count(bench_script):
+    gpu_smoke = bench_script("gpu_smoke")
+    # sizes (2, 4): a nested map computes its block lower triangle, 2x2 + 2x4 = 12 multiply-adds per
+    # position; 7 maps per block, 2 blocks: 168; 2 FLOPs each, x3 for forward + backward: 1,008 per
+    # position; 3 x 5 positions
+    assert gpu_smoke.trunk_flops_per_step([2, 4], num_blocks=2, batch=3, length=5) == 15_120
+    # configs/gpu-smoke.yaml's sizes: 64x64 + 64x128 + 128x256 + 256x512 + 512x1024 = 700,416 per map
+    assert gpu_smoke.trunk_flops_per_step([64, 128, 256, 512, 1024], 1, 1, 1) == 6 * 7 * 700_416
+
+    h100 = gpu_smoke.trunk_figures(0.002, 197_800_000_000, "NVIDIA H100 80GB HBM3")
+    assert abs(h100["tflops_per_s"] - 98.9) < 1e-9 and abs(h100["mfu"] - 0.1) < 1e-12
+    assert h100["peak_bf16_tflops"] == 989 and "note" not in h100
+    assert abs(gpu_smoke.trunk_figures(0.002, 62_400_000_000, "NVIDIA A100-SXM4-80GB")["mfu"] - 0.1) < 1e-12
+    assert gpu_smoke.trunk_figures(1.0, 1, "NVIDIA H200")["peak_bf16_tflops"] == 989
+    assert gpu_smoke.trunk_figures(1.0, 1, "NVIDIA H100 PCIe")["peak_bf16_tflops"] == 756
+    unknown = gpu_smoke.trunk_figures(0.002, 197_800_000_000, "Tesla T4")
+    assert (
+        unknown["mfu"] is None
+        and "Tesla T4" in unknown["note"]
+        and abs(unknown["tflops_per_s"] - 98.9) < 1e-9
+    )

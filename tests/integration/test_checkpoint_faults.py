@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ import psutil
 import pytest
 import torch
 
-from data_pipeline.storage import StorageOptions
+from data_pipeline.storage import StorageError, StorageOptions
 from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager
 from trainer.config import load_config
 from trainer.dist import distributed
@@ -54,32 +55,15 @@ KILL_RUN = ["train.batch_size=4", "train.epochs=1", "run.checkpoint_every=8", "r
 KILL_RUN_STEPS = 25
 
 
-# torchrun's default: the workers share the agent's rendezvous store, which outlives the restart;
-# trainer/dist.py keeps each attempt's keys apart (pytorch/pytorch#135712), and this test covers it
-def start_torchrun(log_file, *overrides: str) -> subprocess.Popen:
-    """``torchrun --max-restarts=1 ... fmrl train`` in the background, in its own process group."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--max-restarts=1",
-        "--monitor-interval=0.2",
-        "-m",
-        "trainer.cli",
-        "train",
-        *COMMON,
-        *overrides,
-    ]
-    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 @contextlib.contextmanager
-def torchrun_job(log_path: Path, *overrides: str) -> Iterator[subprocess.Popen]:
-    """A background torchrun job; whatever is left of it is killed when the block ends."""
+def background_job(log_path: Path, *command: str) -> Iterator[subprocess.Popen]:
+    """``command`` in the background, in its own process group; whatever is left of it is killed when
+    the block ends."""
     with open(log_path, "wb") as log_file:
-        job = start_torchrun(log_file, *overrides)
+        job = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield job
         finally:
@@ -87,6 +71,14 @@ def torchrun_job(log_path: Path, *overrides: str) -> Iterator[subprocess.Popen]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
+
+
+# torchrun's default: the workers share the agent's rendezvous store, which outlives the restart;
+# trainer/dist.py keeps each attempt's keys apart (pytorch/pytorch#135712), and this test covers it
+def torchrun_job(log_path: Path, *overrides: str) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """``torchrun --max-restarts=1 ... fmrl train`` in the background (see :func:`background_job`)."""
+    restarts = ["--max-restarts=1", "--monitor-interval=0.2"]
+    return background_job(log_path, *TORCHRUN, *restarts, "-m", "trainer.cli", "train", *COMMON, *overrides)
 
 
 def wait_for_exit(job: subprocess.Popen, log_path: Path, timeout: float = 240.0) -> str:
@@ -409,6 +401,118 @@ def test_a_training_run_whose_storage_dies_during_a_save_fails_clearly_and_resum
     # (that such a resume is exact is test_checkpoint.py's business)
 
 
+TWO_RANK_SAVES = textwrap.dedent(
+    """
+    import json, os, sys, time
+
+    import torch
+
+    from data_pipeline.storage import StorageOptions
+    from trainer.checkpoint import CheckpointError, CheckpointManager
+    from trainer.dist import distributed
+    from trainer.logs import configure_logging
+    from trainer.process_exit import run_as_process
+
+
+    def wait_for(mark):
+        while not os.path.exists(mark):
+            time.sleep(0.05)
+
+
+    def main():
+        configure_logging()
+        root, endpoint, marks, deadline = sys.argv[1:5]
+        options = StorageOptions(
+            endpoint_url=endpoint, key="testing", secret="testing", region="us-east-1", deadline=float(deadline)
+        )
+        with distributed() as (world, _):
+            manager = CheckpointManager(root, options, timeout=60)
+            manager.save(1, {"w": torch.full((64, 64), float(world.rank)), "run": "x"})
+            open(os.path.join(marks, f"saved.{world.rank}"), "w").close()
+            wait_for(os.path.join(marks, "fault"))
+            started = time.monotonic()
+            try:
+                manager.save(2, {"w": torch.zeros(64, 64), "run": "x"})
+                outcome = "no error"
+            except CheckpointError as e:
+                outcome = str(e)
+            record = {"seconds": time.monotonic() - started, "ended": time.time(), "error": outcome}
+            if outcome == "no error":  # abandoned: once the storage answers again, the next save commits
+                wait_for(os.path.join(marks, "back"))
+                manager.save(3, {"w": torch.ones(64, 64), "run": "x"})
+                record["committed"] = [step for step, _ in manager.complete()]
+            with open(os.path.join(marks, f"outcome.{world.rank}.json"), "w") as f:
+                json.dump(record, f)
+
+
+    run_as_process(main)
+    """
+)
+
+
+@pytest.mark.parametrize("fault", ["dead", "hung"])
+def test_a_dead_endpoint_fails_a_save_and_a_hung_one_abandons_it_on_every_rank_at_once(
+    tmp_path, s3_server, fault
+) -> None:
+    """A server of its own under a 2-rank job, between two saves: killed (connections refused: the save
+    fails on both ranks, naming the cause), or frozen for 8 s (SIGSTOP; the storage deadline is 4 s) and
+    then let go (both ranks abandon the save at that deadline, and the next save commits). Before, rank 0
+    failed its first storage call and left the collective that the other rank waited in: the save was
+    abandoned only at the checkpoint deadline (here 60 s, 600 s by default), with no word of the cause,
+    and a frozen server that answered again still held training until then."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = type(s3_server)(port)
+    server.start()
+    try:
+        bucket = server.make_bucket()
+        script, marks = tmp_path / "saves.py", tmp_path / "marks"
+        script.write_text(TWO_RANK_SAVES)
+        marks.mkdir()
+        storage_deadline = "4" if fault == "hung" else "300"  # a refusal must fail on its own, well before
+        arguments = [str(script), f"{bucket}/ckpt", server.endpoint_url, str(marks), storage_deadline]
+        with background_job(tmp_path / "job.out", *TORCHRUN, *arguments) as job:
+            deadline = time.monotonic() + 120
+            while not all((marks / f"saved.{rank}").exists() for rank in range(2)):
+                assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.out").read_text()
+                time.sleep(0.05)
+            if fault == "dead":
+                server.stop()
+            else:
+                server.pause()
+            (marks / "fault").touch()
+            if fault == "hung":
+                time.sleep(8.0)
+                server.unpause()
+            answering_again = time.time()
+            (marks / "back").touch()
+            assert job.wait(timeout=120) == 0, (tmp_path / "job.out").read_text()[-5000:]
+    finally:
+        server.unpause()
+        server.stop()
+    output = (tmp_path / "job.out").read_text()
+    for rank in range(2):
+        outcome = json.loads((marks / f"outcome.{rank}.json").read_text())
+        message = outcome["error"]
+        if fault == "dead":  # a failure: the save (and a training job) stops, naming the cause
+            assert f"saving checkpoint {bucket}/ckpt/step-000000002 failed (it is not committed)" in message
+            assert f"cannot reach object storage at {server.endpoint_url}" in message, message
+            assert "Could not connect to the endpoint URL" in message, message
+            # 3 attempts of botocore's standard retry mode (connection refused at once), not the deadline
+            assert outcome["seconds"] < 30, outcome
+        else:  # the save is abandoned at the storage deadline by both ranks, and the next one commits
+            assert message == "no error"
+            assert re.search(
+                rf"\[rank {rank}\] checkpoint {bucket}/ckpt/step-000000002 was given up \(rank 0: "
+                rf"StorageTimeoutError: .* object storage at {server.endpoint_url} did not answer within 4 s",
+                output,
+            ), output[-5000:]
+            # no rank is held after the server answers again (before: until the 60 s deadline)
+            assert outcome["ended"] < answering_again + 10, outcome
+            assert outcome["committed"] == [1, 3]
+
+
 # --- 3. damaged files are detected on load ------------------------------------------------------------
 
 
@@ -458,6 +562,29 @@ def test_a_damaged_checkpoint_file_is_detected_on_load_and_named(tmp_path, damag
             manager.load(url, empty_state())
         message = str(failure.value)
         assert damaged in message and "step-000000001" in message, message
+
+
+def test_a_damaged_commit_marker_is_named_and_resume_auto_falls_back_to_the_newest_intact_one(
+    tmp_path, tiny_dataset, caplog
+) -> None:
+    # 1 rank, 16 sequences per step: 13 steps; checkpoints at steps 4, 8, 12 and 13 (the epoch's end)
+    run = ["train.batch_size=16", "train.epochs=1", "run.checkpoint_every=4", "run.keep_checkpoints=5"]
+    single(tmp_path, tiny_dataset, *run, "run.name=m")
+    root = tmp_path / "m" / "checkpoints"
+    marker = root / "step-000000013" / COMMIT
+    marker.write_bytes(b"\xdd\xdd" + marker.read_bytes()[2:])  # bytes of a bad sector: not UTF-8
+    with distributed():
+        with pytest.raises(CheckpointError, match=rf"{marker}: the commit marker is damaged"):
+            CheckpointManager(str(root)).marker(str(marker.parent))
+
+    caplog.set_level("INFO", logger="fmrl")
+    resumed = single(tmp_path, tiny_dataset, *run, "run.name=m", "run.resume=auto")
+    assert f"skipping checkpoint {marker.parent}: {marker}: the commit marker is damaged" in caplog.text
+    assert f"resumed from {root / 'step-000000012'} at step 12" in caplog.text
+    assert resumed.steps == 13 and resumed.test_metrics
+    # the resumed run saved step 13 again, in place of the damaged one
+    assert f"replacing checkpoint {marker.parent}" in caplog.text
+    assert json.loads(marker.read_text())["step"] == 13
 
 
 # --- 4. storage that hangs, a disk that fills ---------------------------------------------------------
@@ -562,6 +689,22 @@ def test_a_full_disk_is_named_and_the_failed_save_leaves_no_debris(tmp_path, blo
         assert manager.save(3, sized_state(2, 3), blocking=blocking) == f"{root}/step-000000003"
         manager.close()
         assert [step for step, _ in manager.complete()] == [1, 3]
+
+
+def test_a_full_disk_at_the_end_of_a_run_names_the_file_it_could_not_write(tmp_path, tiny_dataset) -> None:
+    """A real full disk (a 256 KiB tmpfs) under the run folder: the checkpoints go elsewhere and fit, the
+    trained weights (about 300 KB) do not. Before, the error was a bare "[Errno 28] No space left on
+    device" (the failed write's retry in the clean-up replaced the named error)."""
+    with small_disk(tmp_path / "disk", 1) as disk:
+        subprocess.run(["mount", "-o", "remount,size=256k", str(disk)], check=True)
+        run = ["train.batch_size=16", "train.epochs=1", "run.log_sample_keys=false", "run.name=full"]
+        checkpoints = f"run.checkpoint_dir={tmp_path / 'ckpt'}"
+        weights = disk / "full" / "model.safetensors"
+        with pytest.raises(
+            StorageError, match=rf"^cannot write {weights}: \[Errno 28\] No space left on device"
+        ):
+            single(disk, tiny_dataset, *run, checkpoints)
+        assert not weights.exists() and not list((disk / "full").glob(".model.safetensors.tmp-*"))
 
 
 def test_a_restart_on_a_disk_left_full_by_a_dead_save_starts(tmp_path) -> None:

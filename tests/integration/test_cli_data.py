@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_pipeline.shards import read_manifest
 from trainer.cli import main
 
@@ -54,3 +56,18 @@ def test_ctr_data_from_the_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "convert-obp", str(tmp_path / "bad-obp"), "--policy", "bts", "bts"]) == 2
     assert "policy: give each of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["prepare-synthetic", "--num-items", "1"], "--num-items must be >= 2, got 1"),
+        (["prepare-synthetic", "--shard-size", "0"], "--shard-size must be >= 1, got 0"),
+        (["prepare-synthetic-ctr", "--max-cardinality", "0"], "--max-cardinality must be >= 3, got 0"),
+    ],
+)
+def test_a_bad_option_is_named_as_typed(tmp_path, capsys, command, message):
+    """The writers name their Python arguments (num_items, max_samples_per_shard); the user typed flags."""
+    code = main(["data", command[0], str(tmp_path / "out"), *command[1:]])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"fmrl data {command[0]}: error: {message}"

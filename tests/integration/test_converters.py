@@ -261,8 +261,13 @@ def test_amazon_bad_records_raise_with_file_and_line(tmp_path: Any, monkeypatch:
         convert_amazon(out, **paths)
     # the code-execution line alone: refused as a malformed literal, never run
     _gz(tmp_path / "meta_Beauty.json.gz", [*_meta_lines(), PWNED_LINE])
-    with pytest.raises(ConversionError, match=r"meta_Beauty\.json\.gz:6: malformed metadata literal"):
+    with pytest.raises(
+        ConversionError, match=r"meta_Beauty\.json\.gz:6: malformed metadata literal"
+    ) as error:
         convert_amazon(out, **paths)
+    # in the user's words: no syntax tree node's repr (<ast.Call object at 0x...>), the CLI flag to skip
+    assert "<ast." not in str(error.value) and "holds something other than plain values" in str(error.value)
+    assert str(error.value).endswith("(rerun with --on-error skip to skip and count such records)")
     assert not (tmp_path / "PWNED").exists()
     assert not os.path.exists(os.path.join(out, "dataset.json"))
     paths = _amazon_fixture(tmp_path, bad_i4=True)

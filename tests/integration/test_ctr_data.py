@@ -145,7 +145,7 @@ def test_criteo_bad_rows_raise_with_file_and_line_or_are_skipped(
     tmp_path: Any, bad: str, reason: str, message: str
 ) -> None:
     src = _write(str(tmp_path / "day.tsv"), ROWS[:2] + [bad] + ROWS[2:])
-    with pytest.raises(ConversionError, match=rf"day\.tsv:3: {message}.*on_error='skip'"):
+    with pytest.raises(ConversionError, match=rf"day\.tsv:3: {message}.*rerun with --on-error skip"):
         convert_criteo(str(tmp_path / "out"), [src], hash_buckets=10)
     assert not os.path.exists(tmp_path / "out" / "dataset.json")
     assert not os.path.exists(tmp_path / "out" / "train.manifest.json")
@@ -217,6 +217,10 @@ def test_synthetic_is_deterministic_and_goes_through_the_converter(tmp_path: Any
     assert list(synthetic_criteo_lines(700, 3)) == list(synthetic_criteo_lines(1500, 3))[:700]
     # complete output with the same settings is reused; other settings are refused
     assert prepare_synthetic_ctr(str(tmp_path / "a"), seed=3, **kwargs).reused
+    # a split whose manifest is missing is written again, not "reused" (rerunning repairs it)
+    os.remove(tmp_path / "a" / "valid.manifest.json")
+    repaired = prepare_synthetic_ctr(str(tmp_path / "a"), seed=3, **kwargs)
+    assert not repaired.reused and hashes("a") == hashes("b")
     with pytest.raises(ValueError, match=r"seed=3 \(asked 5\)"):
         prepare_synthetic_ctr(str(tmp_path / "a"), seed=5, **kwargs)
 

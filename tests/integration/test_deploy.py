@@ -122,10 +122,14 @@ def test_a_size_for_a_budget(export_dir) -> None:
     assert choose_size(table, max_memory_mb=(memory[0] + memory[1]) / 2).size == 8
     nothing = choose_size(table, max_memory_mb=memory[0] / 2)
     assert nothing.size is None and "size 8: memory" in nothing.reason
-    table[-1]["quality"] = {"NDCG@10": 0.05}
-    table[-2]["quality"] = {"NDCG@10": 0.04}
+    # a budget on quality reads the quality as served (history masked), never the run's ranked one
+    table[-1]["quality"] = {"NDCG@10": 0.05, "history": "masked"}
+    table[-2]["quality"] = {"NDCG@10": 0.04, "history": "masked"}
     assert choose_size(table, min_ndcg=0.045).size == 32
     assert "test NDCG@10 unknown" in choose_size(table, min_ndcg=0.06).reason
+    older = [{**entry, "quality": {"NDCG@10": 0.05}} for entry in table]  # an older `fmrl sizes`' table
+    refused = choose_size(older, min_ndcg=0.01)
+    assert refused.size is None and "size 32: test NDCG@10 not measured as served" in refused.reason
     # `fmrl sizes` saves the table beside the export; size="auto" reads it (else it measures)
     fingerprint = json.loads(open(f"{export_dir}/export.json").read())["fingerprint"]
     with open(f"{export_dir}/sizes.json", "w") as f:
@@ -269,10 +273,14 @@ def test_the_service_answers_recommend_health_and_info(service, export_dir) -> N
         ({"history": ["item-5", "no-such-item"], "k": 3}, "unknown item ids ['no-such-item']"),
         ({"history": ["item-5"], "k": 0}, "greater than or equal to 1"),
         ({"history": ["item-5"], "k": NUM_ITEMS + 1}, f"the catalog has {NUM_ITEMS} items"),
-        ({"history": "item-5"}, "valid list"),
+        ({"history": "item-5"}, "valid array"),
         ({"k": 3}, "Field required"),
         ({"history": [["item-5"]]}, "history"),
-        ({"history": [f"item-{i}" for i in range(1, NUM_ITEMS + 1)], "k": 1}, "a history covers all but 0"),
+        # the last 200 items are used (an export without max_len): they leave 100 items
+        (
+            {"history": [f"item-{i}" for i in range(1, NUM_ITEMS + 1)], "k": 101},
+            "a history covers all but 100",
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message(service, body, message) -> None:

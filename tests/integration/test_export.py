@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from data_pipeline.loader import SequenceDataset, eval_batches
 from models.fmrl import nested_scores
@@ -160,11 +164,15 @@ def test_the_recommender_checks_its_inputs(run_dir, tiny_dataset) -> None:
         rec.recommend([[3], [-1]])
     with pytest.raises(ValueError, match=r"histories\[0\] holds 0"):
         rec.recommend([[0, 3]])
+    # numpy's integers are integers, and a refusal shows plain values (0, not np.int64(0))
+    assert torch.equal(rec.recommend([list(np.array([5, 17]))])[1], rec.recommend([[5, 17]])[1])
+    with pytest.raises(ValueError, match=r"^histories\[0\] holds 0: item ids"):
+        rec.recommend([list(np.array([0, 3]))])
     for k in (0, n + 1, 2.5):
         with pytest.raises(ValueError, match=rf"k must be an integer in 1..{n}"):
             rec.recommend([[3]], k=k)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="a history covers all but"):
-        rec.recommend([list(range(1, n + 1))], k=1)
+    with pytest.raises(ValueError, match="a history covers all but 100 of the 150 items"):
+        rec.recommend([list(range(1, 51))], k=101)  # 50 = max_len: a longer history keeps its last 50
     # lists of any length are left-padded here: the same answer as the padded tensor
     scores_list, ids_list = rec.recommend([[5, 17, 42], [9]], k=5)
     scores_tensor, ids_tensor = rec.recommend(torch.tensor([[5, 17, 42], [0, 0, 9]]), k=5)
@@ -199,23 +207,45 @@ def test_an_edited_export_is_refused_naming_the_file(run_dir, tmp_path) -> None:
     ).hexdigest()
     open(f"{out}/export.json", "w").write(json.dumps(manifest))
     with pytest.raises(
-        ExportError, match=r"model.safetensors does not fit .*config.json.*outside the nested blocks"
+        ExportError, match=r"config.json lists nested sizes \[8, 16, 24, 32\].*\(size 24 not in the weights\)"
     ):
         load_recommender(out, 32)
 
 
-def test_fmrl_sizes_table_plot_and_a_size_for_a_budget(run_dir, capsys) -> None:
+def served_ndcg(run_dir: str, dataset_url: str, users: int) -> dict[int, float]:
+    """NDCG@10 of each exported size as the service answers (top 10 of `recommend`, which masks the
+    history), on the first ``users`` test users, computed here from the answers themselves."""
+    batches = eval_batches(SequenceDataset.open(dataset_url), "test", 256, 50, max_users=users)
+    tokens, targets = zip(*((b.tokens, b.targets) for b in batches))
+    ndcg = {}
+    for size in (8, 16, 32):
+        gains = []
+        for history, target in zip(tokens, targets):
+            _, ids = load_recommender(f"{run_dir}/export", size).recommend(history, k=10)
+            for row, item in zip(ids.tolist(), target.tolist()):
+                gains.append(1 / math.log2(row.index(item) + 2) if item in row else 0.0)
+        ndcg[size] = sum(gains) / len(gains)
+    return ndcg
+
+
+def test_fmrl_sizes_table_plot_and_a_size_for_a_budget(run_dir, tiny_dataset, capsys) -> None:
     args = ["sizes", run_dir, "--repeats", "3", "--max-users", "60", "--threads", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "int8 dNDCG" in printed and "on 60 test users" in printed
+    assert "int8 dNDCG" in printed and "as served (the whole history masked" in printed
+    assert "on 60 test users" in printed and "run NDCG@10" in printed
     saved = json.loads(open(f"{run_dir}/export/sizes.json").read())
     assert os.path.getsize(f"{run_dir}/export/sizes.png") > 1000
     table = {e["size"]: e for e in saved["sizes"]}
     assert sorted(table) == [8, 16, 32]
     test = json.loads(open(f"{run_dir}/metrics.json").read())["test"]
+    served = served_ndcg(run_dir, tiny_dataset, users=60)
     for size, entry in table.items():
-        assert entry["quality"]["NDCG@10"] == test[str(size)]["NDCG@10"]
+        # the quality quoted is the one the service gives (history masked), the run's own beside it
+        assert entry["quality"]["history"] == "masked" and entry["quality"]["users"] == 60
+        assert entry["quality"]["NDCG@10"] == pytest.approx(served[size], abs=1e-9)
+        assert entry["quality_run"]["NDCG@10"] == test[str(size)]["NDCG@10"]
+        assert entry["quality_run"]["history"] == "ranked"
         assert entry["items_bytes"]["fp32"] == 4 * 151 * size
         assert entry["items_bytes"]["int8"] == 151 * size + 4 * 151
         assert entry["latency_ms"]["1"]["p99"] >= entry["latency_ms"]["1"]["p50"] > 0
@@ -230,3 +260,46 @@ def test_fmrl_sizes_table_plot_and_a_size_for_a_budget(run_dir, capsys) -> None:
     assert "no size fits the budget: size 8: memory" in capsys.readouterr().out
     # the same choice in Python, from the saved table
     assert load_recommender(f"{run_dir}/export", "auto", max_memory_mb=memory[16]).size == 16
+
+
+def test_a_diverged_runs_weights_are_named_non_finite(run_dir, tmp_path, capsys) -> None:
+    diverged = tmp_path / "diverged"
+    shutil.copytree(run_dir, diverged, ignore=shutil.ignore_patterns("export", "checkpoints"))
+    weights = load_file(diverged / "model.safetensors")
+    name = "trunk.blocks.0.ffn.up.weight"
+    weights[name] = torch.full_like(weights[name], float("nan"))  # what a run with loss nan saves
+    save_file(weights, diverged / "model.safetensors")
+    for command in (["export", str(diverged), "--sizes", "8"], ["eval", str(diverged)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"tensor '{name}' holds non-finite values" in err and "model.safetensors" in err
+        assert "nested" not in err and len(err.splitlines()) == 1
+
+
+def test_the_export_records_the_training_max_len(run_dir) -> None:
+    manifest = json.loads(open(f"{run_dir}/export/export.json").read())
+    assert manifest["max_len"] == 50  # train.max_len of the run (the default)
+    assert load_recommender(f"{run_dir}/export", 8).max_len == 50
+
+
+def test_recommend_and_sizes_refuse_bad_arguments_in_one_line(run_dir, capsys) -> None:
+    export = f"{run_dir}/export"
+    assert main(["recommend", export, "--history", "5,,17", "--internal-ids"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "fmrl recommend: error: --history '5,,17': entry 2 is empty: give comma-separated item ids "
+        "(or '' for no history)"
+    )
+    assert main(["recommend", export, "--history", "5,17,", "--internal-ids"]) == 2
+    assert "entry 3 is empty" in capsys.readouterr().err
+    assert main(["recommend", export, "--history", "", "--k", "3"]) == 0  # no history: the most popular
+    # a history longer than the model's max_len: its last 50 items are used, and the answer says so
+    long = ",".join(str(1 + i % 150) for i in range(70))
+    assert main(["recommend", export, "--history", long, "--internal-ids", "--include-history"]) == 0
+    assert "only the last 50 of the history's 70 items are used" in capsys.readouterr().out
+    for repeats in ("0", "-3"):
+        with pytest.raises(SystemExit) as exited:
+            main(["sizes", run_dir, "--repeats", repeats])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --repeats: {repeats!r}: give at least 1" in err and "IndexError" not in err

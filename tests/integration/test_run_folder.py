@@ -12,14 +12,15 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from trainer.config import load_config
-from trainer.run_folder import LEASE, RunFolderError
+from trainer.config import ConfigError, load_config
+from trainer.run_folder import LEASE, RunFolderError, choose_run_folder, empty_run_folder
 from trainer.train import train
 
 TINY = [
@@ -80,12 +81,105 @@ def test_a_finished_run_is_never_overwritten(config, tmp_path) -> None:
 def test_overwrite_starts_afresh_without_the_old_checkpoints(config, tmp_path) -> None:
     old = train(config("run.name=o", "train.epochs=2"))
     old_steps = sorted(os.listdir(os.path.join(old.run_dir, "checkpoints")))
+    old_log = open(os.path.join(old.run_dir, "train.log")).read()
     new = train(config("run.name=o", "run.overwrite=true", "train.max_steps=3"))
     assert new.run_dir == old.run_dir and new.steps == 3
     # only the new run's checkpoints: none of the old run's is left to be mixed with them
     assert sorted(os.listdir(os.path.join(new.run_dir, "checkpoints"))) == ["step-000000003"]
     assert "step-000000003" not in old_steps
     assert json.load(open(os.path.join(new.run_dir, "metrics.json")))["steps"] == 3
+    # the new run's log is its own, from its first line (held while the old run was still there)
+    new_log = open(os.path.join(new.run_dir, "train.log")).read()
+    assert old_log.splitlines()[0] not in new_log
+    assert new_log.startswith(old_log.splitlines()[0][:10])  # the same kind of line: the command line
+    assert "run.overwrite: deleting the earlier run in" in new_log and "model.safetensors written" in new_log
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [
+        ("data.path={tmp}/nowhere", "nowhere"),  # the data set
+        ("data.features={tmp}/no-features", "no-features"),  # the feature tables, read by the model build
+        ("run.loggers=[mlflow] run.mlflow_tracking_uri=sqlite:///{tmp}/a-file/mlflow.db", "^MLflow at"),
+    ],
+)
+def test_overwrite_keeps_the_old_run_when_the_new_start_fails(config, tmp_path, broken, error) -> None:
+    """run.overwrite deletes the earlier run only once the new start-up passed its checks: a start that
+    fails leaves every file of the finished run as it was, its log included, and no lease."""
+    (tmp_path / "a-file").write_text("a file where MLflow wants a folder")
+    first = train(config("run.name=keep"))
+    before = digest(first.run_dir)
+    with pytest.raises((ValueError, RuntimeError, OSError), match=error):
+        train(config("run.name=keep", "run.overwrite=true", *broken.format(tmp=tmp_path).split()))
+    assert digest(first.run_dir) == before
+    assert not os.path.exists(os.path.join(first.run_dir, LEASE))
+
+
+@pytest.mark.parametrize("name", [".", "a/..", "../x"])  # every form: tests/unit/test_config.py
+def test_a_run_name_is_one_folder_name(config, tmp_path, name) -> None:
+    """run.name=. with run.overwrite=true used to empty run.out_dir (every sibling run); ../x wrote
+    outside it. Refused at config validation, naming the key; nothing is touched."""
+    sibling = train(config("run.name=sibling", "train.max_steps=1"))
+    before = digest(tmp_path)
+    with pytest.raises(ConfigError, match=r"^run.name must be one folder name"):
+        train(config(f"run.name={name}", "run.overwrite=true"))
+    assert digest(tmp_path) == before and os.path.isdir(sibling.run_dir)
+
+
+def test_only_a_run_folder_directly_inside_out_dir_is_ever_emptied(tmp_path) -> None:
+    """The defence behind the config check: whatever path reaches it, empty_run_folder refuses
+    run.out_dir itself, a folder beside or above it, a link to a run, a folder that holds no run."""
+    out = tmp_path / "runs"
+    for name in ("r", "other"):
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text("task: fmrl\n")
+    (out / "plain").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.yaml").write_text("task: fmrl\n")
+    os.symlink(out / "other", out / "link")
+    for folder in (out, out / "r" / "..", out / ".", out / ".." / "outside", out / "link", out / "plain"):
+        with pytest.raises(RunFolderError, match="refusing to empty"):
+            empty_run_folder(str(folder), str(out))
+    assert all((out / n / "config.yaml").exists() for n in ("r", "other"))
+    assert (tmp_path / "outside" / "config.yaml").exists()
+    (out / "r" / LEASE).write_text("{}")
+    empty_run_folder(str(out / "r"), str(out))
+    assert os.listdir(out / "r") == [LEASE]  # the run is gone, the lease of the job replacing it stays
+
+
+def test_the_same_name_refusal_names_the_job_using_the_run(tmp_path) -> None:
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("task: fmrl\n")
+    job = subprocess.Popen(["sleep", "60"])  # a live process holding the run's lease
+    try:
+        holder = {"host": socket.gethostname(), "pid": job.pid, "started": time.time()}
+        (folder / LEASE).write_text(json.dumps(holder))
+        with pytest.raises(RunFolderError, match=rf"holds a run that is in use by process {job.pid} on host"):
+            choose_run_folder(str(tmp_path), "busy", "", False, {})
+    finally:
+        job.kill()
+        job.wait()
+    # its holder gone, the refusal is the usual one
+    with pytest.raises(RunFolderError, match=r"holds a run already: continue it with run.resume=auto"):
+        choose_run_folder(str(tmp_path), "busy", "", False, {})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("data.path", "{file}"), ("run.out_dir", "{file}"), ("run.out_dir", "{file}/runs")],
+)
+def test_a_path_that_is_a_file_is_named_with_its_key(tiny_dataset, tmp_path, capsys, key, value) -> None:
+    from trainer.cli import main
+
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    paths = {"data.path": tiny_dataset, "run.out_dir": str(tmp_path / "out"), key: value.format(file=file)}
+    code = main(["train", *TINY, *(f"{k}={v}" for k, v in paths.items())])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f"fmrl train: config error: {key}={value.format(file=file)} ")
+    assert str(file) in err[-1] and "not a folder" in err[-1]
 
 
 def test_a_failed_start_leaves_no_folder(config, tmp_path) -> None:

@@ -227,6 +227,8 @@ def test_reader_reads_row_ranges_and_column_blocks_and_nothing_else(
         _, image, _ = open_feature_tables(local)
     else:
         _, image, _ = open_feature_tables(s3_features, s3_server.options)
+    assert image is not None and image.blocks is not None  # checked reads widen to whole blocks:
+    image = FeatureTableReader(image.url, image.options)  # the raw reader's ranges are tested here
     assert image is not None and image.shape == tuple(full.shape)
     header = image.bytes_read
     assert header == image.data_start < 256 and image.requests == 2

@@ -114,12 +114,12 @@ def test_streamed_table_is_byte_for_byte_what_safetensors_writes(tmp_path) -> No
     table = torch.randn(37, 5)
     url = str(tmp_path / "t.safetensors")
     blocks = [table[:10].numpy(), table[10:].numpy()]
-    digest = write_feature_table(url, 37, 5, blocks, "some-model")
+    written = write_feature_table(url, 37, 5, blocks, "some-model")
     data = open(url, "rb").read()
     assert data == st_save({"features": table}, metadata={"model": "some-model"})
     import hashlib
 
-    assert digest == hashlib.sha256(data).hexdigest()
+    assert written["sha256"] == hashlib.sha256(data).hexdigest()
     with pytest.raises(ValueError, match="36 rows, the table has 37"):
         write_feature_table(str(tmp_path / "short.safetensors"), 37, 5, [table[:36].numpy()], "m")
     assert not os.path.exists(tmp_path / "short.safetensors")  # nothing half-written

@@ -256,3 +256,17 @@ def test_a_damaged_dataset_is_never_reused_but_written_again(tmp_path: Any) -> N
     for entry in read_manifest(url, "users").shards + read_manifest(url, "items").shards:
         verify_shard(url, entry)
     assert prepare_synthetic(url, **SMALL).reused
+
+
+@pytest.mark.parametrize("lost", ["users", "items"])
+def test_a_data_set_whose_manifest_is_missing_is_written_again(tmp_path: Any, lost: str) -> None:
+    """An interrupted or damaged copy without a manifest used to be "reused" and then failed with "no
+    shard manifest": rerunning the same command could never repair it."""
+    url = str(tmp_path / "data")
+    first = prepare_synthetic(url, **SMALL)
+    before = {e.name: e.sha256 for e in read_manifest(url, lost).shards}
+    os.remove(os.path.join(url, f"{lost}.manifest.json"))
+    again = prepare_synthetic(url, **SMALL)
+    assert not again.reused and again.num_interactions == first.num_interactions
+    assert {e.name: e.sha256 for e in read_manifest(url, lost).shards} == before
+    assert prepare_synthetic(url, **SMALL).reused

@@ -66,7 +66,7 @@ def slurm_cluster() -> None:
 class Job:
     """One sbatch submission of slurm/train.sbatch with its output under ``root``."""
 
-    def __init__(self, root: Path, dataset: str, name: str, *overrides: str) -> None:
+    def __init__(self, root: Path, dataset: str, name: str, *overrides: str, run_name: str = "") -> None:
         self.root, self.name = root, name
         (root / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create the log folder
         self.stop_file = root / f"{name}.stop"
@@ -75,6 +75,7 @@ class Job:
             "NPROC_PER_NODE": "2",
             "STOP_FILE": str(self.stop_file),
             "PYTHON": sys.executable,
+            **({"RUN_NAME": run_name} if run_name else {}),
         }
         command = [
             "sbatch",
@@ -92,7 +93,7 @@ class Job:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"sbatch failed: {done.stderr}"
         self.id = done.stdout.strip().split(";")[0]
-        self.run_dir = root / f"{name}-{self.id}"  # the template's run.name: <job name>-<job id>
+        self.run_dir = root / (run_name or f"{name}-{self.id}")  # the template's default: <job name>-<job id>
         self.checkpoints = self.run_dir / "checkpoints"
         self.log_file = root / "logs" / f"{name}-{self.id}.out"
 
@@ -217,3 +218,47 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_resumes(
     assert len(metrics["train_losses"]) == len(reference["train_losses"]) == 50
     assert metrics["train_losses"] == reference["train_losses"]
     assert metrics["test"] == reference["test"]
+
+
+def test_a_cancelled_job_stops_with_a_checkpoint_and_a_new_job_resumes_from_it(
+    uninterrupted: Job, tiny_dataset: str, tmp_path: Path
+) -> None:
+    """`scancel` sends SIGTERM to every process of the job (the batch shell, srun, the torchrun agent, the
+    training processes) and SIGKILL KillWait later (10 s on this cluster): every training process stops
+    at the next step boundary with a committed checkpoint and frees the run's lease within its grace.
+    Before, the workers died at once with nothing saved since the last periodic checkpoint."""
+    run = ["run.checkpoint_every=5", "run.keep_checkpoints=100", "run.stop_grace_s=8"]
+    job = Job(tmp_path, tiny_dataset, "cancelled", *run)
+    try:
+        info = job.wait(until=lambda: any(job.checkpoints.glob(f"*/{COMMIT}")), timeout=180)
+        assert info["JobState"] == "RUNNING", (
+            f"the job ended before its first checkpoint:\n{job.log()[-6000:]}"
+        )
+        job.cancel()
+        info = job.wait()
+    finally:
+        job.cancel()
+    assert info["JobState"] == "CANCELLED", job.log()[-6000:]
+    # the trainer's own log (the job's output stream may be cut when srun is signalled)
+    trainer_log = (job.run_dir / "train.log").read_text()
+    assert "SIGTERM received: stopping at the next step boundary" in trainer_log, trainer_log[-6000:]
+    stopped = re.search(r"stop requested at step (\d+): checkpoint saved", trainer_log)
+    assert stopped, trainer_log[-6000:]
+    step = int(stopped.group(1))
+    assert 5 <= step < 50
+    step_dir = job.checkpoints / f"step-{step:09d}"
+    assert (step_dir / COMMIT).exists()
+    assert not (job.run_dir / ".lease").exists()  # a new job may take the run at once
+    assert info["Restarts"] == "0"  # a cancel is not requeued
+
+    # a new job under the same run name continues from that checkpoint and ends like the uninterrupted one
+    again = Job(tmp_path, tiny_dataset, "again", *run, run_name=job.run_dir.name)
+    try:
+        info = again.wait()
+    finally:
+        again.cancel()
+    log = again.log()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
+    assert f"resumed from {step_dir} at step {step}" in log
+    metrics = again.metrics()
+    assert metrics["train_losses"] == uninterrupted.metrics()["train_losses"]

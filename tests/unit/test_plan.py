@@ -6,6 +6,7 @@ training shards with (sharding.fmrl.plan_item_tables).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import sharding.fmrl
@@ -13,13 +14,20 @@ import trainer.plan
 from models.fmrl.config import FMRLConfig
 from sharding.config import OptimConfig, ParallelConfig
 from trainer.cli import main
+from trainer.config import ConfigError, TrainConfig
 from trainer.plan import GIB, Device, plan_cluster
 
 MODEL = FMRLConfig(nested_sizes=[8, 16, 32, 64], use_id_embedding=True, use_attributes=True)
 SIZES = dict(text_dim=64, image_dim=256, num_attributes=1000)
 
 
-def small_gpu_plan(world_size: int, num_items: int = 1_000_000, hbm_gb: float = 1.0, ddr_gb: float = 64.0):
+def small_gpu_plan(
+    world_size: int,
+    num_items: int = 1_000_000,
+    hbm_gb: float = 1.0,
+    ddr_gb: float = 64.0,
+    train: TrainConfig | None = None,
+):
     # a simulated cluster of small GPUs (1 GiB HBM each, 4 per node): the tables outgrow one device
     device = Device("cuda", hbm_gb, ddr_gb, 4)
     return plan_cluster(
@@ -30,6 +38,7 @@ def small_gpu_plan(world_size: int, num_items: int = 1_000_000, hbm_gb: float = 
         world_size=world_size,
         device_name="small-gpu",
         device=device,
+        train=train,
         **SIZES,
     )
 
@@ -133,3 +142,90 @@ def test_training_and_fmrl_plan_use_one_planning_function(monkeypatch) -> None:
         num_attributes=1,
     )
     assert str(offline.sharding_plan) == str(parallel.sparse.plan)
+
+
+def test_the_loss_chooses_full_up_to_the_threshold_and_refuses_full_above_it() -> None:
+    auto, full = (
+        TrainConfig(full_softmax_max_items=1000),
+        TrainConfig(loss="full", full_softmax_max_items=1000),
+    )
+    assert auto.loss_for(1000) == "full" and auto.loss_for(1001) == "sampled"
+    assert full.loss_for(1000) == "full"
+    assert TrainConfig(loss="sampled").loss_for(10) == "sampled"
+    with pytest.raises(
+        ConfigError, match=r"train.loss=full with 1,001 items .* train.full_softmax_max_items=1,000"
+    ):
+        full.loss_for(1001)
+
+
+def test_the_full_softmax_is_planned_per_rank() -> None:
+    num_items = 100_000
+    sampled = small_gpu_plan(2, num_items=num_items, hbm_gb=8.0, train=TrainConfig(loss="sampled"))
+    full = small_gpu_plan(2, num_items=num_items, hbm_gb=8.0, train=TrainConfig(loss="full", batch_size=4))
+    assert sampled.loss_per_rank == 0 and sampled.sampler_per_rank == 0  # uniform negatives: no table
+    rows = num_items + 1
+    # the item matrix (D = 64) and its gradient, the text (64), image (256), ID (64) and attribute (64)
+    # tables' looked-up rows, and the fused loss's scores: 4 sizes x a chunk of positions x N fp32, the
+    # 64 MiB chunk holding 41 of the batch's 200 positions (4 x 50)
+    chunk_rows = 64 * 2**20 // (4 * 4 * num_items)
+    assert chunk_rows == 41
+    expected = 2 * rows * 64 * 4 + rows * (64 + 256 + 64 + 64) * 4 + 4 * chunk_rows * num_items * 4
+    assert full.loss_per_rank == expected
+    assert "full softmax" in full.loss_note and f"{rows:,} x 64 item matrix" in full.loss_note
+    assert "Loss (full softmax" in trainer.plan.render(full)
+    assert "does NOT fit" not in trainer.plan.render(full)  # 0.28 GiB of loss on 8 GiB of HBM
+    small = small_gpu_plan(2, num_items=num_items, hbm_gb=0.3, train=TrainConfig(loss="full"))
+    assert "does NOT fit in HBM" in trainer.plan.render(small)
+    # a batch smaller than one chunk scores all its positions at once: 4 sizes x 10 positions
+    tiny_batch = small_gpu_plan(
+        2, num_items=num_items, hbm_gb=8.0, train=TrainConfig(loss="full", batch_size=2, max_len=5)
+    )
+    assert full.loss_per_rank - tiny_batch.loss_per_rank == 4 * (chunk_rows - 10) * num_items * 4
+    # loss "auto" at 100,000 items (<= train.full_softmax_max_items) plans the full softmax too
+    assert small_gpu_plan(2, num_items=num_items, hbm_gb=8.0).loss_per_rank == expected
+
+
+def test_the_popularity_sampler_table_is_counted_on_every_rank() -> None:
+    train = TrainConfig(loss="sampled", negative_sampling="popularity")
+    plan = small_gpu_plan(4, train=train)
+    assert plan.sampler_per_rank == 8 * 1_000_000 and plan.loss_per_rank == 0
+    # at 100M items the table is 800 MB on every rank, whatever the world size
+    device, host, note = trainer.plan.loss_memory(train, MODEL, 100_000_000, [64])
+    assert (device, host) == (0, 800_000_000) and "float64" in note
+    assert "host memory per rank" in trainer.plan.render(plan)
+
+
+def test_the_command_refuses_a_full_softmax_above_the_threshold(capsys) -> None:
+    argv = ["plan", "--num-items", "300000", "--world-size", "2", "--device", "h100", "--text-dim", "64"]
+    argv += ["--image-dim", "0", "model.nested_sizes=[8,16,32]", "train.loss=full"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "train.loss=full with 300,000 items is above train.full_softmax_max_items=200,000" in err
+    assert "use train.loss=sampled" in err
+    # raised to the catalog, the same command plans it and counts the loss
+    assert main([*argv, "train.full_softmax_max_items=300000"]) == 0
+    assert "Loss (full softmax: the 300,001 x 32 item matrix" in capsys.readouterr().out
+
+
+def test_training_refuses_a_full_softmax_above_the_threshold_before_building_the_model(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    data = str(tmp_path / "data")
+    argv = ["data", "prepare-synthetic-scale", data, "--num-items", "300", "--num-users", "50"]
+    argv += ["--num-categories", "4", "--num-brands", "6", "--text-dim", "8", "--image-dim", "8"]
+    assert main([*argv, "--max-seq-len", "8", "--shard-size", "50"]) == 0
+    built = []
+    monkeypatch.setattr("trainer.tasks.fmrl.FMRLRec", lambda *a, **k: built.append(1))  # must not be reached
+    overrides = [f"data.path={data}", f"run.out_dir={tmp_path}", "run.name=full", "run.progress_bar=false"]
+    overrides += ["data.num_workers=0", "model.use_id_embedding=true", "train.num_threads=1"]
+    overrides += ["train.loss=full", "train.full_softmax_max_items=299"]
+    capsys.readouterr()
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "fmrl train: config error: train.loss=full with 300 items is above train.full_softmax_max_items=299: every "
+        "rank would look up all 301 items and hold the (N + 1, D) item matrix each step; use "
+        "train.loss=sampled (or auto), or raise train.full_softmax_max_items if `fmrl plan` says it fits"
+    )
+    assert not built

@@ -185,3 +185,53 @@ def test_sampler_bad_arguments(kwargs, name) -> None:
 def test_log_q_rejects_padding_id() -> None:
     with pytest.raises(ValueError, match="ids"):
         NegativeSampler(N, 3).log_q(torch.tensor([0, 1]))
+
+
+def test_popularity_chi_square_against_the_probabilities() -> None:
+    # 50 items of uneven popularity, 200k draws: Pearson's chi-square against the sampler's own
+    # probabilities (exp(log_q) / M) and against the formula (counts + 1) ** alpha / sum
+    num_items, draws_per_call, calls, alpha = 50, 2000, 100, 0.75
+    counts = torch.randint(0, 500, (num_items,), generator=torch.Generator().manual_seed(3)).double()
+    sampler = NegativeSampler(num_items, draws_per_call, "popularity", counts, alpha)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sampler.sample(g) for _ in range(calls)])
+    observed = torch.bincount(draws, minlength=num_items + 1)[1:].double()
+    weights = (counts + 1) ** alpha
+    probs = torch.exp(sampler.log_q(torch.arange(1, num_items + 1))) / draws_per_call
+    torch.testing.assert_close(probs, weights / weights.sum(), rtol=1e-12, atol=0)
+    expected = probs * draws.numel()
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square < 85.4  # the 0.999 quantile of chi-square with 49 degrees of freedom
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "popularity"])
+def test_sampler_past_two_to_the_24_items(distribution) -> None:
+    # torch.multinomial refuses more than 2^24 categories; the inverse-CDF draw does not. The last 1,000
+    # items carry half the popularity mass, so about half the draws must land past 2^24.
+    num_items, draws = 2**24 + 1000, 20_000
+    counts = None
+    if distribution == "popularity":
+        counts = torch.zeros(num_items, dtype=torch.float64)  # 134 MB
+        counts[2**24 :] = 2**24 / 1000 - 1  # weight (count + 1) ** 1 = 2^24 / 1000 each
+    sampler = NegativeSampler(num_items, draws, distribution, counts, alpha=1.0)
+    ids = sampler.sample(torch.Generator().manual_seed(0))
+    assert ids.min() >= 1 and ids.max() <= num_items
+    past = float((ids > 2**24).double().mean())
+    tail_share = 0.5 if distribution == "popularity" else 1000 / num_items
+    assert abs(past - tail_share) < 0.02  # one standard deviation: <= 0.0036
+    if distribution == "popularity":
+        assert ids.max() > 2**24
+        log_q = sampler.log_q(torch.tensor([1, num_items]))
+        expected = torch.tensor([1 / 2**25, 1 / 2 / 1000], dtype=torch.float64)
+        torch.testing.assert_close(log_q, torch.log(draws * expected), rtol=1e-9, atol=0)
+
+
+def test_popularity_draws_are_reproducible_from_the_generator_state() -> None:
+    # the trainer saves the generator's state for an exact resume: the same state, the same negatives
+    sampler = NegativeSampler(N, 64, "popularity", torch.arange(N, dtype=torch.float64))
+    g = torch.Generator().manual_seed(7)
+    sampler.sample(g)
+    state = g.get_state()
+    first = sampler.sample(g)
+    g.set_state(state)
+    assert torch.equal(sampler.sample(g), first)

@@ -38,7 +38,8 @@ def evaluate_ctr(
     rows = sum(
         e.samples for e in split_shards(url, split, options, rank=world.rank, world_size=world.world_size)
     )
-    calls = torch.tensor([math.ceil(rows / per_rank)])
+    # on the tables' device: NCCL, the default group on GPUs, has no CPU tensors
+    calls = torch.tensor([math.ceil(rows / per_rank)], device=parallel.sparse.device)
     dist.all_reduce(calls, op=dist.ReduceOp.MAX)
     batches = iter_ctr_batches(
         url, split, per_rank, options=options, rank=world.rank, world_size=world.world_size
@@ -62,10 +63,22 @@ def evaluate_ctr(
     dist.all_gather_object(parts, mine)
     logits = torch.from_numpy(np.concatenate([p[0] for p in parts if p is not None]))
     clicks = torch.from_numpy(np.concatenate([p[1] for p in parts if p is not None]))
+    return ctr_metrics(logits, clicks)
+
+
+def ctr_metrics(logits: torch.Tensor, clicks: torch.Tensor) -> dict[str, float]:
+    """AUC, log loss and count of the (N,) ``logits`` of impressions with (N,) ``clicks``. The AUC is
+    NaN with one class only; a NaN logit counts against the model, as in the ranking metrics: a
+    clicked impression scored NaN ranks below every other, an unclicked one above (the log loss of
+    such a model is NaN)."""
     logloss = float(ctr_loss(logits.double(), clicks))
+    flat, clicked = logits.reshape(-1), clicks.reshape(-1) > 0.5  # (N,), (N,)
+    nan = flat.isnan()
+    if bool(nan.any()):
+        flat = flat.masked_fill(nan & clicked, -math.inf).masked_fill(nan & ~clicked, math.inf)
     try:
-        auc = roc_auc(logits, clicks)
-    except ValueError:
+        auc = roc_auc(flat, clicks)
+    except ValueError:  # one class only
         auc = float("nan")
     return {"auc": auc, "logloss": logloss, "impressions": float(len(clicks))}
 

@@ -20,7 +20,9 @@ METRIC_NAMES = ("NDCG", "Recall", "MRR")
 def target_ranks(
     scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """0-based rank of each target among all items.
+    """0-based rank of each target among all items. A NaN counts against the model: an item scored NaN
+    is above the target, and so is every item when the target's score is NaN (a diverged model ranks
+    its targets last, never first).
 
     Args:
         scores: (B, N) scores of items 1..N (column j is item j + 1).
@@ -29,14 +31,14 @@ def target_ranks(
     """
     column = (targets - 1).unsqueeze(1)  # (B, 1)
     target_score = scores.gather(1, column)  # (B, 1)
+    higher = (scores <= target_score).logical_not_()  # (B, N); "not below": true for a NaN on either side
+    higher.scatter_(1, column, False)  # the target is not above itself
     if history is not None:
         # column 0 of `seen` is the padding id; every write is True, so repeated ids are harmless
         seen = torch.zeros(scores.shape[0], scores.shape[1] + 1, dtype=torch.bool, device=scores.device)
         seen.scatter_(1, history, True)
-        excluded = seen[:, 1:]  # (B, N), item j + 1 in column j
-        excluded.scatter_(1, column, False)  # the target is never excluded
-        scores = scores.masked_fill(excluded, float("-inf"))
-    return (scores > target_score).sum(dim=1)  # (B,)
+        higher &= ~seen[:, 1:]  # item j + 1 in column j; the target is already not counted
+    return higher.sum(dim=1)  # (B,)
 
 
 class RankingMetrics:

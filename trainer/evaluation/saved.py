@@ -105,8 +105,8 @@ def _evaluate_dlrm(
     source: str, split: str, cfg: Config, model: Any, options: StorageOptions
 ) -> SavedEvaluation:
     from data_pipeline.ctr import CTRDataset, iter_ctr_batches
-    from models.dlrm import ctr_loss, ids_to_kjt, roc_auc
-    from trainer.evaluation.ctr import constant_logloss
+    from models.dlrm import ids_to_kjt
+    from trainer.evaluation.ctr import constant_logloss, ctr_metrics
     from trainer.tasks.base import RunResult
     from trainer.tasks.dlrm import format_ctr_table
 
@@ -117,19 +117,14 @@ def _evaluate_dlrm(
             kjt = ids_to_kjt(batch.sparse.long(), model.cfg.sparse_names)
             logits.append(model(batch.dense.float(), kjt))
             labels.append(batch.labels)
-    scores, clicks = torch.cat(logits), torch.cat(labels)
-    logloss = float(ctr_loss(scores.double(), clicks))
-    try:
-        auc = roc_auc(scores, clicks)
-    except ValueError:  # one class only
-        auc = float("nan")
+    measured = ctr_metrics(torch.cat(logits), torch.cat(labels))
     rates = dataset.meta["splits"]
     baseline_loss = constant_logloss(rates["train"]["positive_rate"], rates[split]["positive_rate"])
     metrics = {
-        "auc": auc,
-        "logloss": logloss,
-        "ne": logloss / baseline_loss,
-        "impressions": float(len(clicks)),
+        "auc": measured["auc"],
+        "logloss": measured["logloss"],
+        "ne": measured["logloss"] / baseline_loss,
+        "impressions": measured["impressions"],
     }
     baseline = {"auc": 0.5, "logloss": baseline_loss, "ne": 1.0}
     table = format_ctr_table(RunResult(run_dir=source, test_metrics=metrics, baseline_metrics=baseline))

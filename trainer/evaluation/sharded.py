@@ -75,7 +75,8 @@ def sharded_target_ranks(
         chunk_size: gathered queries scored at a time (against the shard in tiles of TILE_ELEMENTS).
 
     Returns:
-        (B,) int64 ranks: the items scored strictly higher than the target, history excluded.
+        (B,) int64 ranks: the items scored strictly higher than the target, history excluded; an item
+        scored NaN counts as higher, and every item does when the target's score is NaN.
     """
     comm = _Collectives(group)
     meta = comm.meta(queries, item_shard, shard_lo, history, local_ok=targets.shape == queries.shape[:1])
@@ -101,7 +102,8 @@ def sharded_target_ranks(
         for lo in range(0, num_shard, block):
             n = min(block, num_shard - lo)
             scores = torch.mm(chunk, item_shard[lo : lo + n].T, out=tile[: chunk.shape[0] * n].view(-1, n))
-            higher = scores > threshold
+            # "not below" rather than "above": a NaN score, or a NaN target, counts against the model
+            higher = (scores <= threshold).logical_not_()
             mine = owned[(column[owned] >= lo) & (column[owned] < lo + n)]
             higher[mine, column[mine] - lo] = False  # the target is not above itself, whatever the rounding
             if history is not None:

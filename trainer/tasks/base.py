@@ -47,6 +47,8 @@ class RunResult:
     """This rank's peak resident memory."""
     stopped: bool = False
     """The job ended early (run.stop_after_steps or a stop request) after saving a checkpoint."""
+    skipped_steps: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient norm (train.skip_nonfinite_steps)."""
 
 
 class TrainingTask:

@@ -184,6 +184,7 @@ class DLRMTask(TrainingTask):
             {
                 "best_epoch": result.best_epoch,
                 "steps": result.steps,
+                "skipped_steps": result.skipped_steps,
                 "train_losses": result.train_losses,
                 "valid": result.valid_metrics,
                 "test": result.test_metrics,

@@ -75,12 +75,6 @@ def meta_features(readers: dict[str, FeatureTableReader], name: str) -> torch.Te
     return None if reader is None else torch.empty(reader.shape, device="meta")
 
 
-def resolve_loss(kind: str, num_items: int, full_max: int) -> str:
-    if kind == "auto":
-        return "full" if num_items <= full_max else "sampled"
-    return kind
-
-
 @dataclass
 class StepInputs:
     """Everything a training step needs besides the batch."""
@@ -153,6 +147,7 @@ class FMRLTask(TrainingTask):
             options,
         )
         dataset = self.dataset = SequenceDataset.open(data.path, options)
+        loss_kind = train.loss_for(dataset.num_items)  # refuses an unplannable full softmax first
         uses_features = model.use_text_features or model.use_image_features
         features = open_features(data, dataset, options, uses_features)
         self.stats = scan_users(dataset)
@@ -200,7 +195,6 @@ class FMRLTask(TrainingTask):
                 reader.nbytes / 2**20,
                 reader.requests,
             )
-        loss_kind = resolve_loss(train.loss, dataset.num_items, train.full_softmax_max_items)
         sampler = None
         if loss_kind == "sampled":
             counts = torch.from_numpy(self.stats.train_item_counts[1:].astype(np.float64))
@@ -308,6 +302,7 @@ class FMRLTask(TrainingTask):
                 "best_epoch": result.best_epoch,
                 "epochs": result.epochs,
                 "steps": result.steps,
+                "skipped_steps": result.skipped_steps,
                 "train_seconds": result.train_seconds,
                 "trainable_parameters": self.trainable_parameters,
                 "train_losses": result.train_losses,
