@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -795,7 +796,12 @@ def _in_flag_words(message: str, args: argparse.Namespace) -> str | None:
     dest = _FLAG_OF_ARGUMENT.get(name, name)
     if not space or not name.isidentifier() or dest not in vars(args) or dest in ("out_url", "debug"):
         return None
-    return f"--{dest.replace('_', '-')} {rest}"
+
+    def flag(match: re.Match[str]) -> str:  # other options the message names (``>= num_brands (20)``)
+        other = _FLAG_OF_ARGUMENT.get(match[0], match[0])
+        return f"--{other.replace('_', '-')}" if other in vars(args) and other != "out_url" else match[0]
+
+    return f"--{dest.replace('_', '-')} " + re.sub(r"\b[a-z]+_[a-z0-9_]+\b", flag, rest)
 
 
 def _run_data_command(args: argparse.Namespace, options: Any) -> object:

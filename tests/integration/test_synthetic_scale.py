@@ -160,7 +160,7 @@ def test_errors_name_the_argument(tmp_path, capsys) -> None:
         "4",
     ]
     assert main(argv) == 2
-    assert "num_items (10) must be >= num_brands (20)" in capsys.readouterr().err
+    assert "--num-items (10) must be >= --num-brands (20)" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
