@@ -42,6 +42,12 @@ class ParallelConfig:
     """TorchRec sharding of the learnable tables: fMRL's ID and attribute tables, DLRM's categorical
     tables. "auto": on CPU column_wise for fMRL (shard widths on nested sizes) and table_wise for DLRM;
     row_wise on GPU. Row-wise sharding needs CUDA (TorchRec has no CPU kernel for it)."""
+    attribute_table_sharding: str = "same"
+    """TorchRec sharding of fMRL's attribute table (one row per attribute id, pooled per item), one of
+    "same" (follow table_sharding), "auto", "table_wise", "column_wise" or "row_wise". E.g. "table_wise"
+    keeps its few rows whole on one rank while the large ID table is row- or column-wise sharded. `fmrl
+    plan` prints TorchRec's time per step of each choice. ("data_parallel" is not offered: the trainer
+    does not all-reduce a replicated table's gradients.)"""
     table_optimizer: str = "adagrad"
     """Fused in-backward optimizer of the learnable tables: "adagrad", "rowwise_adagrad", "sgd", or
     "adam" (GPU only: TorchRec's CPU kernels have none).
@@ -58,6 +64,8 @@ class ParallelConfig:
             raise ValueError(f"zero_stage must be 1, 2 or 3, got {self.zero_stage!r}")
         _one_of("feature_table_sharding", self.feature_table_sharding, SHARDING_TYPES)
         _one_of("table_sharding", self.table_sharding, SHARDING_TYPES)
+        attribute_types = ("same", *(t for t in SHARDING_TYPES if t != "data_parallel"))
+        _one_of("attribute_table_sharding", self.attribute_table_sharding, attribute_types)
         _one_of("table_optimizer", self.table_optimizer, TABLE_OPTIMIZERS)
         _at_least("table_lr", self.table_lr, 0)
         _one_of("precision", self.precision, ("fp32", "bf16"))

@@ -6,8 +6,8 @@ sharding/dlrm.py) is built from:
   stopping, the gathered weights at the end;
 * table helpers: the sharding type a table gets (:func:`table_sharding_type`), the TorchRec planner
   (:func:`plan`), filling this rank's shards (:func:`fill_shards`: from a reader of any slice, so no
-  rank needs the full tables; :func:`fill_shards_from_tables` when it has them), and the fused table
-  optimizers TorchRec's kernels offer (:func:`table_optimizer_class`).
+  rank needs the full tables), and the fused table optimizers TorchRec's kernels offer
+  (:func:`table_optimizer_class`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ __all__ = [
     "ParallelModel",
     "PlanStorage",
     "fill_shards",
-    "fill_shards_from_tables",
     "plan",
     "sharded_rows",
     "table_optimizer_class",
@@ -160,17 +159,6 @@ def fill_shards(dmp: nn.Module, read: ShardReader) -> None:
                     )
                 with torch.no_grad():
                     shard.tensor[start : start + n].copy_(block)
-
-
-def fill_shards_from_tables(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """:func:`fill_shards` from full (unsharded) tables that this rank holds, keyed like the unwrapped
-    module's state dict."""
-
-    def read(key: str, offsets: tuple[int, int], sizes: tuple[int, int]) -> torch.Tensor:
-        (r0, c0), (rows, cols) = offsets, sizes
-        return full[key][r0 : r0 + rows, c0 : c0 + cols]
-
-    fill_shards(dmp, read)
 
 
 @dataclass

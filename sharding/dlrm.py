@@ -8,7 +8,11 @@ The model (models/dlrm) stays single-device PyTorch. :func:`parallelize_dlrm` ap
    Adagrad by default), placed by the TorchRec planner with ``ParameterConstraints`` that pin the sharding
    type (``parallel.table_sharding``; "auto": table-wise on CPU, row-wise on GPU), and wrapped in
    ``DistributedModelParallel(init_data_parallel=False)``, which materialises only this rank's shards.
-   They are filled from the model's own tables, so every layout starts from the same weights.
+   Sharded from birth: a model built with its tables on meta (``build_ctr_model(cfg,
+   sparse_device="meta")``) has each shard generated row block by row block (``SparseArch.initial_rows``,
+   the values the single-device model starts with), so no rank ever holds a whole table; a model whose
+   tables have storage has its shards sliced from them. Either way every layout starts from the same
+   weights.
 2. **wrap the dense part**: every submodule but the tables (bottom MLP, interaction, top MLP, ...) as one
    :class:`DenseCTR`, run by the backend of ``parallel.backend`` (sharding/backends.py: FSDP2 per
    submodule with parameters then the root, DeepSpeed ZeRO, DDP).
@@ -42,7 +46,7 @@ from sharding.backends import wrap_dense
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.core import (
     ParallelModel,
-    fill_shards_from_tables,
+    fill_shards,
     plan,
     sharded_rows,
     table_optimizer_class,
@@ -137,7 +141,17 @@ class ShardedSparseArch(nn.Module):
             sharders=[EmbeddingBagCollectionSharder()],
             init_data_parallel=False,
         )
-        fill_shards_from_tables(self.dmp, arch.state_dict())
+        whole = arch.state_dict()
+
+        def read_block(key: str, offsets: tuple[int, int], sizes: tuple[int, int]) -> torch.Tensor:
+            """Block ``sizes`` at ``offsets`` of table ``key``: sliced from the model's table if it has
+            storage (e.g. loaded weights), else generated (sharded from birth: SparseArch.initial_rows)."""
+            (r0, c0), (rows, cols) = offsets, sizes
+            if whole[key].device.type != "meta":
+                return whole[key][r0 : r0 + rows, c0 : c0 + cols]
+            return arch.initial_rows(key.split(".")[-2], r0, r0 + rows, (c0, c0 + cols))
+
+        fill_shards(self.dmp, read_block)
         self.feature_names = cfg.sparse_names
         self.device = device
 

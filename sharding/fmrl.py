@@ -122,6 +122,17 @@ def even_min_partition(dim: int, world_size: int) -> int:
     return dim
 
 
+@dataclass(frozen=True)
+class TableLookups:
+    """What one training step looks up in the item tables on one rank, for TorchRec's cost and memory
+    model (without it the planner assumes 512 lookups of one id each): every table is asked for the
+    same ``ids`` item ids in one bag (one sequence-embedding lookup per id); the attribute table pools
+    each id's bag of ``attributes_per_item`` attribute ids on average."""
+
+    ids: int
+    attributes_per_item: float
+
+
 def plan_item_tables(
     tower: ItemTower,
     topology: Any,
@@ -134,6 +145,8 @@ def plan_item_tables(
     table_lr: float,
     collective: bool,
     stats: list[Any] | None = None,
+    attribute_sharding: str = "same",
+    lookups: TableLookups | None = None,
 ) -> tuple[nn.ModuleDict, Any, list[Any]]:
     """The item tower's tables as TorchRec collections on the meta device (one per table, each with its
     fused optimizer), their ``ShardingPlan`` on ``topology`` (a ``torchrec.distributed.planner.Topology``)
@@ -143,8 +156,10 @@ def plan_item_tables(
 
     Every table is pinned to its sharding type (``feature_sharding`` for the frozen tables,
     ``table_sharding`` for the learnable ones; "auto" resolves against ``device``); the compute kernel is
-    the planner's choice, so a table that does not fit in HBM gets a UVM-cached kernel. ``stats`` are
-    TorchRec ``Stats`` that receive the chosen plan (default: TorchRec's EmbeddingStats log)."""
+    the planner's choice, so a table that does not fit in HBM gets a UVM-cached kernel; the attribute
+    table uses ``attribute_sharding`` unless it is "same". ``stats`` are TorchRec ``Stats`` that receive
+    the chosen plan (default: TorchRec's EmbeddingStats log). ``lookups``: the step's real lookup batch
+    and pooling per table (``fmrl plan``); None keeps TorchRec's default batch."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
     from torchrec import (
         EmbeddingBagCollection,
@@ -164,6 +179,12 @@ def plan_item_tables(
     tables = nn.ModuleDict()
     constraints: dict[str, Any] = {}
     for n in names:
+        # one feature per table, looked up by lookups.ids samples of pooling 1 (the attribute table: its
+        # mean bag size); TorchRec's storage and perf estimates scale with batch x pooling
+        batch: dict[str, Any] = {}
+        if lookups is not None:
+            pooling = lookups.attributes_per_item if n == ATTRIBUTE_TABLE else 1.0
+            batch = {"batch_sizes": [lookups.ids], "num_poolings": [1.0], "pooling_factors": [pooling]}
         source = sources[n]
         if n == ATTRIBUTE_TABLE:
             bag_config = EmbeddingBagConfig(
@@ -188,13 +209,16 @@ def plan_item_tables(
             apply_optimizer_in_backward(torch.optim.SGD, tables[n].parameters(), {"lr": 0.0})
             kind = table_sharding_type(feature_sharding, device, "table_wise")
             width = even_min_partition(source.embedding_dim, topology.world_size)
-            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
-        else:  # the ID and attribute tables follow parallel.table_*
+            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width, **batch)
+        else:  # the ID and attribute tables follow parallel.table_* (attribute: parallel.attribute_*)
             optimizer = table_optimizer_class(table_optimizer, device)
             apply_optimizer_in_backward(optimizer, tables[n].parameters(), {"lr": table_lr})
-            kind = table_sharding_type(table_sharding, device, "column_wise")
+            requested = table_sharding
+            if n == ATTRIBUTE_TABLE and attribute_sharding != "same":
+                requested = attribute_sharding
+            kind = table_sharding_type(requested, device, "column_wise")
             width = nested_min_partition(source.embedding_dim, nested_sizes, topology.world_size)
-            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width)
+            constraints[n] = ParameterConstraints(sharding_types=[kind], min_partition=width, **batch)
     sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
     sharding_plan = plan(tables, sharders, constraints, topology, collective=collective, stats=stats)
     return tables, sharding_plan, sharders
@@ -222,6 +246,7 @@ class ShardedItemTables(nn.Module):
         table_optimizer: str,
         table_lr: float,
         frozen_tables: Mapping[str, FrozenTableSource] | None = None,
+        attribute_sharding: str = "same",
     ) -> None:
         super().__init__()
         from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -240,6 +265,7 @@ class ShardedItemTables(nn.Module):
             device=device,
             feature_sharding=feature_sharding,
             table_sharding=table_sharding,
+            attribute_sharding=attribute_sharding,
             table_optimizer=table_optimizer,
             table_lr=table_lr,
             collective=True,
@@ -416,6 +442,7 @@ def parallelize_fmrl(
         device=device,
         feature_sharding=parallel.feature_table_sharding,
         table_sharding=parallel.table_sharding,
+        attribute_sharding=parallel.attribute_table_sharding,
         table_optimizer=parallel.table_optimizer,
         table_lr=parallel.table_lr or optim.lr,
         frozen_tables=frozen_tables,

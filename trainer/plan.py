@@ -1,10 +1,12 @@
 """``fmrl plan``: what an fMRL job needs on a cluster that is not there yet. TorchRec's planner places the
 item tables on a simulated topology through the same function training uses
 (:func:`sharding.fmrl.plan_item_tables`), and the command prints, per world size, each table's sharding
-type and compute kernel, TorchRec's own per-rank HBM and host-memory estimates, whether a table must be
-cached in host memory (UVM caching) to fit, the trunk's per-rank memory under the dense backend, what the
-loss holds per rank (``train.loss``: the full softmax's item matrix, the popularity sampler's table), and
-the checkpoint size::
+type and compute kernel, TorchRec's own per-rank HBM and host-memory estimates and time per step (the
+planner is told the step's real lookups: :func:`step_lookups`), whether a table must be cached in host
+memory (UVM caching) to fit, the trunk's per-rank memory under the dense backend, what the loss holds per
+rank (``train.loss``: the full softmax's item matrix, the sampled softmax's logits, the popularity
+sampler's table), the activations, the evaluation item shard, the best-weights snapshot, the async
+checkpoint's staging copy, and the checkpoint size::
 
     fmrl plan --config configs/scale-100m.yaml --num-items 100000000 --world-size 64,128,256,512 --device h100
     fmrl plan --config configs/scale-100m.yaml --num-items 1000000 --world-size 2 --device cpu
@@ -29,7 +31,7 @@ from models.fmrl.config import FMRLConfig
 from models.ops import chunk_rows_for_budget
 from sharding.config import OptimConfig, ParallelConfig
 from sharding.core import PlanStorage
-from sharding.fmrl import FROZEN_TABLES, plan_item_tables
+from sharding.fmrl import FROZEN_TABLES, TableLookups, plan_item_tables
 from trainer.config import TrainConfig
 from trainer.hardware import DEVICES, Device
 
@@ -39,6 +41,12 @@ GIB = 2**30
 # bytes per dense parameter in the training state: fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
 # moments (8). bf16 autocast keeps these in fp32 (parallel.precision) and only casts the matmuls.
 WEIGHT, GRAD, ADAM = 4, 4, 8
+
+# fp32 values of width D that autograd keeps per position and LRU block (models/fmrl/layers.py LRUBlock):
+# the block input and its layer norm (2), u_re and u_im (2), the scan's h_re and h_im (2), y and the
+# residual sum h (2), h's layer norm (1), the gate and up outputs and the dropped-out up (3), the gated
+# hidden (1) and the down output (1)
+BLOCK_ACTIVATION_WIDTHS = 14
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,11 @@ class TablePlan:
     ddr_per_rank: int
     """The same for host memory (bytes)."""
     trained: bool
+    weights_per_rank: int
+    """The largest per-rank fp32 bytes of this table's weights (its shards' rows x columns x 4)."""
+    step_ms: float
+    """TorchRec's own estimate of this table's time per training step on its busiest rank (ms): forward
+    and backward lookups, the input and output all-to-alls, the fused optimizer."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +87,34 @@ class ClusterPlan:
     sampler_per_rank: int
     """Host bytes of the popularity sampler's (N,) float64 cumulative table, on every rank; 0 if uniform."""
     loss_note: str
+    lookups: TableLookups
+    """The step's lookup batch per rank and the attribute pooling the planner was given."""
+    activations_per_rank: int
+    """Bytes autograd keeps on the training device for one micro-batch: the trunk's activations at
+    train.batch_size x train.max_len, and (sampled softmax) the looked-up rows and their projection."""
+    activations_note: str
+    eval_items_per_rank: int
+    """Bytes of this rank's shard of the evaluation item matrix, ceil(N / world) x D fp32."""
+    snapshot_per_rank: int
+    """Bytes of the best-weights snapshot on the training device: a copy of this rank's trained table
+    shards and its dense weights (its FSDP2/ZeRO-3 shard, or all of them)."""
+    staging_per_rank: int
+    """Host bytes of the async checkpoint's staging copy of this rank's state (0 without
+    run.async_checkpoint)."""
     checkpoint_bytes: int
+    table_ms_per_rank: list[float]
+    """TorchRec's per-rank sum of every table shard's time per step (ms)."""
     sharding_plan: Any
     """TorchRec's ShardingPlan of the item tables (what DistributedModelParallel would apply)."""
 
     @property
     def nodes(self) -> int:
         return -(-self.world_size // self.device.ranks_per_node)
+
+    @property
+    def tables_step_ms(self) -> float:
+        """TorchRec's estimate of the tables' time per step on the busiest rank (ms)."""
+        return max(self.table_ms_per_rank)
 
     @property
     def uvm_tables(self) -> list[str]:
@@ -149,9 +183,52 @@ def loss_memory(
             f"(widths {'+'.join(map(str, table_dims))}), {sizes} x {chunk:,} x {num_items:,} fp32 scores"
         )
         return matrix + scores, 0, note
+    # the sampled softmax scores every position against the C candidates (the batch's targets and the
+    # M negatives, deduplicated) at each nested size: K fp32 (B x L, C) logits, kept for backward
+    positions, sizes = train.batch_size * train.max_len, len(model_cfg.nested_sizes)
+    candidates = min(num_items, positions + train.num_negatives)
+    logits = sizes * positions * candidates * 4
+    note = f"sampled softmax: {sizes} x {positions:,} x {candidates:,} fp32 logits"
     if train.negative_sampling == "popularity":
-        return 0, 8 * num_items, f"sampled softmax: the popularity sampler's {num_items:,} x float64 table"
-    return 0, 0, "sampled softmax, uniform negatives: no per-item table"
+        return logits, 8 * num_items, f"{note}; the popularity sampler's {num_items:,} x float64 table"
+    return logits, 0, f"{note}; uniform negatives: no per-item table"
+
+
+def step_lookups(train: TrainConfig, num_items: int, attributes_per_item: float) -> TableLookups:
+    """The item ids one training step looks up per rank (trainer.tasks.fmrl.forward_backward): the full
+    softmax all N + 1; the sampled softmax the unique ids of the batch's tokens, its labels (the tokens
+    shifted by one, so one new id per sequence) and the negatives, at most B x (L + 1) + M."""
+    if train.loss_for(num_items) == "full":
+        ids = num_items + 1
+    else:
+        ids = min(num_items + 1, train.batch_size * (train.max_len + 1) + train.num_negatives)
+    return TableLookups(ids=ids, attributes_per_item=attributes_per_item)
+
+
+def activation_memory(
+    train: TrainConfig, model_cfg: FMRLConfig, num_items: int, lookups: TableLookups, table_dims: list[int]
+) -> tuple[int, str]:
+    """(bytes, what is counted) autograd keeps for one micro-batch on the training device: per position
+    and block BLOCK_ACTIVATION_WIDTHS fp32 values of width D, plus the trunk's input and its dropout; for
+    the sampled softmax the looked-up rows (U, sum of table widths) and their projection (U, D) (the full
+    softmax's are counted with its loss)."""
+    width, positions = model_cfg.nested_sizes[-1], train.batch_size * train.max_len
+    trunk = positions * width * 4 * (BLOCK_ACTIVATION_WIDTHS * model_cfg.num_blocks + 2)
+    note = (
+        f"{train.batch_size} x {train.max_len} positions x {model_cfg.num_blocks} blocks x "
+        f"{BLOCK_ACTIVATION_WIDTHS} x {width} fp32 in the trunk"
+    )
+    if train.loss_for(num_items) == "full":
+        return trunk, note
+    rows = lookups.ids * (sum(table_dims) + width) * 4
+    widths = "+".join(map(str, table_dims))
+    return trunk + rows, f"{note}; {lookups.ids:,} looked-up items x ({widths} + {width}) fp32"
+
+
+def table_state_factor(optimizer: str, dim: int) -> float:
+    """The fused table optimizer's state per weight of a width-``dim`` table (row-wise Adagrad: one value
+    per row)."""
+    return 1 / dim if optimizer == "rowwise_adagrad" else {"adagrad": 1.0, "adam": 2.0}.get(optimizer, 0.0)
 
 
 def plan_cluster(
@@ -167,17 +244,24 @@ def plan_cluster(
     image_dim: int,
     num_attributes: int,
     train: TrainConfig | None = None,
+    attributes_per_item: float = 2.0,
+    async_checkpoint: bool = False,
 ) -> ClusterPlan:
     """TorchRec's plan of the item tables of ``model_cfg`` at ``num_items`` items on ``world_size`` ranks
-    of ``device``, with its memory estimates and the loss's under ``train`` (default: TrainConfig());
+    of ``device``, given the lookups of one step of ``train`` (default: TrainConfig()) with
+    ``attributes_per_item`` attribute ids per item, with its memory and time estimates and what the
+    step, evaluation, the best-weights snapshot and the (``async_checkpoint``) staging copy hold per rank;
     :class:`PlanDoesNotFit` if the planner finds no plan, ConfigError for a refused full softmax."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.types import PlannerError
 
     model = meta_model(model_cfg, num_items, text_dim, image_dim, num_attributes)
     table_dims = [table.embedding_dim for table in model.item_tower.tables()]
-    loss_per_rank, sampler_per_rank, loss_note = loss_memory(
-        train or TrainConfig(), model_cfg, num_items, table_dims
+    train = train or TrainConfig()
+    loss_per_rank, sampler_per_rank, loss_note = loss_memory(train, model_cfg, num_items, table_dims)
+    lookups = step_lookups(train, num_items, attributes_per_item)
+    activations_per_rank, activations_note = activation_memory(
+        train, model_cfg, num_items, lookups, table_dims
     )
     ddr_per_rank = int(device.ddr_gb * GIB / device.ranks_per_node)
     topology = Topology(
@@ -197,21 +281,31 @@ def plan_cluster(
             device=torch.device(device.compute),
             feature_sharding=parallel.feature_table_sharding,
             table_sharding=parallel.table_sharding,
+            attribute_sharding=parallel.attribute_table_sharding,
             table_optimizer=parallel.table_optimizer,
             table_lr=parallel.table_lr or optim.lr,
             collective=False,
             stats=[recorder],
+            lookups=lookups,
         )
     except PlannerError as error:
         raise PlanDoesNotFit(_does_not_fit(tower, parallel, world_size, device_name, device, error)) from None
 
     tables = []
+    table_ms_per_rank = [0.0] * world_size
+    trained_weights_per_rank = [0] * world_size
     for option in recorder.options:
-        per_rank: dict[int, list[int]] = {}
+        per_rank: dict[int, list[float]] = {}
         for shard in option.shards:
-            totals = per_rank.setdefault(shard.rank, [0, 0])
+            # HBM, host memory, weights (bytes), TorchRec's perf (ms) of this table on the shard's rank
+            totals = per_rank.setdefault(shard.rank, [0, 0, 0, 0.0])
             totals[0] += shard.storage.hbm
             totals[1] += shard.storage.ddr
+            totals[2] += shard.size[0] * shard.size[1] * 4
+            totals[3] += shard.perf.total
+            table_ms_per_rank[shard.rank] += shard.perf.total
+            if option.name not in FROZEN_TABLES:
+                trained_weights_per_rank[shard.rank] += shard.size[0] * shard.size[1] * 4
         rows, dim = option.tensor.shape
         tables.append(
             TablePlan(
@@ -221,9 +315,11 @@ def plan_cluster(
                 sharding_type=option.sharding_type,
                 compute_kernel=option.compute_kernel,
                 shards=len(option.shards),
-                hbm_per_rank=max(v[0] for v in per_rank.values()),
-                ddr_per_rank=max(v[1] for v in per_rank.values()),
+                hbm_per_rank=int(max(v[0] for v in per_rank.values())),
+                ddr_per_rank=int(max(v[1] for v in per_rank.values())),
                 trained=option.name not in FROZEN_TABLES,
+                weights_per_rank=int(max(v[2] for v in per_rank.values())),
+                step_ms=max(v[3] for v in per_rank.values()),
             )
         )
     tables.sort(key=lambda t: tower.table_names().index(t.name))
@@ -231,13 +327,22 @@ def plan_cluster(
     dense_parameters = sum(p.numel() for p in dense)
     block = max(sum(p.numel() for p in b.parameters()) for b in model.trunk.blocks)
     trunk_per_rank, trunk_note = trunk_memory(dense_parameters, block, parallel, world_size)
-    optimizer_state = {"adagrad": 1.0, "adam": 2.0, "sgd": 0.0}
     checkpoint = (WEIGHT + ADAM) * dense_parameters  # dense weights + AdamW state
+    staging = 0
     for t in tables:
         if t.trained:  # weights + the fused optimizer's state; frozen tables come from their files
-            state = 1 / t.dim if parallel.table_optimizer == "rowwise_adagrad" else 0.0
-            state += optimizer_state.get(parallel.table_optimizer, 0.0)
+            state = table_state_factor(parallel.table_optimizer, t.dim)
             checkpoint += int(t.rows * t.dim * 4 * (1 + state))
+            if async_checkpoint:  # this rank's part, copied to host memory before the write
+                staging += int(t.weights_per_rank * (1 + state))
+    dense_sharded = parallel.backend == "fsdp2" or (
+        parallel.backend == "deepspeed" and parallel.zero_stage == 3
+    )
+    dense_weights = WEIGHT * (-(-dense_parameters // world_size) if dense_sharded else dense_parameters)
+    snapshot = max(trained_weights_per_rank) + dense_weights
+    if async_checkpoint:
+        staging += dense_weights * (WEIGHT + ADAM) // WEIGHT  # and the dense weights with AdamW's moments
+    eval_items = -(-num_items // world_size) * model_cfg.nested_sizes[-1] * 4
     return ClusterPlan(
         world_size=world_size,
         device_name=device_name,
@@ -251,7 +356,14 @@ def plan_cluster(
         loss_per_rank=loss_per_rank,
         sampler_per_rank=sampler_per_rank,
         loss_note=loss_note,
+        lookups=lookups,
+        activations_per_rank=activations_per_rank,
+        activations_note=activations_note,
+        eval_items_per_rank=eval_items,
+        snapshot_per_rank=snapshot,
+        staging_per_rank=staging,
         checkpoint_bytes=checkpoint,
+        table_ms_per_rank=table_ms_per_rank,
         sharding_plan=sharding_plan,
     )
 
@@ -301,18 +413,27 @@ def render(plan: ClusterPlan) -> str:
         f"## {plan.world_size} x {plan.device_name} ({plan.nodes} node(s) of {d.ranks_per_node}; per rank: "
         f"{hbm}{d.ddr_gb / d.ranks_per_node:,.0f} GiB host memory)",
         "",
-        "| table | rows x width | sharding | kernel | shards | HBM per rank | host memory per rank |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| table | rows x width | sharding | kernel | shards | HBM per rank | host memory per rank "
+        "| ms per step |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for t in plan.tables:
         lines.append(
             f"| {t.name} | {t.rows:,} x {t.dim} | {t.sharding_type} | {t.compute_kernel} | {t.shards} "
-            f"| {_gib(t.hbm_per_rank)} | {_gib(t.ddr_per_rank)} |"
+            f"| {_gib(t.hbm_per_rank)} | {_gib(t.ddr_per_rank)} | {t.step_ms:,.1f} |"
         )
     max_hbm = max(h for h, _ in plan.per_rank)
     max_ddr = max(r for _, r in plan.per_rank)
-    lines.append(f"| all tables, busiest rank | | | | | {_gib(max_hbm)} | {_gib(max_ddr)} |")
+    lines.append(
+        f"| all tables, busiest rank | | | | | {_gib(max_hbm)} | {_gib(max_ddr)} | {plan.tables_step_ms:,.1f} |"
+    )
     lines.append("")
+    lines.append(
+        f"Lookups given to the planner: {plan.lookups.ids:,} item ids per step per rank in every table "
+        f"(train.batch_size x (train.max_len + 1) + train.num_negatives, or all N + 1 for the full "
+        f"softmax), the attribute table pooling {plan.lookups.attributes_per_item:g} attributes per item; "
+        f"ms per step: TorchRec's cost model (lookups forward and backward, all-to-alls, fused optimizer)"
+    )
     uvm = plan.uvm_tables
     lines.append(
         "UVM caching (table in host memory, a cache in HBM): "
@@ -323,18 +444,45 @@ def render(plan: ClusterPlan) -> str:
     lines.append(
         f"Trunk ({plan.dense_parameters / 1e6:,.1f}M dense parameters, largest block "
         f"{plan.largest_block_parameters / 1e6:,.1f}M): {_gib(plan.trunk_per_rank)} per rank "
-        f"({plan.trunk_note}; fp32 weights, grads and AdamW moments, 16 B/parameter; activations not counted)"
+        f"({plan.trunk_note}; fp32 weights, grads and AdamW moments, 16 B/parameter)"
     )
     lines.append(
         f"Loss ({plan.loss_note}): {_gib(plan.loss_per_rank)} on the training device, "
         f"{_gib(plan.sampler_per_rank)} host memory per rank"
     )
-    total_hbm = max_hbm + (plan.trunk_per_rank + plan.loss_per_rank if d.compute == "cuda" else 0)
+    lines.append(f"Activations ({plan.activations_note}): {_gib(plan.activations_per_rank)} per rank")
+    lines.append(
+        f"Evaluation item shard (ceil(N / {plan.world_size}) x D fp32): {_gib(plan.eval_items_per_rank)} "
+        "per rank"
+    )
+    lines.append(
+        f"Best-weights snapshot (this rank's trained table shards + dense weights): "
+        f"{_gib(plan.snapshot_per_rank)} per rank"
+    )
+    lines.append(
+        f"Async checkpoint staging copy (run.async_checkpoint): {_gib(plan.staging_per_rank)} host memory "
+        "per rank; the data loader's buffers are not counted"
+    )
+    device_bytes = (
+        plan.trunk_per_rank
+        + plan.loss_per_rank
+        + plan.activations_per_rank
+        + plan.eval_items_per_rank
+        + plan.snapshot_per_rank
+    )
+    host_bytes = max_ddr + plan.sampler_per_rank + plan.staging_per_rank
     if d.compute == "cuda":
+        total_hbm = max_hbm + device_bytes
         lines.append(
-            f"Busiest rank: {_gib(total_hbm)} of {d.hbm_gb:g} GiB HBM (tables + trunk state + loss), "
-            f"{_gib(max_ddr + plan.sampler_per_rank)} of {d.ddr_gb / d.ranks_per_node:,.0f} GiB host memory"
+            f"Busiest rank: {_gib(total_hbm)} of {d.hbm_gb:g} GiB HBM (tables + trunk state + loss + "
+            f"activations + evaluation shard + snapshot), {_gib(host_bytes)} of "
+            f"{d.ddr_gb / d.ranks_per_node:,.0f} GiB host memory"
             + ("; does NOT fit in HBM" if total_hbm > d.hbm_gb * GIB else "")
+        )
+    else:
+        lines.append(
+            f"Busiest rank: {_gib(host_bytes + device_bytes)} of {d.ddr_gb / d.ranks_per_node:,.0f} GiB "
+            "host memory (all of the above)"
         )
     lines.append(
         f"Checkpoint (trained tables + their optimizer state + dense weights + AdamW; frozen feature tables "
@@ -385,6 +533,7 @@ def run_plan(args: argparse.Namespace) -> int:
         ("--text-dim", args.text_dim, 0),
         ("--image-dim", args.image_dim, 0),
         ("--num-attributes", args.num_attributes, 1),
+        ("--attributes-per-item", args.attributes_per_item, 1),
         ("--ddr-gb", device.ddr_gb, 0),
         ("--hbm-gb", device.hbm_gb, 1 if device.compute == "cuda" else 0),
         *(("--world-size", w, 1) for w in world_sizes or [0]),
@@ -398,7 +547,9 @@ def run_plan(args: argparse.Namespace) -> int:
         f"{args.image_dim if cfg.model.use_image_features else 0}, ID table "
         f"{'yes' if cfg.model.use_id_embedding else 'no'}, attribute table "
         f"{f'{args.num_attributes:,} attributes' if cfg.model.use_attributes else 'no'}; table optimizer "
-        f"{cfg.parallel.table_optimizer}, dense backend {cfg.parallel.backend}\n"
+        f"{cfg.parallel.table_optimizer}, dense backend {cfg.parallel.backend}; per step and rank "
+        f"{cfg.train.batch_size} sequences x {cfg.train.max_len} tokens, {cfg.train.num_negatives:,} "
+        f"negatives\n"
     )
     unfit = 0
     for world_size in world_sizes:
@@ -415,6 +566,8 @@ def run_plan(args: argparse.Namespace) -> int:
                 image_dim=args.image_dim,
                 num_attributes=args.num_attributes,
                 train=cfg.train,
+                attributes_per_item=args.attributes_per_item,
+                async_checkpoint=cfg.run.async_checkpoint,
             )
         except ConfigError as error:  # the same for every world size: train.loss=full refused
             print(f"fmrl plan: config error: {error}", file=sys.stderr)

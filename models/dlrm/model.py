@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -43,6 +44,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.dlrm.config import LINEAR_MODELS, DLRMConfig
+from models.ops.table_init import block_seeded_rows
 
 __all__ = [
     "CTRModel",
@@ -99,6 +101,9 @@ class Pooled(NamedTuple):
     them); None for models without a linear part."""
 
 
+INIT_ROWS = 65536
+"""Rows a table built whole is initialised at a time (one such block beside the table, never a copy)."""
+
 LINEAR_WIDTH = 4
 """Width of the first-order tables: a row's LINEAR_WIDTH entries sum to the id's weight. TorchRec's
 batched embedding kernels need widths that are multiples of 4 (on CPU too), so a scalar weight is kept
@@ -125,6 +130,12 @@ class SparseArch(nn.Module):
     ``w_<a>*<b>`` per crossed feature (whose ids :func:`cross_ids` forms from the two features' ids:
     crossed features need exactly one id per sample). Both collections live in this one module, so one
     TorchRec plan shards them all.
+
+    Sharded from birth: every table takes its values from :meth:`initial_rows` under a seed drawn from
+    torch's global generator (drawn whatever the device, so the dense parts built after it get the same
+    values either way). Built on ``device="meta"`` no table holds storage, and a sharder generates only
+    its shards' rows (sharding/dlrm.py); built on a real device the tables are filled whole with the
+    same values, so a sharded model starts exactly where the single-device one does, on any layout.
     """
 
     def __init__(self, cfg: DLRMConfig, device: torch.device | str | None = None) -> None:
@@ -134,17 +145,61 @@ class SparseArch(nn.Module):
         self.cross_pairs = cfg.cross_pairs
         self.cross_buckets = cfg.wide_cross_buckets
         self.rows = dict(zip(self.feature_names, cfg.hash_buckets))
-        device = torch.device(device) if isinstance(device, str) else device
+        device = torch.device(device or torch.get_default_device())
+        # built on meta, then given their values row block by row block (initial_rows), never by
+        # TorchRec's reset_parameters: the same values whatever the device and the sharding
+        meta = torch.device("meta")
         self.embedding_bag_collection = EmbeddingBagCollection(
-            tables=_tables("t_", self.feature_names, cfg.hash_buckets, cfg.embedding_dim), device=device
+            tables=_tables("t_", self.feature_names, cfg.hash_buckets, cfg.embedding_dim), device=meta
         )
         self.linear_bag_collection: EmbeddingBagCollection | None = None
         if cfg.model in LINEAR_MODELS:
             crosses = [f"{a}*{b}" for a, b in self.cross_pairs]
             rows = list(cfg.hash_buckets) + [self.cross_buckets] * len(crosses)
             self.linear_bag_collection = EmbeddingBagCollection(
-                tables=_tables("w_", self.feature_names + crosses, rows, LINEAR_WIDTH), device=device
+                tables=_tables("w_", self.feature_names + crosses, rows, LINEAR_WIDTH), device=meta
             )
+        # drawn whether or not the tables are materialised: the dense parts' initial values come from
+        # the global generator after them, the same either way
+        configs = self.table_configs()
+        seeds = torch.randint(0, 2**62, (len(configs),), device="cpu").tolist()
+        self.table_seeds = {config.name: seed for config, seed in zip(configs, seeds)}
+        self._table_shapes = {
+            config.name: (config.num_embeddings, config.embedding_dim) for config in configs
+        }
+        if device.type != "meta":
+            self.to_empty(device=device)
+            with torch.no_grad():
+                for collection in self.collections():
+                    for name, bag in collection.embedding_bags.items():
+                        for start in range(0, bag.weight.shape[0], INIT_ROWS):
+                            stop = min(start + INIT_ROWS, bag.weight.shape[0])
+                            bag.weight[start:stop].copy_(self.initial_rows(name, start, stop))
+
+    def collections(self) -> list[EmbeddingBagCollection]:
+        """The embedding collection, then the first-order one if the model has it."""
+        return [c for c in (self.embedding_bag_collection, self.linear_bag_collection) if c is not None]
+
+    def table_configs(self) -> list[EmbeddingBagConfig]:
+        """Every table's config, in :meth:`collections` order."""
+        return [config for c in self.collections() for config in c.embedding_bag_configs()]
+
+    def initial_rows(
+        self, name: str, start: int, stop: int, columns: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of table ``name``'s ("t_<feature>", "w_<feature>", "w_<a>*<b>") initial
+        values, (stop - start, width), or only ``columns`` (c0, c1): (stop - start, c1 - c0). Uniform in
+        +-sqrt(1 / rows) (TorchRec's default), counter-based
+        (:func:`models.ops.table_init.block_seeded_rows`), so any block equals the whole table's."""
+        if name not in self._table_shapes:
+            raise ValueError(f"{name!r} is not a table of this model ({sorted(self._table_shapes)})")
+        num_rows, width = self._table_shapes[name]
+        bound = math.sqrt(1 / num_rows)
+
+        def uniform(generator: torch.Generator, rows: int, cols: int) -> torch.Tensor:
+            return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound  # (rows, cols)
+
+        return block_seeded_rows(self.table_seeds[name], start, stop, width, uniform, columns)
 
     def forward(self, features: KeyedJaggedTensor) -> Pooled:
         pooled = self.embedding_bag_collection(features).to_dict()  # {name: (B, D)}

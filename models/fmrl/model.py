@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from torch import nn
 from models.fmrl.config import FMRLConfig
 from models.fmrl.layers import LRUBlock, NestedLinear
 from models.ops import nested_param_count
+from models.ops.table_init import block_seeded_rows
 
 
 def project_features(projector: nn.Linear, features: list[torch.Tensor]) -> torch.Tensor:
@@ -46,28 +46,20 @@ def project_features(projector: nn.Linear, features: list[torch.Tensor]) -> torc
 
 TABLE_INIT_STD = 0.02
 """Learnable tables start as N(0, 0.02^2) entries (row 0, padding, zero)."""
-TABLE_INIT_BLOCK = 1024
-"""Rows per independently seeded block of a learnable table's initial values."""
 
 
 def initial_table_rows(seed: int, start: int, stop: int, dim: int) -> torch.Tensor:
     """Rows ``start:stop`` of a learnable table's initial values, (stop - start, dim), N(0, 0.02^2) with
     row 0 zero.
 
-    Counter-based: block b (rows ``b*1024 ... b*1024+1023``) comes from its own generator seeded by
-    (``seed``, b), so a row's value depends only on the table seed and the row, never on which rows are
-    asked for together: a rank that owns any row range of any table gets the values the whole table would
-    hold, at any world size, without the whole table ever existing."""
-    if not 0 <= start <= stop:
-        raise ValueError(f"rows {start}:{stop} are not a valid range")
-    out = torch.empty(stop - start, dim)
-    first, last = start // TABLE_INIT_BLOCK, -(-stop // TABLE_INIT_BLOCK)
-    for block in range(first, last):
-        digest = hashlib.blake2b(f"{seed}/{block}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        values = torch.randn(TABLE_INIT_BLOCK, dim, generator=generator) * TABLE_INIT_STD
-        lo, hi = max(start, block * TABLE_INIT_BLOCK), min(stop, (block + 1) * TABLE_INIT_BLOCK)
-        out[lo - start : hi - start] = values[lo - block * TABLE_INIT_BLOCK : hi - block * TABLE_INIT_BLOCK]
+    Counter-based (:func:`models.ops.table_init.block_seeded_rows`): a row's value depends only on the
+    table seed and the row, so a rank that owns any row range of any table gets the values the whole
+    table would hold, at any world size, without the whole table ever existing."""
+
+    def normal(generator: torch.Generator, rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=generator) * TABLE_INIT_STD  # (rows, cols)
+
+    out = block_seeded_rows(seed, start, stop, dim, normal)
     if start == 0 and stop > 0:
         out[0].zero_()
     return out

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--id-optimizer", default="adagrad")
     parser.add_argument("--no-id-table", action="store_true")
     parser.add_argument("--attributes", action="store_true", help="add a learnable attribute table")
+    parser.add_argument("--attribute-sharding", default="same", help="parallel.attribute_table_sharding")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the same rows)")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--loss", default="full", choices=["full", "sampled"])
@@ -73,6 +74,7 @@ def main() -> None:
                 table_optimizer=args.id_optimizer,
                 table_lr=0.05,
                 precision=args.precision,
+                attribute_table_sharding=args.attribute_sharding,
             ),
             OptimConfig(
                 lr=3e-3, weight_decay=0.01, warmup_steps=2, grad_clip=5.0, grad_accum_steps=args.grad_accum
@@ -149,6 +151,10 @@ def main() -> None:
                         "metrics": {str(k): v for k, v in metrics.items()},
                         "weights": digest,
                         "world_size": world.world_size,
+                        "sharding_types": {
+                            name: table[name].sharding_type
+                            for name, table in parallel.sparse.plan.plan.items()
+                        },
                     },
                     f,
                 )

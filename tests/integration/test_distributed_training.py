@@ -99,6 +99,18 @@ def test_attribute_table_on_two_ranks_follows_one_rank(tiny_dataset, tmp_path) -
     assert "item_tower.attributes.weight" in two["weights"]
     for key, value in one["weights"].items():
         assert two["weights"][key] == pytest.approx(value, rel=WEIGHT_RTOL), key
+    # parallel.attribute_table_sharding: the attribute table whole on one rank, the ID table still
+    # column-wise, and training the same
+    table_wise = run_worker(
+        tiny_dataset, str(tmp_path / "tw.json"), 2, "--attributes", "--attribute-sharding", "table_wise"
+    )
+    assert two["sharding_types"]["attribute"] == "column_wise"
+    assert table_wise["sharding_types"]["attribute"] == "table_wise"
+    assert table_wise["sharding_types"]["id"] == "column_wise"
+    assert table_wise["lookup_diff"] < 1e-6 and table_wise["table_change"]["attribute"] > 1e-3
+    np.testing.assert_allclose(table_wise["losses"], one["losses"], rtol=LOSS_RTOL)
+    for key, value in one["weights"].items():
+        assert table_wise["weights"][key] == pytest.approx(value, rel=WEIGHT_RTOL), key
 
 
 @pytest.fixture(scope="module")

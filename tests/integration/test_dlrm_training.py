@@ -268,8 +268,12 @@ def test_ctr_models_with_linear_tables_follow_one_rank_on_two(small, tmp_path, m
     assert len(linear) == 26 + (2 if "wide_deep" in model_args else 0)
     assert one["weights"].keys() == two["weights"].keys()
     for key, value in one["weights"].items():
-        # atol: an Adagrad-stepped entry near 0 moved 3e-7 apart (float sums re-associated over ranks)
-        np.testing.assert_allclose(two["weights"][key], value, rtol=WEIGHT_RTOL, atol=1e-6, err_msg=key)
+        # atol: float sums re-associated over ranks. An Adagrad-stepped entry near 0 moved 3e-7 apart; and
+        # AdamW's first step moves an entry by lr * g / (|g| + eps), so an entry whose gradient cancels to
+        # ~eps (1e-8) moves by a fraction of lr that re-association changes: xdeepfm's over_arch.0.weight
+        # entry 3441 is 1.58e-5 apart after step 1 and stays so (measured with this file's worker, 1 vs 2
+        # ranks, --steps 1, 3 and 6)
+        np.testing.assert_allclose(two["weights"][key], value, rtol=WEIGHT_RTOL, atol=5e-5, err_msg=key)
 
 
 # ------------------------------------------------------------------------------------ checkpoints, resume
@@ -389,7 +393,9 @@ def test_each_ctr_model_trains_resumes_exactly_and_exports(tmp_path, small, mode
     export the run and a checkpoint, reload both with the predictions the run's metrics came from."""
     settings = [*MODEL_SETTINGS[model], "train.epochs=1", "train.batch_size=200", "run.checkpoint_every=4"]
     whole = run(tmp_path, small, "run.name=whole", *settings, "run.export=true")
-    assert whole.steps == 12 and whole.train_losses[-1] < whole.train_losses[0]
+    # learns: the last 3 steps' losses below the first 3's (one 200-row batch's loss is noisy: deepfm's
+    # jumps to 2.3 at step 4 and its last is above its first; to 3.2 at step 3 under TorchRec's own init)
+    assert whole.steps == 12 and np.mean(whole.train_losses[-3:]) < np.mean(whole.train_losses[:3])
     cut = run(tmp_path, small, "run.name=cut", *settings, "run.stop_after_steps=6")
     assert cut.stopped and cut.steps == 6
     resumed = run(tmp_path, small, "run.name=cut", *settings, "run.resume=auto")

@@ -6,6 +6,9 @@ then sharded) gives.
 The distributed cases launch tests/integration/sharded_birth_worker.py with torchrun (gloo), which
 builds the job both ways in one process under the same seed. CPU TorchRec has no row-wise kernel, so
 row-wise shard reading is tested at the reader level (:class:`FeatureTableReader` row ranges).
+
+The CTR models' tables (DLRM, Wide & Deep, ...) are sharded from birth too: tests/integration/
+ctr_birth_worker.py builds them on meta on 2 ranks, and they equal the one-device model's exactly.
 """
 
 from __future__ import annotations
@@ -282,3 +285,68 @@ def test_streamed_safetensors_of_several_tensors_load_as_written(tmp_path) -> No
     with pytest.raises(ValueError, match="the blocks of a.bias hold 0 rows"):
         write_safetensors_blocks(bad, layout, [("b.table", table), ("a.bias", bias)])
     assert not os.path.exists(bad)
+
+
+# ------------------------------------------------------------------------------------------ CTR tables
+
+CTR_WORKER = os.path.join(os.path.dirname(__file__), "ctr_birth_worker.py")
+
+
+@pytest.mark.parametrize(("model", "sharding"), [("wide_deep", "column_wise"), ("dlrm", "table_wise")])
+def test_ctr_tables_sharded_from_birth_on_two_ranks_equal_the_one_device_model(
+    tmp_path, model, sharding
+) -> None:
+    """A CTR model built with its tables on meta and sharded over 2 ranks starts exactly as the same model
+    built whole on one device (every table, the first-order and crossed ones included, and the dense
+    part); no rank ever generated more of a table than its own shard, and the model's tables hold no
+    storage."""
+    out, weights = str(tmp_path / "ctr.json"), str(tmp_path / "ctr.safetensors")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            CTR_WORKER,
+            f"--model={model}",
+            f"--sharding={sharding}",
+            f"--out={out}",
+            f"--weights={weights}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    with open(out) as f:
+        result = json.load(f)
+    assert result["world_size"] == 2
+    sys.path.insert(0, os.path.dirname(__file__))
+    from ctr_birth_worker import config, parser
+
+    from models.ctr import build_ctr_model
+
+    torch.manual_seed(0)
+    one_device = build_ctr_model(config(parser().parse_args([f"--model={model}", "--out=-"]))).state_dict()
+    gathered = load_file(weights)
+    assert gathered.keys() == one_device.keys()
+    for key, value in one_device.items():
+        torch.testing.assert_close(gathered[key], value, rtol=0, atol=0, msg=key)
+    tables = {
+        key.split(".")[-2]: tuple(v.shape) for key, v in one_device.items() if key.startswith("sparse_arch.")
+    }
+    assert len(tables) == (8 if model == "wide_deep" else 3)
+    owned = {name: 0 for name in tables}
+    for rank in result["ranks"]:
+        assert rank["tables_on_meta"]
+        for name, shard in rank["shards"].items():
+            owned[name] += shard["local_numel"]
+            largest = rank["generated"].get(name, [0, 0])
+            # what a rank generates of a table is at most its own shard: never the whole table (unless the
+            # whole table is its shard: table-wise, or a 4-wide first-order table, the narrowest shard)
+            assert largest[0] * largest[1] <= shard["local_numel"], (name, largest, shard)
+            if sharding == "column_wise" and name.startswith("t_"):
+                assert 0 < shard["local_numel"] < tables[name][0] * tables[name][1], (name, shard)
+    assert owned == {name: rows * cols for name, (rows, cols) in tables.items()}  # every entry once

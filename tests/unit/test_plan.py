@@ -87,6 +87,7 @@ def test_the_command_prints_every_table_and_world_size(capsys) -> None:
         assert out.count(f"| {name} | 200,001 x ") == 2, name
     assert "## 2 x h100" in out and "## 4 x h100" in out
     assert "Trunk (" in out and "Checkpoint" in out and "UVM caching" in out
+    assert "| ms per step |" in out and "Activations (" in out and "Evaluation item shard" in out
 
 
 def test_nothing_fits_names_the_table_and_the_memory(capsys) -> None:
@@ -104,6 +105,12 @@ def test_bad_arguments_name_the_argument(capsys) -> None:
     assert "--num-items must be >= 1" in capsys.readouterr().err
     assert main(["plan", "--num-items", "10", "--world-size", "2,x"]) == 2
     assert "--world-size" in capsys.readouterr().err
+    assert main(["plan", "--num-items", "10", "--world-size", "2", "--attributes-per-item", "0.5"]) == 2
+    assert "--attributes-per-item must be >= 1, got 0.5" in capsys.readouterr().err
+    assert (
+        main(["plan", "--num-items", "10", "--world-size", "2", "parallel.attribute_table_sharding=x"]) == 2
+    )
+    assert "parallel.attribute_table_sharding must be one of" in capsys.readouterr().err
 
 
 def test_training_and_fmrl_plan_use_one_planning_function(monkeypatch) -> None:
@@ -162,7 +169,9 @@ def test_the_full_softmax_is_planned_per_rank() -> None:
     num_items = 100_000
     sampled = small_gpu_plan(2, num_items=num_items, hbm_gb=8.0, train=TrainConfig(loss="sampled"))
     full = small_gpu_plan(2, num_items=num_items, hbm_gb=8.0, train=TrainConfig(loss="full", batch_size=4))
-    assert sampled.loss_per_rank == 0 and sampled.sampler_per_rank == 0  # uniform negatives: no table
+    # the sampled softmax holds 4 sizes x (64 x 50 positions) x (3200 targets + 1024 negatives) fp32 logits;
+    # uniform negatives: no per-item table
+    assert sampled.loss_per_rank == 4 * 3200 * 4224 * 4 and sampled.sampler_per_rank == 0
     rows = num_items + 1
     # the item matrix (D = 64) and its gradient, the text (64), image (256), ID (64) and attribute (64)
     # tables' looked-up rows, and the fused loss's scores: 4 sizes x a chunk of positions x N fp32, the
@@ -174,7 +183,9 @@ def test_the_full_softmax_is_planned_per_rank() -> None:
     assert "full softmax" in full.loss_note and f"{rows:,} x 64 item matrix" in full.loss_note
     assert "Loss (full softmax" in trainer.plan.render(full)
     assert "does NOT fit" not in trainer.plan.render(full)  # 0.28 GiB of loss on 8 GiB of HBM
-    small = small_gpu_plan(2, num_items=num_items, hbm_gb=0.3, train=TrainConfig(loss="full"))
+    # 0.5 GiB: the tables fit (0.28 GiB, told of the N + 1 lookups), with the loss they do not
+    small = small_gpu_plan(2, num_items=num_items, hbm_gb=0.5, train=TrainConfig(loss="full"))
+    assert not small.uvm_tables
     assert "does NOT fit in HBM" in trainer.plan.render(small)
     # a batch smaller than one chunk scores all its positions at once: 4 sizes x 10 positions
     tiny_batch = small_gpu_plan(
@@ -188,10 +199,11 @@ def test_the_full_softmax_is_planned_per_rank() -> None:
 def test_the_popularity_sampler_table_is_counted_on_every_rank() -> None:
     train = TrainConfig(loss="sampled", negative_sampling="popularity")
     plan = small_gpu_plan(4, train=train)
-    assert plan.sampler_per_rank == 8 * 1_000_000 and plan.loss_per_rank == 0
+    logits = 4 * (64 * 50) * (64 * 50 + 1024) * 4  # 4 sizes x B L positions x C candidates, fp32
+    assert plan.sampler_per_rank == 8 * 1_000_000 and plan.loss_per_rank == logits
     # at 100M items the table is 800 MB on every rank, whatever the world size
     device, host, note = trainer.plan.loss_memory(train, MODEL, 100_000_000, [64])
-    assert (device, host) == (0, 800_000_000) and "float64" in note
+    assert (device, host) == (logits, 800_000_000) and "float64" in note
     assert "host memory per rank" in trainer.plan.render(plan)
 
 
@@ -229,3 +241,128 @@ def test_training_refuses_a_full_softmax_above_the_threshold_before_building_the
         "train.loss=sampled (or auto), or raise train.full_softmax_max_items if `fmrl plan` says it fits"
     )
     assert not built
+
+
+# a tiny CPU cluster for hand counts: 2 ranks, D = 16 (sizes 8, 16), text 12 wide, 100 items
+TINY = FMRLConfig(nested_sizes=[8, 16], use_id_embedding=True, use_attributes=True)
+TINY_TRAIN = TrainConfig(loss="sampled", batch_size=4, max_len=5, num_negatives=7)
+
+
+def tiny_cpu_plan(parallel: ParallelConfig | None = None, **kwargs):
+    return plan_cluster(
+        TINY,
+        parallel or ParallelConfig(),
+        OptimConfig(),
+        num_items=100,
+        world_size=2,
+        device_name="cpu",
+        device=Device("cpu", 0, 64, 2),
+        text_dim=12,
+        image_dim=0,
+        num_attributes=10,
+        **{"train": TINY_TRAIN, "attributes_per_item": 3.0, **kwargs},
+    )
+
+
+def test_the_planner_receives_the_real_lookup_batch_and_pooling(monkeypatch) -> None:
+    received = {}
+    original = sharding.fmrl.plan
+
+    def spy(module, sharders, constraints, topology, **kwargs):
+        received.update(constraints)
+        return original(module, sharders, constraints, topology, **kwargs)
+
+    monkeypatch.setattr(sharding.fmrl, "plan", spy)
+    plan = tiny_cpu_plan()
+    # one step on a rank looks up 4 x (5 + 1) token and label ids + 7 negatives in every table, and the
+    # attribute table pools each item's 3 attributes (TorchRec's default would be 512 lookups of pooling 1)
+    assert plan.lookups.ids == 4 * 6 + 7
+    assert sorted(received) == ["attribute", "id", "text"]
+    for name, constraints in received.items():
+        assert constraints.batch_sizes == [31], name
+        assert constraints.num_poolings == [1.0], name
+        assert constraints.pooling_factors == ([3.0] if name == "attribute" else [1.0]), name
+    # a full softmax looks up every row
+    full = tiny_cpu_plan(train=TrainConfig(loss="full", batch_size=4, max_len=5))
+    assert full.lookups.ids == 101
+    assert "31 item ids per step per rank" in trainer.plan.render(plan)
+
+
+def test_the_planners_cost_follows_the_lookups() -> None:
+    # TorchRec's own estimates grow with the lookups it is told of: a bigger batch, more attributes
+    small, big = tiny_cpu_plan(), tiny_cpu_plan(train=TrainConfig(loss="sampled", batch_size=64, max_len=5))
+    pooled = tiny_cpu_plan(attributes_per_item=30.0)
+    by_name = [{t.name: t for t in p.tables} for p in (small, big, pooled)]
+    assert by_name[1]["id"].step_ms > by_name[0]["id"].step_ms > 0
+    assert by_name[2]["attribute"].step_ms > by_name[0]["attribute"].step_ms
+    assert by_name[2]["id"].step_ms == by_name[0]["id"].step_ms  # the pooling is the attribute table's
+    assert small.tables_step_ms == max(small.table_ms_per_rank) > 0
+
+
+def test_every_memory_line_matches_a_hand_count() -> None:
+    plan = tiny_cpu_plan()
+    positions, width = 4 * 5, 16
+    # trunk: 20 positions x (2 blocks x 14 + 2) widths x 16 fp32; the 31 looked-up items' rows of the
+    # text (12), ID (16) and attribute (16) tables and their (31, 16) projection
+    assert plan.activations_per_rank == positions * (2 * 14 + 2) * width * 4 + 31 * (12 + 16 + 16 + 16) * 4
+    # sampled softmax: 2 sizes x 20 positions x min(100, 20 + 7) candidates, fp32
+    assert plan.loss_per_rank == 2 * positions * 27 * 4
+    # the evaluation item shard: ceil(100 / 2) = 50 items x 16 fp32
+    assert plan.eval_items_per_rank == 50 * width * 4
+    # the snapshot: this rank's column shards (8 of 16 columns, CPU "auto") of the ID (101 rows) and
+    # attribute tables and half the dense weights (FSDP2)
+    attribute_rows = next(t.rows for t in plan.tables if t.name == "attribute")
+    tables = (101 + attribute_rows) * 8 * 4
+    dense = 4 * -(-plan.dense_parameters // 2)
+    assert plan.snapshot_per_rank == tables + dense
+    assert plan.staging_per_rank == 0  # run.async_checkpoint off
+    # async: the same shards with Adagrad's state (x 2) and the dense weights with AdamW's moments (x 3)
+    staged = tiny_cpu_plan(async_checkpoint=True)
+    assert staged.staging_per_rank == 2 * tables + 3 * dense
+    # DDP keeps all dense weights on every rank
+    ddp = tiny_cpu_plan(ParallelConfig(backend="ddp"))
+    assert ddp.snapshot_per_rank == tables + 4 * plan.dense_parameters
+    out = trainer.plan.render(staged)
+    for line in (
+        "Activations (",
+        "Evaluation item shard",
+        "Best-weights snapshot",
+        "Async checkpoint staging",
+    ):
+        assert line in out, line
+    total = max(r for _, r in staged.per_rank) + staged.trunk_per_rank + staged.loss_per_rank
+    total += staged.activations_per_rank + staged.eval_items_per_rank + staged.snapshot_per_rank
+    total += staged.sampler_per_rank + staged.staging_per_rank
+    assert f"Busiest rank: {total / GIB:,.2f} GiB of 32 GiB host memory" in out
+
+
+def test_the_attribute_table_takes_its_own_sharding() -> None:
+    parallel = ParallelConfig(table_sharding="column_wise", attribute_table_sharding="table_wise")
+    plan = tiny_cpu_plan(parallel)
+    kinds = {name: table[name].sharding_type for name, table in plan.sharding_plan.plan.items()}
+    assert kinds == {"text": "table_wise", "id": "column_wise", "attribute": "table_wise"}
+    assert {t.name: t.sharding_type for t in plan.tables}["attribute"] == "table_wise"
+    # "same" follows parallel.table_sharding
+    same = tiny_cpu_plan(ParallelConfig(table_sharding="column_wise"))
+    assert {t.name: t.sharding_type for t in same.tables}["attribute"] == "column_wise"
+    with pytest.raises(ValueError, match="attribute_table_sharding must be one of"):
+        ParallelConfig(attribute_table_sharding="data_parallel")
+
+
+def test_training_shards_the_attribute_table_as_configured() -> None:
+    from models.fmrl import AttributeBags, FMRLRec
+    from trainer.dist import distributed
+
+    num_items = 30
+    offsets = torch.arange(num_items + 2).clamp(max=num_items)  # item i has attribute (i % 5) + 1
+    bags = AttributeBags(offsets, torch.arange(num_items) % 5 + 1, 5)
+    model = FMRLRec(TINY, num_items, torch.randn(num_items + 1, 12), None, bags)
+    parallel = ParallelConfig(table_sharding="column_wise", attribute_table_sharding="table_wise")
+    with distributed() as (_, device):
+        wrapped = sharding.fmrl.parallelize_fmrl(
+            model, parallel, OptimConfig(), total_steps=10, micro_batch_size=4, device=device
+        )
+        rows = wrapped.sparse(torch.tensor([1, 2, 3]))
+    kinds = {name: table[name].sharding_type for name, table in wrapped.sparse.plan.plan.items()}
+    assert kinds["attribute"] == "table_wise" and kinds["id"] == "column_wise"
+    assert [tuple(r.shape) for r in rows] == [(3, 12), (3, 16), (3, 16)]

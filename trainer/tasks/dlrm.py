@@ -109,7 +109,8 @@ class DLRMTask(TrainingTask):
             hash_buckets=dataset.hash_buckets,
             feature_names=dataset.sparse_features,
         )
-        dlrm = build_ctr_model(model_cfg)
+        # tables on meta: sharded from birth, each rank generates only its shards' rows
+        dlrm = build_ctr_model(model_cfg, sparse_device="meta")
         parameters = sum(p.numel() for p in dlrm.parameters())
         self.total_steps = total_training_steps(
             self.loader, train.epochs, optim.grad_accum_steps, train.max_steps
