@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 
 from trainer.config import load_config
 from trainer.logs import configure_logging
+from trainer.preemption import terminated
 from trainer.process_exit import run_as_process
 
 log = logging.getLogger("fmrl")
@@ -101,8 +102,13 @@ def report_failure(command: str, error: BaseException, debug: bool) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         # Most failures happen on every rank (a config, a path, a checkpoint): rank 0 says it once, and
-        # torchrun stops this rank meanwhile. A failure of this rank alone is said after the wait.
-        time.sleep(RANK_GRACE_S)
+        # torchrun stops this rank meanwhile. A failure of this rank alone is said after the wait. A rank
+        # whose SIGTERM (torchrun ending the job) arrived while it was still failing stays quiet: its
+        # traceback is in its log.
+        if not terminated():
+            time.sleep(RANK_GRACE_S)
+        if terminated():
+            return code
         command = f"{command} (rank {rank})"
     if debug:
         traceback.print_exception(error, file=sys.stderr)
@@ -271,6 +277,12 @@ def _add_plan_command(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=100_000,
         help="rows of the attribute table (model.use_attributes)",
+    )
+    plan.add_argument(
+        "--attributes-per-item",
+        type=float,
+        default=2.0,
+        help="mean attribute ids per item, the attribute table's pooling (synthetic scale data: 2)",
     )
     _add_overrides(plan)
 

@@ -41,6 +41,16 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 """The signals a training process turns into a stop request."""
 
 GRACE_EXPIRED_EXIT_CODE = 1
+
+_terminated = threading.Event()
+
+
+def terminated() -> bool:
+    """Whether this process has received SIGTERM while a :class:`StopRequest` was open: its launcher
+    (torchrun, SLURM) is ending the job."""
+    return _terminated.is_set()
+
+
 """Exit status of a process whose stop grace ran out before its checkpoint: a failure while running."""
 
 
@@ -78,6 +88,8 @@ class StopRequest:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signalled = True
+        if signum == signal.SIGTERM:
+            _terminated.set()
         if signum == signal.SIGTERM and self._grace is None:
             # a thread, so that the grace runs out even while the main thread validates or tests
             self._grace = threading.Timer(self.grace_s, self._grace_expired)
