@@ -42,6 +42,8 @@ Output under ``out_url``:
 * ``users-*.tar`` + ``users.manifest.json``: one sample per user, key ``f"{user_index:09d}"``, member
   ``json`` = ``{"user_id": str, "items": [dense item ids, chronological]}``. The leave-one-out split
   (last item test, second-to-last validation) is applied by the reader, so it is recorded, not done;
+* ``item_attributes.{offsets,values}.npy`` (convert-seqrec with attributes): the items' attribute bags
+  as arrays, named in ``dataset.json`` (data_pipeline/item_index.py);
 * ``dataset.json``, written last: its existence means both shard sets are complete.
 
 Bad input (malformed JSON line or metadata literal, a missing required field, an unknown item id or an
@@ -65,8 +67,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 
+from data_pipeline.item_index import INDEX_KEY, write_attribute_index
 from data_pipeline.shards import ShardWriter
 from data_pipeline.storage import StorageNotFoundError, StorageOptions, atomic_write, join, open_read
 
@@ -587,8 +591,15 @@ def convert_seqrec(
     base = posixpath.basename(sequences_path.rstrip("/")).removesuffix(".gz")
     name = name or posixpath.splitext(base)[0] or "seqrec"
     extra = {"num_attributes": num_attributes} if attributes_path is not None else {}
+    index = None
+    if num_attributes:  # the bags in CSR form, items in dense-id order (that of `items`)
+        bags = [attributes.get(source_id, []) for source_id in items]
+        offsets = np.zeros(len(bags) + 2, dtype=np.int64)  # (N + 2,); row 0 (padding) has none
+        np.cumsum([len(bag) for bag in bags], out=offsets[2:])
+        values = np.fromiter((a for bag in bags for a in bag), dtype=np.int64, count=int(offsets[-1]))
+        index = write_attribute_index(out_url, offsets, values, num_attributes, options)
     return _write_dataset(
-        out_url, name, items, sequences, problems, "", max_samples_per_shard, options, extra
+        out_url, name, items, sequences, problems, "", max_samples_per_shard, options, extra, index
     )
 
 
@@ -668,9 +679,11 @@ def _write_dataset(
     max_samples_per_shard: int,
     options: StorageOptions | None,
     extra: dict[str, Any] | None = None,
+    attribute_index: dict[str, Any] | None = None,
 ) -> ConversionSummary:
-    """Write item shards, user shards and finally ``dataset.json`` (plus the ``extra`` facts); items get
-    dense ids 1..N in dict order."""
+    """Write item shards, user shards and finally ``dataset.json`` (plus the ``extra`` facts, and the
+    entry of an attribute index already written, data_pipeline/item_index.py); items get dense ids 1..N
+    in dict order."""
     dense = {source_id: n for n, source_id in enumerate(items, start=1)}
     meta = {
         "dataset": name,
@@ -731,6 +744,7 @@ def _write_dataset(
         "skipped_examples": summary.skipped_examples,
         "item_text_template": template,
         **(extra or {}),
+        **({INDEX_KEY: attribute_index} if attribute_index is not None else {}),
     }
     # last: dataset.json present means both shard sets (and their manifests) are complete
     with atomic_write(join(out_url, "dataset.json"), options) as f:

@@ -17,9 +17,10 @@ shard) and runs the slots in DataLoader worker processes with prefetching. Its p
   tests/integration/test_loader.py compares sample keys of interrupted and uninterrupted runs).
 
 Every rank must run the same number of steps per epoch (an extra step on one rank would hang the
-others in a collective). :func:`scan_users` reads all user shards once at start-up and counts the
-trainable sequences per shard, from which each rank computes every rank's batch count for an epoch
-without communicating; :meth:`TrainLoader.steps_in_epoch` is their minimum and the loader drops the
+others in a collective). :func:`scan_users` counts the trainable sequences per shard once at start-up
+(each rank reads a share of the user shards, then the counts are added over the ranks), from which
+each rank computes every rank's batch count for an epoch without communicating further;
+:meth:`TrainLoader.steps_in_epoch` is their minimum and the loader drops the
 rest of the epoch, like ``drop_last`` does for a map-style dataset.
 
 The machinery is :class:`ShardBatchLoader`, which knows nothing of the samples: a subclass turns a
@@ -38,12 +39,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.ctr import CTRBatch, CTRDataset, collate_ctr, decode_ctr_sample
+from data_pipeline.item_index import (
+    INDEX_KEY,
+    AttributeIndexError,
+    AttributeIndexSummary,
+    note_missing_index,
+    read_attribute_index,
+    write_attribute_index,
+)
 from data_pipeline.sequences import EvalBatch, TrainBatch, collate_next_item, left_pad
 from data_pipeline.shards import Manifest, read_manifest
-from data_pipeline.storage import StorageNotFoundError, StorageOptions, join, open_read
+from data_pipeline.storage import StorageNotFoundError, StorageOptions, atomic_write, join, open_read
 from data_pipeline.stream import Sample, ShardStream, iter_shard
 
 __all__ = [
@@ -55,6 +65,8 @@ __all__ = [
     "TrainLoader",
     "UserStats",
     "eval_batches",
+    "index_attributes",
+    "parse_item_attributes",
     "read_item_attributes",
     "read_item_source_ids",
     "scan_users",
@@ -114,7 +126,46 @@ class ItemAttributes:
 
 def read_item_attributes(dataset: SequenceDataset) -> ItemAttributes:
     """The attribute bags of a data set whose ``dataset.json`` has ``num_attributes`` (written by
-    ``fmrl data convert-seqrec --attributes``), read from its item shards and checked."""
+    ``fmrl data convert-seqrec --attributes`` or ``prepare-synthetic-scale``), checked: from its attribute
+    index (data_pipeline/item_index.py: memory-mapped, no per-item Python objects) if ``dataset.json``
+    names one, else parsed from the item shards by :func:`parse_item_attributes` (said once per data set,
+    with how to add an index)."""
+    if INDEX_KEY in dataset.info:
+        try:
+            offsets, values, num_attributes = read_attribute_index(
+                dataset.url, dataset.info, dataset.num_items, dataset.options
+            )
+        except AttributeIndexError as e:
+            raise DatasetError(str(e)) from None
+        return ItemAttributes(offsets, values, num_attributes)
+    if dataset.info.get("num_attributes"):
+        note_missing_index(dataset.url)
+    return parse_item_attributes(dataset)
+
+
+def index_attributes(dataset_url: str, options: StorageOptions | None = None) -> AttributeIndexSummary:
+    """Build the attribute index (data_pipeline/item_index.py) of an existing data set from its item
+    shards (the reference parse) and record it in its ``dataset.json`` (rewritten all or nothing, the
+    other keys kept)."""
+    dataset = SequenceDataset.open(dataset_url, options)
+    bags = parse_item_attributes(dataset)
+    entry = write_attribute_index(dataset_url, bags.offsets, bags.values, bags.num_attributes, options)
+    info = {**dataset.info, INDEX_KEY: entry}
+    with atomic_write(join(dataset_url, "dataset.json"), options) as f:
+        f.write(json.dumps(info, indent=1).encode())
+    return AttributeIndexSummary(
+        dataset=dataset_url,
+        num_items=dataset.num_items,
+        num_attributes=bags.num_attributes,
+        nnz=len(bags.values),
+        bytes=entry["offsets"]["bytes"] + entry["values"]["bytes"],
+    )
+
+
+def parse_item_attributes(dataset: SequenceDataset) -> ItemAttributes:
+    """The attribute bags parsed from the item shards' records (every record's ``attributes`` list) and
+    checked: the reference that the attribute index is built from and tested against. O(N) Python
+    objects: :func:`read_item_attributes` uses the index where there is one."""
     info_url = join(dataset.url, "dataset.json")
     num_attributes = dataset.info.get("num_attributes")
     if not isinstance(num_attributes, int) or num_attributes < 1:
@@ -204,11 +255,26 @@ class UserStats:
     """(N + 1,) occurrences of each item id in the training parts; index 0 (padding) is 0."""
 
 
-def scan_users(dataset: SequenceDataset) -> UserStats:
-    """Read every user shard once (checked against the manifest) and count."""
+def scan_users(dataset: SequenceDataset, rank: int = 0, world_size: int = 1) -> UserStats:
+    """Read the user shards (checked against the manifest) and count, the same on every rank.
+
+    Each rank decodes only the shards ``s`` with ``s % world_size == rank``; with ``world_size > 1`` the
+    counts are then added over the ranks of the default process group (two all-reduces that every rank
+    must join), so start-up time per rank falls with the ranks and the result equals a one-rank scan.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"scan_users: need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if world_size > 1 and not (dist.is_initialized() and dist.get_world_size() == world_size):
+        group = f"has {dist.get_world_size()} ranks" if dist.is_initialized() else "is not initialised"
+        raise ValueError(
+            f"scan_users over {world_size} ranks adds their counts in the default process group, which "
+            f"{group}: initialise torch.distributed with {world_size} ranks first"
+        )
     counts = np.zeros(dataset.num_items + 1, dtype=np.int64)
     trainable = np.zeros(len(dataset.users.shards), dtype=np.int64)
     for index, entry in enumerate(dataset.users.shards):
+        if index % world_size != rank:
+            continue
         parts = []
         for sample in iter_shard(join(dataset.url, entry.name), entry, dataset.options):
             train = decode_user(sample, dataset.num_items)[:-2]
@@ -216,7 +282,19 @@ def scan_users(dataset: SequenceDataset) -> UserStats:
             trainable[index] += len(train) >= 2
         if parts:  # one bincount per shard: per user it would cost O(N) each
             counts += np.bincount(np.concatenate(parts), minlength=dataset.num_items + 1)
+    if world_size > 1:
+        trainable, counts = _sum_over_ranks(trainable), _sum_over_ranks(counts)
     return UserStats(trainable, counts)
+
+
+def _sum_over_ranks(values: np.ndarray) -> np.ndarray:
+    """An int64 array summed over the default group's ranks, exactly (no float64 round trip), on the
+    group's device (NCCL reduces CUDA tensors only)."""
+    cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    total = torch.from_numpy(values).to(device=device, dtype=torch.int64)
+    dist.all_reduce(total)
+    return total.cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- training

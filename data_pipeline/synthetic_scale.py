@@ -16,6 +16,7 @@ fast sibling for scale tests. It writes the same shard layout with the same :cla
     items-000000.tar ... items.manifest.json   key f"{item_id:09d}" (1..N): "json"
     users-000000.tar ... users.manifest.json   key f"{user_index:09d}" (0..U-1): "json"
     features/text_features.safetensors ...     the `fmrl features` layout (data_pipeline/features.py)
+    item_attributes.{offsets,values}.npy       the attribute index (data_pipeline/item_index.py)
     dataset.json                               written last; ``num_attributes`` = C + B
 
 How it is made (all from ``seed``; the same arguments give byte-identical files):
@@ -42,6 +43,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from data_pipeline.features import FEATURES_VERSION, write_feature_table
+from data_pipeline.item_index import write_attribute_index
 from data_pipeline.shards import ShardWriter
 from data_pipeline.storage import StorageOptions, atomic_write, join
 from data_pipeline.synthetic_shards import (
@@ -261,12 +263,19 @@ def prepare_synthetic_scale(
             seed=seed,
             options=options,
         )
+    # the attribute index: every item's bag is [category, brand], so offsets step by 2 from item 1 on
+    bag_offsets = np.concatenate([[0], np.arange(num_items + 1, dtype=np.int64) * 2])  # (N + 2,)
+    bag_values = catalog.attributes(np.arange(1, num_items + 1)).reshape(-1)  # (2N,)
+    attribute_index = write_attribute_index(
+        out_url, bag_offsets, bag_values, num_categories + num_brands, options
+    )
     dataset = {
         "name": "synthetic-scale",
         "num_items": num_items,
         "num_users": num_users,
         "num_interactions": num_interactions,
         "num_attributes": num_categories + num_brands,
+        "attribute_index": attribute_index,
         "items_prefix": "items",
         "users_prefix": "users",
         "skipped": {},

@@ -15,6 +15,7 @@
     fmrl data convert-amazon OUT_URL --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz [--images DIR]
     fmrl data convert-p5 OUT_URL --data-dir data/beauty [--images photos/beauty]
     fmrl data convert-seqrec OUT_URL Beauty.txt [--attributes Beauty_item2attributes.json]
+    fmrl data index-attributes DATASET                           (the attribute index of an older data set)
     fmrl sizes RUN_OR_EXPORT [--max-latency-ms X --max-memory-mb Y --min-ndcg Z]
     fmrl serve EXPORT [--size auto|m] [--port 8000] [--host 127.0.0.1]   (docs/deploy.md)
 
@@ -262,27 +263,36 @@ def _add_plan_command(commands: argparse._SubParsersAction) -> None:
         "TorchRec's plan of the item tables on a simulated cluster: sharding, per-rank memory, UVM "
         "caching, trunk memory, checkpoint size",
     )
-    plan.add_argument("--num-items", type=int, required=True, help="items in the catalog")
+    plan.add_argument(
+        "--num-items",
+        type=int,
+        help="items in the catalog (default: the config's data set, data.path, with its feature widths "
+        "and attributes: the plan of the job as it would run)",
+    )
     plan.add_argument("--world-size", required=True, help="ranks, comma-separated, e.g. 64,128,256,512")
     plan.add_argument("--device", choices=sorted(DEVICES), default="h100", help="hardware preset")
     plan.add_argument("--hbm-gb", type=float, help="device memory per GPU, GiB (default: the preset's)")
     plan.add_argument("--ddr-gb", type=float, help="host memory per node, GiB (default: the preset's)")
     plan.add_argument("--ranks-per-node", type=int, help="GPUs (ranks) per node (default: the preset's)")
-    plan.add_argument("--text-dim", type=int, default=384, help="text feature width (MiniLM: 384); 0: none")
     plan.add_argument(
-        "--image-dim", type=int, default=1280, help="image feature width (EfficientNet: 1280); 0: none"
+        "--text-dim",
+        type=int,
+        help="text feature width (default: the data set's, else MiniLM's 384); 0: none",
+    )
+    plan.add_argument(
+        "--image-dim",
+        type=int,
+        help="image feature width (default: the data set's, else EfficientNet's 1280); 0: none",
     )
     plan.add_argument(
         "--num-attributes",
         type=int,
-        default=100_000,
-        help="rows of the attribute table (model.use_attributes)",
+        help="rows of the attribute table (model.use_attributes; default: the data set's, else 100000)",
     )
     plan.add_argument(
         "--attributes-per-item",
         type=float,
-        default=2.0,
-        help="mean attribute ids per item, the attribute table's pooling (synthetic scale data: 2)",
+        help="mean attribute ids per item, the attribute table's pooling (default: the data set's, else 2)",
     )
     _add_overrides(plan)
 
@@ -418,6 +428,15 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     scale.add_argument(
         "--image-dim", type=int, default=0, help="width of the synthetic image feature table; 0: none"
     )
+
+    index = _command(
+        writers,
+        "index-attributes",
+        "add the item-attribute index (two .npy arrays) to an existing data set with attributes, so "
+        "every rank maps it instead of parsing all item records",
+    )
+    index.add_argument("out_url", metavar="DATASET", help="the data set (a local folder or s3://...)")
+    _add_storage(index)
 
     movielens = _writer("convert-movielens", "MovieLens-100k from the recbole wheel (text only)")
 
@@ -561,6 +580,7 @@ def summary_rows(summary: Any, seconds: float) -> tuple[str, list[tuple[str, obj
     from data_pipeline.converters import ConversionSummary
     from data_pipeline.ctr import CTRSummary
     from data_pipeline.features import FeaturesSummary
+    from data_pipeline.item_index import AttributeIndexSummary
     from data_pipeline.synthetic_shards import SyntheticShardsSummary
 
     took = ("time", f"{seconds:.1f} s")
@@ -594,6 +614,14 @@ def summary_rows(summary: Any, seconds: float) -> tuple[str, list[tuple[str, obj
             ("click rate", f"{summary.positive_rate:.4f}"),
             ("tables", f"{len(summary.hash_buckets)}, rows {buckets[0]:,}-{buckets[-1]:,}"),
             *_skipped_rows(summary),
+            took,
+        ]
+    if isinstance(summary, AttributeIndexSummary):
+        return "item-attribute index written", [
+            ("dataset", summary.dataset),
+            ("items", f"{summary.num_items:,}"),
+            ("attribute ids", f"{summary.nnz:,} (attributes 1..{summary.num_attributes:,})"),
+            ("index", f"{summary.bytes / 2**20:.2f} MiB ({summary.bytes:,} bytes)"),
             took,
         ]
     if isinstance(summary, FeaturesSummary):
@@ -851,6 +879,10 @@ def _run_data_command(args: argparse.Namespace, options: Any) -> object:
             max_samples_per_shard=args.shard_size,
             options=options,
         )
+    if args.data_command == "index-attributes":
+        from data_pipeline.loader import index_attributes
+
+        return index_attributes(args.out_url, options)
     if args.data_command == "convert-movielens":
         return converters.convert_movielens(
             args.out_url,

@@ -220,7 +220,9 @@ def load_checkpoint_model(
 
 def open_attributes(dataset: Any, needed: bool = True) -> AttributeBags | None:
     """The items' attribute bags of a :class:`~data_pipeline.loader.SequenceDataset` (None if the model
-    has no attribute table)."""
+    has no attribute table). Where the data set has an attribute index the arrays are memory-mapped
+    copy-on-write (data_pipeline/item_index.py): the tensors share those pages without a copy, and
+    nothing writes into them (a write would stay private to the process, never reach the file)."""
     if not needed:
         return None
     from data_pipeline.loader import read_item_attributes

@@ -4,10 +4,16 @@ processes, equal steps on every rank, and clear errors for bad records."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from data_pipeline.loader import DatasetError, SequenceDataset, TrainLoader, eval_batches, scan_users
 from data_pipeline.sequences import left_pad
@@ -217,6 +223,46 @@ def test_user_stats_count_train_items_only(dataset) -> None:
         np.add.at(expected, _sequence(u)[:-2], 1)
     assert np.array_equal(stats.train_item_counts, expected)
     assert stats.trainable_per_shard.sum() == sum(len(_sequence(u)) >= 4 for u in range(NUM_USERS))
+
+
+def _scan_worker(rank: int, port: int, bases: list[str], out_dir: str) -> None:
+    """One of 2 gloo ranks: scan its copy of the data set (holding only its own user shards) and save."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        stats = scan_users(SequenceDataset.open(bases[rank]), rank, 2)
+        np.savez(
+            os.path.join(out_dir, f"rank{rank}.npz"),
+            trainable=stats.trainable_per_shard,
+            counts=stats.train_item_counts,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_scan_their_share_of_user_shards_and_get_the_one_rank_counts(dataset, tmp_path) -> None:
+    shards = [entry.name for entry in dataset.users.shards]
+    assert len(shards) == 9  # both ranks read some: 5 and 4
+    bases = []
+    for rank in range(2):  # each rank's copy lacks the other rank's shards: reading one would raise
+        base = shutil.copytree(dataset.url, tmp_path / f"rank{rank}")
+        for index, name in enumerate(shards):
+            if index % 2 != rank:
+                os.remove(base / name)
+        bases.append(str(base))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_scan_worker, args=(port, bases, str(tmp_path)), nprocs=2, join=True)
+    one_rank = scan_users(dataset)
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert got["trainable"].dtype == got["counts"].dtype == np.int64
+        assert np.array_equal(got["trainable"], one_rank.trainable_per_shard)
+        assert np.array_equal(got["counts"], one_rank.train_item_counts)
+    with pytest.raises(ValueError, match="scan_users over 2 ranks .* is not initialised"):
+        scan_users(dataset, 1, 2)  # without a group the counts would be one rank's share
 
 
 @pytest.mark.parametrize(

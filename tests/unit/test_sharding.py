@@ -36,16 +36,47 @@ def test_auto_sharding_types_and_row_wise_needs_cuda() -> None:
         table_sharding_type("row_wise", cpu, "table_wise")
 
 
+def _dense_popularity_ranks(
+    popularity: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None
+) -> torch.Tensor:
+    """The former (B, N + 1) formulation of the most-popular ranks, kept as a second reference."""
+    target_pop = popularity[targets - 1]  # (B,)
+    ranks = (popularity.unsqueeze(0) > target_pop.unsqueeze(1)).sum(1)  # (B,)
+    if history is not None:
+        seen = torch.zeros(len(targets), len(popularity) + 1, dtype=torch.bool)
+        seen.scatter_(1, history, True)
+        seen[:, 0] = False
+        seen[torch.arange(len(targets)), targets] = False
+        padded = torch.cat([torch.zeros(1, dtype=popularity.dtype), popularity])  # (N + 1,)
+        ranks = ranks - (seen & (padded.unsqueeze(0) > target_pop.unsqueeze(1))).sum(1)
+    return ranks
+
+
 @pytest.mark.parametrize("exclude", [False, True])
-def test_popularity_ranks_equal_full_ranking(exclude: bool) -> None:
-    generator = torch.Generator().manual_seed(0)
-    popularity = torch.randint(0, 6, (40,), generator=generator).double()  # many ties
-    targets = torch.randint(1, 41, (25,), generator=generator)
-    history = torch.randint(0, 41, (25, 7), generator=generator)
-    history[:, 0] = targets  # the target in its own history is never excluded
-    scores = popularity.expand(25, -1)
-    expected = target_ranks(scores, targets, history if exclude else None)
-    assert torch.equal(popularity_ranks(popularity, targets, history if exclude else None), expected)
+@pytest.mark.parametrize(
+    ("num_items", "batch", "length", "seed"),
+    [(40, 25, 7, 0), (9, 30, 12, 1), (300, 17, 50, 2), (5, 0, 3, 3), (6, 4, 0, 4)],
+)
+def test_popularity_ranks_equal_full_ranking(
+    exclude: bool, num_items: int, batch: int, length: int, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    popularity = torch.randint(0, 6, (num_items,), generator=generator).double()  # many ties, zeros
+    targets = torch.randint(1, num_items + 1, (batch,), generator=generator)
+    history = torch.randint(0, num_items + 1, (batch, length), generator=generator)  # repeats, padding
+    if length > 2:
+        history[::2, 0] = targets[::2]  # the target in its own history is never excluded
+        history[1::2, 1] = targets[1::2]
+        history[:, -1] = 0
+        history[1::3, 2] = history[1::3, 0]  # a seen id twice in one row
+    exclusion = history if exclude else None
+    ordered = torch.sort(popularity).values
+    got = popularity_ranks(ordered, popularity, targets, exclusion)
+    assert got.dtype == torch.int64 and got.shape == (batch,)
+    assert torch.equal(got, target_ranks(popularity.expand(batch, -1), targets, exclusion))
+    assert torch.equal(got, _dense_popularity_ranks(popularity, targets, exclusion))
+    if exclude and length > 2 and batch > 0:  # the exclusion does move ranks in these cases
+        assert not torch.equal(got, popularity_ranks(ordered, popularity, targets, None))
 
 
 # the Criteo Terabyte tables as MLPerf's DLRM-DCNv2 caps them (40M rows), D = 128

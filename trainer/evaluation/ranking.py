@@ -38,24 +38,28 @@ def _rank_batches(
     return mine, max(counts)
 
 
-ITEM_CHUNK = 65_536
+ITEM_CHUNK = 16_384
 """Items whose representations are built at a time (the temporaries of a 10M-item shard would not fit)."""
 
 
 def _item_shard(parallel: ParallelFMRL, num_items: int, device: torch.device) -> torch.Tensor:
-    """(S, D) representations of this rank's items (``item_shard_range``), ITEM_CHUNK at a time. Every
-    rank makes the same number of (collective) calls; one whose range is used up joins with item 1."""
+    """(S, D) representations of this rank's items (``item_shard_range``), ITEM_CHUNK at a time, written
+    into the shard in place (joining the chunks afterwards would hold the shard twice). Every rank makes
+    the same number of (collective) calls; one whose range is used up joins with item 1."""
     rank, world = dist.get_rank(), dist.get_world_size()
     lo, hi = item_shard_range(num_items, rank, world)
     largest = -(-num_items // world)  # the first ranks' shards
-    parts = []
+    shard: torch.Tensor | None = None
     for start in range(lo, lo + max(largest, 1), ITEM_CHUNK):
         ids = torch.arange(start, min(start + ITEM_CHUNK, hi), device=device)
         vectors = parallel.item_representations(
             ids if len(ids) else torch.ones(1, dtype=torch.int64, device=device)
         )
-        parts.append(vectors[: len(ids)])
-    return torch.cat(parts)
+        if shard is None:
+            shard = vectors.new_empty(hi - lo, vectors.shape[1])
+        shard[start - lo : start - lo + len(ids)] = vectors[: len(ids)]
+    assert shard is not None
+    return shard
 
 
 def reduce_metrics(metrics: RankingMetrics, keys: Sequence[int]) -> dict[int, dict[str, float]]:
@@ -115,24 +119,30 @@ def evaluate(
 
 
 def popularity_ranks(
-    popularity: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None
+    ordered: torch.Tensor, popularity: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None
 ) -> torch.Tensor:
     """0-based ranks of ``targets`` (B,) when items are ranked by ``popularity`` (N,) of items 1..N, the
-    same as ``target_ranks`` on the (B, N) popularity scores, in O(B (log N + L)) without forming them.
-    ``history`` (B, L) ids are excluded (not the target; 0 ignored)."""
-    ordered = torch.sort(popularity).values  # (N,)
+    same as ``target_ranks`` on the (B, N) popularity scores (an item of equal popularity is not above
+    the target) in O(B (log N + L log L)), without forming them.
+
+    Args:
+        ordered: (N,) ``popularity`` sorted ascending, once per evaluation (``torch.sort(p).values``).
+        popularity: (N,) popularity of items 1..N.
+        targets: (B,) target ids in 1..N.
+        history: optional (B, L) ids excluded from the ranking (0 = padding, repeats and the target
+            itself ignored).
+    """
     target_pop = popularity[targets - 1]  # (B,)
-    ranks = len(ordered) - torch.searchsorted(ordered, target_pop, right=True)  # items strictly above
-    if history is not None:
-        seen = torch.zeros(len(targets), len(popularity) + 1, dtype=torch.bool)
-        seen.scatter_(1, history, True)
-        seen[:, 0] = False
-        seen[torch.arange(len(targets)), targets] = False
-        above = torch.cat([torch.zeros(1, dtype=popularity.dtype), popularity]).unsqueeze(
-            0
-        ) > target_pop.unsqueeze(1)
-        ranks = ranks - (seen & above).sum(1)
-    return ranks
+    ranks = len(ordered) - torch.searchsorted(ordered, target_pop, right=True)  # (B,) items strictly above
+    if history is None:
+        return ranks
+    # every distinct seen id (not padding) strictly above the target was counted once; the target
+    # itself never is (its popularity is not above its own), so it needs no mask
+    ids = torch.sort(history, dim=1).values  # (B, L)
+    distinct = torch.ones_like(ids, dtype=torch.bool)
+    distinct[:, 1:] = ids[:, 1:] != ids[:, :-1]  # first of each run of equal ids
+    above = popularity[(ids - 1).clamp(min=0)] > target_pop.unsqueeze(1)  # (B, L); id 0 masked next
+    return ranks - (distinct & above & (ids != 0)).sum(dim=1)
 
 
 def evaluate_popularity(
@@ -148,9 +158,10 @@ def evaluate_popularity(
     """Test metrics of ranking every item by its training popularity (N,), over all ranks' users."""
     batches, _ = _rank_batches(dataset, "test", batch_size, max_len, max_users)
     metrics = RankingMetrics(ks)
+    ordered = torch.sort(popularity).values  # (N,) once for all batches
     for batch in batches:
         history = batch.tokens if exclude_history else None
-        metrics.update(0, popularity_ranks(popularity, batch.targets, history))
+        metrics.update(0, popularity_ranks(ordered, popularity, batch.targets, history))
     return reduce_metrics(metrics, [0])[0]
 
 

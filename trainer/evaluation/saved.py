@@ -92,10 +92,11 @@ def _evaluate_fmrl(
     sizes = list(cfg.model.nested_sizes)
     metrics = evaluate_model(model, batches(), sizes, ev.ks, ev.exclude_history)
     popularity = torch.from_numpy(scan_users(dataset).train_item_counts[1:].astype(np.float64))  # (N,)
+    ordered = torch.sort(popularity).values  # (N,) once for all batches
     popular = RankingMetrics(ev.ks)
     for batch in batches():
         history = batch.tokens if ev.exclude_history else None
-        popular.update(0, popularity_ranks(popularity, batch.targets, history))
+        popular.update(0, popularity_ranks(ordered, popularity, batch.targets, history))
     baseline = popular.compute()[0]
     table = format_size_table(metrics, ev.ks, baseline)
     return SavedEvaluation(source, split, "fmrl", metrics, baseline, table)
