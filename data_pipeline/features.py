@@ -581,10 +581,10 @@ def write_safetensors_blocks(
                     f"{url}: a block of {name} is {array.dtype} {tuple(array.shape)}, the layout says "
                     f"{layout[name][0]} {layout[name][1]}"
                 )
-            data = array.view(torch.uint8).numpy().tobytes() if array.numel() else b""
-            digest.update(data)
+            data = memoryview(array.view(torch.uint8).numpy()) if array.numel() else memoryview(b"")
+            digest.update(data)  # both read the block's own bytes: no copy of it
             f.write(data)
-            written[name] += len(data)
+            written[name] += data.nbytes
         short = [n for n in names if written[n] != sizes[n]]
         if short:
             raise ValueError(_short_message(url, short[0], written[short[0]], layout[short[0]]))

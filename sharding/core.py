@@ -161,6 +161,24 @@ def fill_shards(dmp: nn.Module, read: ShardReader) -> None:
                     shard.tensor[start : start + n].copy_(block)
 
 
+FINITE_CHECK_ELEMENTS = 2**22
+"""Elements checked for NaN or infinity at a time by :func:`all_finite` (16 MiB of fp32)."""
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or infinity, checked about FINITE_CHECK_ELEMENTS at a time (blocks
+    of its first dimension: views, never a copy): ``torch.isfinite`` of a whole table shard allocates its
+    absolute value and three masks (measured: +435 MiB for a 1M x 64 fp32 shard, the largest transient of
+    a 1M-item run)."""
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    rows = max(1, FINITE_CHECK_ELEMENTS // max(1, tensor[:1].numel()))
+    return all(
+        bool(torch.isfinite(tensor[start : start + rows].detach()).all())
+        for start in range(0, tensor.shape[0], rows)
+    )
+
+
 @dataclass
 class ParallelModel:
     """A distributed model: TorchRec-sharded tables, the dense part under a backend, and how to step and
@@ -217,10 +235,10 @@ class ParallelModel:
         or infinity, by its name in the model's state dict; "" if all are finite. Local."""
         names = [self.model_key(name) for name, _ in self.dense.inner.named_parameters()]
         for name, tensor in zip(names, self.dense.local_tensors(), strict=True):
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 return name
         for key, value in self._trained_tables().items():
-            if not all(bool(torch.isfinite(shard.tensor).all()) for shard in value.local_shards()):
+            if not all(all_finite(shard.tensor) for shard in value.local_shards()):
                 return key.removeprefix(DMP_PREFIX)
         return ""
 

@@ -247,6 +247,7 @@ class ShardedItemTables(nn.Module):
         table_lr: float,
         frozen_tables: Mapping[str, FrozenTableSource] | None = None,
         attribute_sharding: str = "same",
+        lookups: TableLookups | None = None,
     ) -> None:
         super().__init__()
         from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -269,6 +270,7 @@ class ShardedItemTables(nn.Module):
             table_optimizer=table_optimizer,
             table_lr=table_lr,
             collective=True,
+            lookups=lookups,
         )
         self.dmp = DistributedModelParallel(
             tables, device=device, plan=self.plan, sharders=sharders, init_data_parallel=False
@@ -427,13 +429,16 @@ def parallelize_fmrl(
     micro_batch_size: int,
     device: torch.device,
     frozen_tables: Mapping[str, FrozenTableSource] | None = None,
+    lookups: TableLookups | None = None,
 ) -> ParallelFMRL:
     """Shard the item tables with TorchRec (``parallel.feature_table_sharding`` / ``table_*``), then wrap
     the dense part with ``parallel.backend`` and ``optim``'s AdamW over ``total_steps`` steps. Needs an
     initialised process group (a job of one rank is fine). A model built with its tables on meta
     (``FMRLRec(..., table_device="meta")``, meta feature tensors) is sharded from birth: its frozen
     shards are read from ``frozen_tables`` ("text", "image"), its learnable ones generated per shard.
-    Either way the model's own tables end on meta: each rank keeps only its shards."""
+    Either way the model's own tables end on meta: each rank keeps only its shards. ``lookups``: the
+    step's lookup batch per table (``trainer.plan.step_lookups``), so the planner sizes the tables'
+    buffers and chooses kernels for the real step, as ``fmrl plan`` does; None keeps TorchRec's default."""
     if not dist.is_initialized():
         raise RuntimeError("parallelize_fmrl needs torch.distributed to be initialised (see trainer.dist)")
     sparse = ShardedItemTables(
@@ -446,6 +451,7 @@ def parallelize_fmrl(
         table_optimizer=parallel.table_optimizer,
         table_lr=parallel.table_lr or optim.lr,
         frozen_tables=frozen_tables,
+        lookups=lookups,
     )
     _free_tables(model.item_tower)
     dense = DenseFMRL(model).to(device)

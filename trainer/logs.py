@@ -24,7 +24,9 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -218,3 +220,46 @@ def progress_bar(iterable: Iterable[_T], *, total: int, desc: str, enabled: bool
         leave=False,
         mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mib() -> float:
+    """This process's resident memory now, in MiB (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class StartupPhases:
+    """Wall time of each phase of a rank's start-up, logged in one line by :meth:`report`::
+
+    rank 0 start-up 41.2 s: features opened 0.4 s, users scanned 3.1 s, ...; RSS 1290 MiB, peak 1290 MiB
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.started = self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def done(self, phase: str) -> None:
+        """``phase`` ended now (it began where the previous one ended)."""
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def report(self) -> None:
+        parts = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases)
+        logging.getLogger("fmrl").info(
+            "rank %d start-up %.1f s: %s; RSS %.0f MiB, peak %.0f MiB",
+            self.rank,
+            self.last - self.started,
+            parts,
+            resident_mib(),
+            peak_rss_mib(),
+        )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from sharding.config import OptimConfig, ParallelConfig
 from sharding.core import PlanStorage
 from sharding.fmrl import FROZEN_TABLES, TableLookups, plan_item_tables
 from trainer.config import TrainConfig
+from trainer.evaluation.ranking import ITEM_CHUNK
 from trainer.hardware import DEVICES, Device
 
 GIB = 2**30
@@ -94,13 +96,22 @@ class ClusterPlan:
     train.batch_size x train.max_len, and (sampled softmax) the looked-up rows and their projection."""
     activations_note: str
     eval_items_per_rank: int
-    """Bytes of this rank's shard of the evaluation item matrix, ceil(N / world) x D fp32."""
+    """Bytes of this rank's shard of the evaluation item matrix, ceil(N / world) x D fp32, and the
+    temporaries of the ITEM_CHUNK items whose representations are built at a time."""
+    eval_note: str
     snapshot_per_rank: int
     """Bytes of the best-weights snapshot on the training device: a copy of this rank's trained table
     shards and its dense weights (its FSDP2/ZeRO-3 shard, or all of them)."""
     staging_per_rank: int
     """Host bytes of the async checkpoint's staging copy of this rank's state (0 without
     run.async_checkpoint)."""
+    data_note: str
+    data_per_rank: int
+    """Host bytes of what every rank keeps of the data set: the user scan's (N + 1,) int64 item counts and,
+    with an attribute table, the items' attribute index ((N + 2,) int64 offsets, int64 ids)."""
+    process_per_rank: int
+    """Host bytes of a rank's process before it builds anything: the interpreter with torch, TorchRec and
+    the trainer loaded (:func:`process_baseline`, measured in the planning process)."""
     checkpoint_bytes: int
     table_ms_per_rank: list[float]
     """TorchRec's per-rank sum of every table shard's time per step (ms)."""
@@ -205,6 +216,14 @@ def step_lookups(train: TrainConfig, num_items: int, attributes_per_item: float)
     return TableLookups(ids=ids, attributes_per_item=attributes_per_item)
 
 
+def mean_bag_size(bags: AttributeBags | None) -> float:
+    """The mean number of attribute ids per item (0.0 without attributes): the attribute table's pooling."""
+    if bags is None:
+        return 0.0
+    items = int(bags.offsets.shape[0]) - 2
+    return float(bags.offsets[-1]) / max(items, 1)
+
+
 def activation_memory(
     train: TrainConfig, model_cfg: FMRLConfig, num_items: int, lookups: TableLookups, table_dims: list[int]
 ) -> tuple[int, str]:
@@ -223,6 +242,53 @@ def activation_memory(
     rows = lookups.ids * (sum(table_dims) + width) * 4
     widths = "+".join(map(str, table_dims))
     return trunk + rows, f"{note}; {lookups.ids:,} looked-up items x ({widths} + {width}) fp32"
+
+
+def eval_memory(num_items: int, world_size: int, width: int, table_dims: list[int]) -> tuple[int, str]:
+    """(bytes, what is counted) of a rank's evaluation: its (ceil(N / W), D) fp32 item shard and, while
+    the shard is built (trainer/evaluation/ranking.py), the looked-up rows and projection of ITEM_CHUNK
+    items at a time, counted like the training step's looked-up items. The scores are tiled (bounded
+    by TILE_ELEMENTS, a few MiB) and not counted."""
+    rows = -(-num_items // world_size)
+    chunk = min(ITEM_CHUNK, rows)
+    widths = "+".join(map(str, table_dims))
+    shard, temporaries = rows * width * 4, chunk * (sum(table_dims) + width) * 4
+    return shard + temporaries, (
+        f"the item shard ceil(N / {world_size}) x {width} fp32; while it is built, {chunk:,} items at a "
+        f"time x ({widths} + {width}) fp32"
+    )
+
+
+def data_memory(num_items: int, uses_attributes: bool, attributes_per_item: float) -> tuple[int, str]:
+    """Host bytes every rank keeps of the data set (:attr:`ClusterPlan.data_per_rank`) and what they are."""
+    counts = 8 * (num_items + 1)
+    if not uses_attributes:
+        return counts, f"the user scan's {num_items + 1:,} int64 item counts"
+    index = 8 * (num_items + 2) + 8 * int(num_items * attributes_per_item)
+    note = f"the user scan's {num_items + 1:,} int64 item counts, the items' attribute index"
+    return counts + index, note
+
+
+def process_baseline() -> int:
+    """This process's resident memory (bytes) with the modules a training rank loads imported: what a rank
+    holds before it builds anything. Measured here, so a CPU plan made on the machine kind that trains
+    counts it as it is (the allocator, Python objects and shared libraries of torch, TorchRec, FBGEMM)."""
+    # what a rank loads besides this module: TorchRec's sharded modules and FBGEMM's kernels, FSDP2 and
+    # the data pipeline (the training loop's own modules add ~10 MiB; importing them here would make an
+    # import cycle, as the task imports this module)
+    import fbgemm_gpu  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torchrec.distributed.model_parallel  # noqa: F401
+
+    import data_pipeline.loader  # noqa: F401
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak so far, which is no less
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def table_state_factor(optimizer: str, dim: int) -> float:
@@ -246,12 +312,14 @@ def plan_cluster(
     train: TrainConfig | None = None,
     attributes_per_item: float = 2.0,
     async_checkpoint: bool = False,
+    process_bytes: int = 0,
 ) -> ClusterPlan:
     """TorchRec's plan of the item tables of ``model_cfg`` at ``num_items`` items on ``world_size`` ranks
     of ``device``, given the lookups of one step of ``train`` (default: TrainConfig()) with
     ``attributes_per_item`` attribute ids per item, with its memory and time estimates and what the
-    step, evaluation, the best-weights snapshot and the (``async_checkpoint``) staging copy hold per rank;
-    :class:`PlanDoesNotFit` if the planner finds no plan, ConfigError for a refused full softmax."""
+    step, evaluation, the best-weights snapshot and the (``async_checkpoint``) staging copy hold per rank,
+    what a rank keeps of the data set and ``process_bytes`` (:func:`process_baseline`) of host memory for
+    the process itself; :class:`PlanDoesNotFit` if the planner finds no plan, ConfigError for a refused full softmax."""
     from torchrec.distributed.planner import Topology
     from torchrec.distributed.planner.types import PlannerError
 
@@ -342,7 +410,8 @@ def plan_cluster(
     snapshot = max(trained_weights_per_rank) + dense_weights
     if async_checkpoint:
         staging += dense_weights * (WEIGHT + ADAM) // WEIGHT  # and the dense weights with AdamW's moments
-    eval_items = -(-num_items // world_size) * model_cfg.nested_sizes[-1] * 4
+    eval_items, eval_note = eval_memory(num_items, world_size, model_cfg.nested_sizes[-1], table_dims)
+    data_bytes, data_note = data_memory(num_items, model_cfg.use_attributes, attributes_per_item)
     return ClusterPlan(
         world_size=world_size,
         device_name=device_name,
@@ -360,8 +429,12 @@ def plan_cluster(
         activations_per_rank=activations_per_rank,
         activations_note=activations_note,
         eval_items_per_rank=eval_items,
+        eval_note=eval_note,
         snapshot_per_rank=snapshot,
         staging_per_rank=staging,
+        data_per_rank=data_bytes,
+        data_note=data_note,
+        process_per_rank=process_bytes,
         checkpoint_bytes=checkpoint,
         table_ms_per_rank=table_ms_per_rank,
         sharding_plan=sharding_plan,
@@ -451,18 +524,22 @@ def render(plan: ClusterPlan) -> str:
         f"{_gib(plan.sampler_per_rank)} host memory per rank"
     )
     lines.append(f"Activations ({plan.activations_note}): {_gib(plan.activations_per_rank)} per rank")
-    lines.append(
-        f"Evaluation item shard (ceil(N / {plan.world_size}) x D fp32): {_gib(plan.eval_items_per_rank)} "
-        "per rank"
-    )
+    lines.append(f"Evaluation ({plan.eval_note}): {_gib(plan.eval_items_per_rank)} per rank")
     lines.append(
         f"Best-weights snapshot (this rank's trained table shards + dense weights): "
         f"{_gib(plan.snapshot_per_rank)} per rank"
     )
     lines.append(
         f"Async checkpoint staging copy (run.async_checkpoint): {_gib(plan.staging_per_rank)} host memory "
-        "per rank; the data loader's buffers are not counted"
+        "per rank"
     )
+    lines.append(f"Data set ({plan.data_note}): {_gib(plan.data_per_rank)} host memory per rank")
+    if plan.process_per_rank:
+        lines.append(
+            f"Process (the interpreter with torch, TorchRec and the trainer loaded, measured in this "
+            f"process): {_gib(plan.process_per_rank)} host memory per rank; not counted: the data loader's "
+            "batches in flight, transients of start-up and checkpoint writes"
+        )
     device_bytes = (
         plan.trunk_per_rank
         + plan.loss_per_rank
@@ -471,6 +548,7 @@ def render(plan: ClusterPlan) -> str:
         + plan.snapshot_per_rank
     )
     host_bytes = max_ddr + plan.sampler_per_rank + plan.staging_per_rank
+    host_bytes += plan.data_per_rank + plan.process_per_rank
     if d.compute == "cuda":
         total_hbm = max_hbm + device_bytes
         lines.append(
@@ -489,6 +567,52 @@ def render(plan: ClusterPlan) -> str:
         f"are not saved): {_gib(plan.checkpoint_bytes)}"
     )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PlannedCatalog:
+    """The catalog a plan is made for: given on the command line, or read from the config's data set."""
+
+    num_items: int
+    text_dim: int
+    image_dim: int
+    num_attributes: int
+    attributes_per_item: float
+    source: str
+    """Where the figures come from, for the plan's header."""
+
+
+FALLBACK_CATALOG = {"text_dim": 384, "image_dim": 1280, "num_attributes": 100_000, "attributes_per_item": 2.0}
+"""What a plan assumes of a catalog that is neither given nor read: MiniLM text, EfficientNet-Lite0 images,
+the synthetic scale catalog's two attributes per item."""
+
+
+def planned_catalog(cfg: Any, args: argparse.Namespace) -> PlannedCatalog:
+    """The catalog of ``args`` (``--num-items`` ...); without ``--num-items``, the config's data set
+    (``data.path``: its items, its feature tables' widths, its attribute ids and bag sizes), each figure
+    still overridable on the command line. DatasetError / FeaturesError name what could not be read."""
+    given = {key: getattr(args, key) for key in FALLBACK_CATALOG}
+    if args.num_items is not None:
+        facts = {key: FALLBACK_CATALOG[key] if value is None else value for key, value in given.items()}
+        return PlannedCatalog(num_items=args.num_items, source="the command line", **facts)
+    from data_pipeline.features import open_feature_tables
+    from data_pipeline.loader import SequenceDataset, read_item_attributes
+    from data_pipeline.storage import StorageOptions
+
+    options = StorageOptions.from_env()
+    dataset = SequenceDataset.open(cfg.data.path, options)
+    read: dict[str, Any] = {"text_dim": 0, "image_dim": 0, "num_attributes": 1, "attributes_per_item": 0.0}
+    model = cfg.model
+    if model.use_text_features or model.use_image_features:
+        text, image, _ = open_feature_tables(cfg.data.features_url, options)  # headers only
+        read["text_dim"] = text.shape[1] if text is not None else 0
+        read["image_dim"] = image.shape[1] if image is not None else 0
+    if model.use_attributes:
+        bags = read_item_attributes(dataset)
+        read["num_attributes"] = bags.num_attributes
+        read["attributes_per_item"] = float(bags.offsets[-1]) / max(dataset.num_items, 1)
+    facts = {key: read[key] if value is None else value for key, value in given.items()}
+    return PlannedCatalog(num_items=dataset.num_items, source=f"the data set {dataset.url}", **facts)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -533,20 +657,32 @@ def run_plan(args: argparse.Namespace) -> int:
         ("--text-dim", args.text_dim, 0),
         ("--image-dim", args.image_dim, 0),
         ("--num-attributes", args.num_attributes, 1),
-        ("--attributes-per-item", args.attributes_per_item, 1),
+        ("--attributes-per-item", args.attributes_per_item, 0),
         ("--ddr-gb", device.ddr_gb, 0),
         ("--hbm-gb", device.hbm_gb, 1 if device.compute == "cuda" else 0),
         *(("--world-size", w, 1) for w in world_sizes or [0]),
     ):
-        if not value >= low:
+        if value is not None and not value >= low:
             print(f"fmrl plan: {name} must be >= {low}, got {value}", file=sys.stderr)
             return 2
+    from data_pipeline.features import FeaturesError
+    from data_pipeline.loader import DatasetError
+
+    try:
+        catalog = planned_catalog(cfg, args)
+    except (DatasetError, FeaturesError, OSError) as error:
+        print(
+            f"fmrl plan: {error} (without --num-items the plan reads the config's data set, data.path)",
+            file=sys.stderr,
+        )
+        return 2
+    process = process_baseline()
     print(
-        f"# fmrl plan: {args.config or 'defaults'}, {args.num_items:,} items, model width D = "
-        f"{cfg.model.dim}, text {args.text_dim if cfg.model.use_text_features else 0}, image "
-        f"{args.image_dim if cfg.model.use_image_features else 0}, ID table "
+        f"# fmrl plan: {args.config or 'defaults'}, {catalog.num_items:,} items ({catalog.source}), model width D = "
+        f"{cfg.model.dim}, text {catalog.text_dim if cfg.model.use_text_features else 0}, image "
+        f"{catalog.image_dim if cfg.model.use_image_features else 0}, ID table "
         f"{'yes' if cfg.model.use_id_embedding else 'no'}, attribute table "
-        f"{f'{args.num_attributes:,} attributes' if cfg.model.use_attributes else 'no'}; table optimizer "
+        f"{f'{catalog.num_attributes:,} attributes' if cfg.model.use_attributes else 'no'}; table optimizer "
         f"{cfg.parallel.table_optimizer}, dense backend {cfg.parallel.backend}; per step and rank "
         f"{cfg.train.batch_size} sequences x {cfg.train.max_len} tokens, {cfg.train.num_negatives:,} "
         f"negatives\n"
@@ -558,16 +694,17 @@ def run_plan(args: argparse.Namespace) -> int:
                 cfg.model,
                 cfg.parallel,
                 cfg.optim,
-                num_items=args.num_items,
+                num_items=catalog.num_items,
                 world_size=world_size,
                 device_name=args.device,
                 device=device,
-                text_dim=args.text_dim,
-                image_dim=args.image_dim,
-                num_attributes=args.num_attributes,
+                text_dim=catalog.text_dim,
+                image_dim=catalog.image_dim,
+                num_attributes=catalog.num_attributes,
                 train=cfg.train,
-                attributes_per_item=args.attributes_per_item,
+                attributes_per_item=catalog.attributes_per_item,
                 async_checkpoint=cfg.run.async_checkpoint,
+                process_bytes=process,
             )
         except ConfigError as error:  # the same for every world size: train.loss=full refused
             print(f"fmrl plan: config error: {error}", file=sys.stderr)

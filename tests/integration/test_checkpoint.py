@@ -104,6 +104,12 @@ def test_resume_from_s3_is_exact_and_old_checkpoints_are_pruned(
         manager = CheckpointManager(root, s3_server.options)
         # every 2 steps and at the end of epoch 1 (step 7) and at the stop (9); the newest 2 are kept
         assert [step for step, _ in manager.complete()] == [8, 9]
+        # a checkpoint inside epoch 2 carries that epoch's training time so far: step 9's total is
+        # step 8's plus a step (before, both held epoch 1's alone, and a resumed run lost the rest)
+        seconds = [
+            json.loads(manager.read_full(f"{root}/step-00000000{s}")["run"])["train_seconds"] for s in (8, 9)
+        ]
+        assert 0 < seconds[0] < seconds[1] <= stopped.train_seconds
     resumed = single(tmp_path, tiny_dataset, "run.name=cut", f"run.checkpoint_dir={root}", "run.resume=auto")
     assert resumed.train_losses == whole.train_losses
     assert resumed.test_metrics == whole.test_metrics

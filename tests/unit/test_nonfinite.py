@@ -72,3 +72,24 @@ def test_nan_click_predictions_count_against_the_model() -> None:
     assert nan_clicks["auc"] == 0.0 and math.isnan(nan_clicks["logloss"])
     assert ctr_metrics(torch.full((4,), math.nan), clicks)["auc"] == 0.0
     assert ctr_metrics(torch.tensor([2.0, -1.0, 1.0, -2.0]), clicks)["auc"] == 1.0  # finite: unchanged
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (5, 3), (1000, 9), (3, 4, 5)])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+def test_all_finite_in_blocks_matches_isfinite(monkeypatch, shape, bad) -> None:
+    # the blockwise check (views of a few rows at a time) against torch.isfinite of the whole tensor,
+    # with blocks smaller than the tensor so that the last block and a bad value in any block count
+    import sharding.core
+
+    monkeypatch.setattr(sharding.core, "FINITE_CHECK_ELEMENTS", 16)
+    numel = math.prod(shape)
+    for where in sorted({0, 15, 16, numel // 2, numel - 1} & set(range(numel))):  # first, block edges, last
+        tensor = torch.randn(shape)
+        if bad is not None:
+            tensor.view(-1)[where] = bad
+        assert sharding.core.all_finite(tensor) == bool(torch.isfinite(tensor).all())
+    # a strided view (a column shard of a wider table) is checked without a copy, the same way
+    wide = torch.randn(40, 6)
+    wide[33, 4] = math.nan
+    assert not sharding.core.all_finite(wide[:, 3:])
+    assert sharding.core.all_finite(wide[:, :3])

@@ -87,7 +87,7 @@ def test_the_command_prints_every_table_and_world_size(capsys) -> None:
         assert out.count(f"| {name} | 200,001 x ") == 2, name
     assert "## 2 x h100" in out and "## 4 x h100" in out
     assert "Trunk (" in out and "Checkpoint" in out and "UVM caching" in out
-    assert "| ms per step |" in out and "Activations (" in out and "Evaluation item shard" in out
+    assert "| ms per step |" in out and "Activations (" in out and "Evaluation (the item shard" in out
 
 
 def test_nothing_fits_names_the_table_and_the_memory(capsys) -> None:
@@ -105,8 +105,8 @@ def test_bad_arguments_name_the_argument(capsys) -> None:
     assert "--num-items must be >= 1" in capsys.readouterr().err
     assert main(["plan", "--num-items", "10", "--world-size", "2,x"]) == 2
     assert "--world-size" in capsys.readouterr().err
-    assert main(["plan", "--num-items", "10", "--world-size", "2", "--attributes-per-item", "0.5"]) == 2
-    assert "--attributes-per-item must be >= 1, got 0.5" in capsys.readouterr().err
+    assert main(["plan", "--num-items", "10", "--world-size", "2", "--attributes-per-item", "-1"]) == 2
+    assert "--attributes-per-item must be >= 0, got -1.0" in capsys.readouterr().err
     assert (
         main(["plan", "--num-items", "10", "--world-size", "2", "parallel.attribute_table_sharding=x"]) == 2
     )
@@ -307,8 +307,11 @@ def test_every_memory_line_matches_a_hand_count() -> None:
     assert plan.activations_per_rank == positions * (2 * 14 + 2) * width * 4 + 31 * (12 + 16 + 16 + 16) * 4
     # sampled softmax: 2 sizes x 20 positions x min(100, 20 + 7) candidates, fp32
     assert plan.loss_per_rank == 2 * positions * 27 * 4
-    # the evaluation item shard: ceil(100 / 2) = 50 items x 16 fp32
-    assert plan.eval_items_per_rank == 50 * width * 4
+    # the evaluation item shard: ceil(100 / 2) = 50 items x 16 fp32, and while it is built the rows of
+    # its 50 items (fewer than ITEM_CHUNK) and their projection, like the training step's looked-up items
+    assert plan.eval_items_per_rank == 50 * width * 4 + 50 * (12 + 16 + 16 + 16) * 4
+    # the data set: the user scan's 101 int64 counts; the attribute index's 102 offsets and 3 ids per item
+    assert plan.data_per_rank == 8 * 101 + 8 * 102 + 8 * 300
     # the snapshot: this rank's column shards (8 of 16 columns, CPU "auto") of the ID (101 rows) and
     # attribute tables and half the dense weights (FSDP2)
     attribute_rows = next(t.rows for t in plan.tables if t.name == "attribute")
@@ -325,14 +328,16 @@ def test_every_memory_line_matches_a_hand_count() -> None:
     out = trainer.plan.render(staged)
     for line in (
         "Activations (",
-        "Evaluation item shard",
+        "Evaluation (the item shard",
         "Best-weights snapshot",
         "Async checkpoint staging",
     ):
         assert line in out, line
     total = max(r for _, r in staged.per_rank) + staged.trunk_per_rank + staged.loss_per_rank
     total += staged.activations_per_rank + staged.eval_items_per_rank + staged.snapshot_per_rank
-    total += staged.sampler_per_rank + staged.staging_per_rank
+    total += (
+        staged.sampler_per_rank + staged.staging_per_rank + staged.data_per_rank + staged.process_per_rank
+    )
     assert f"Busiest rank: {total / GIB:,.2f} GiB of 32 GiB host memory" in out
 
 

@@ -38,6 +38,8 @@ from trainer.config import DataConfig, EvalConfig, TrainConfig
 from trainer.dist import all_reduce_sum
 from trainer.evaluation.ranking import evaluate, evaluate_popularity
 from trainer.export import ItemCatalog, export_items, open_attributes, open_run_items
+from trainer.logs import StartupPhases
+from trainer.plan import mean_bag_size, step_lookups
 from trainer.report import format_size_table, save_size_plot
 from trainer.tasks.base import RunResult, TrainingTask, total_training_steps, write_json
 
@@ -146,11 +148,14 @@ class FMRLTask(TrainingTask):
             device,
             options,
         )
+        phases = StartupPhases(world.rank)
         dataset = self.dataset = SequenceDataset.open(data.path, options)
         loss_kind = train.loss_for(dataset.num_items)  # refuses an unplannable full softmax first
         uses_features = model.use_text_features or model.use_image_features
         features = open_features(data, dataset, options, uses_features)
-        self.stats = scan_users(dataset)
+        phases.done("features opened")
+        self.stats = scan_users(dataset, world.rank, world.world_size)
+        phases.done("users scanned")
         self.loader = TrainLoader(
             dataset,
             self.stats,
@@ -163,6 +168,7 @@ class FMRLTask(TrainingTask):
             prefetch_factor=data.prefetch_factor,
         )
         attribute_bags = open_attributes(dataset, model.use_attributes)
+        phases.done("attributes read")
         # sharded from birth: no table exists whole on any rank; each rank materialises its shards
         fmrl = FMRLRec(
             model,
@@ -185,7 +191,9 @@ class FMRLTask(TrainingTask):
             micro_batch_size=train.batch_size,
             device=device,
             frozen_tables=features,
+            lookups=step_lookups(train, dataset.num_items, mean_bag_size(attribute_bags)),
         )
+        phases.done("tables planned and built")
         for name, reader in features.items():
             log.info(
                 "rank %d read %.1f MiB of the %s feature table's %.1f MiB (%d range requests)",
@@ -214,6 +222,8 @@ class FMRLTask(TrainingTask):
             generator=torch.Generator().manual_seed(train.seed * 1000 + world.rank),
             device=device,
         )
+        phases.done("sampler built")
+        phases.report()
         self.identity = {"num_items": dataset.num_items}
         self._per_size = torch.zeros(len(self.sizes))
         if world.rank == 0:
@@ -320,9 +330,11 @@ class FMRLTask(TrainingTask):
         popular_ndcg = result.baseline_metrics[EARLY_STOPPING_METRIC]
         print(f"\nTest metrics of the best model (epoch {result.best_epoch}), full ranking over all items:\n")
         print(table)
+        # a ratio over a baseline that placed no target in its top k would be a meaningless huge number
+        ratio = f"{model_ndcg / popular_ndcg:.1f}x" if popular_ndcg > 0 else "most-popular ranked no target"
         print(
             f"\ntest {EARLY_STOPPING_METRIC}: fMRL-LRU (size {largest}) {model_ndcg:.4f}"
-            f" vs most-popular {popular_ndcg:.4f} ({model_ndcg / max(popular_ndcg, 1e-12):.1f}x)"
+            f" vs most-popular {popular_ndcg:.4f} ({ratio})"
         )
         print(f"plot: {plot}\nrun directory: {result.run_dir}")
         if self.export:
