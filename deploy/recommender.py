@@ -94,6 +94,10 @@ NO_HISTORIES = (
     "gets the most popular items)"
 )
 
+SCORES_AT_A_TIME = 2**26
+"""Scores (histories x items) :meth:`Recommender.recommend` holds at a time (256 MiB of fp32): a batch of
+histories is answered a few rows at a time when B x N would be more (the answer is the same)."""
+
 UNRECORDED_MAX_LEN = 200
 """The history kept for an export that records no training ``max_len`` (written before exports
 recorded it): the largest ``train.max_len`` of this project's configs (configs/ml-100k.yaml). It bounds
@@ -251,6 +255,15 @@ class Recommender:
                     f"k = {k} but a history covers all but {left} of the {self.num_items} items: ask for at "
                     "most that many, or pass exclude_history=False"
                 )
+        # a few histories at a time: each scores every item (B x N floats), 16 GB for 200 users at 20M items
+        rows = max(1, SCORES_AT_A_TIME // self.num_items)
+        answers = [self._top_k(tokens[i : i + rows], k, exclude) for i in range(0, tokens.shape[0], rows)]
+        if len(answers) == 1:
+            return answers[0]
+        return torch.cat([a[0] for a in answers]), torch.cat([a[1] for a in answers])
+
+    def _top_k(self, tokens: torch.Tensor, k: int, exclude: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`recommend` of a (b, L) batch of left-padded histories."""
         if self.funnel is not None:
             return self._funnel_top_k(tokens, k, exclude)
         scores = self.scores(tokens)

@@ -81,6 +81,25 @@ def test_history_and_padding_are_never_recommended(export_dir) -> None:
     assert rec.source_ids(ids[:1, :2])[0] == [f"item-{i}" for i in ids[0, :2].tolist()]
 
 
+@pytest.mark.parametrize("funnel", [None, Funnel(prefix=8, candidates=40)])
+def test_a_batch_larger_than_the_score_budget_is_answered_a_few_rows_at_a_time(
+    export_dir, monkeypatch, funnel
+) -> None:
+    import deploy.recommender
+
+    rec = load_recommender(export_dir, 32, funnel=funnel)
+    tokens = histories(16)
+    whole = rec.recommend(tokens, 10)
+    calls = []
+    original = rec._top_k
+    monkeypatch.setattr(rec, "_top_k", lambda t, k, e: calls.append(len(t)) or original(t, k, e))
+    monkeypatch.setattr(deploy.recommender, "SCORES_AT_A_TIME", 3 * NUM_ITEMS)  # 3 histories' scores
+    chunked = rec.recommend(tokens, 10)
+    assert calls == [3, 3, 3, 3, 3, 1]  # never more than the budget's rows of (rows, N) scores
+    assert torch.equal(chunked[1], whole[1])
+    torch.testing.assert_close(chunked[0], whole[0])  # a smaller matmul may round differently
+
+
 def test_int8_item_table_scores_close_and_ranks_alike(export_dir) -> None:
     exact = load_recommender(export_dir, 32)
     quantised = load_recommender(export_dir, 32, quantised=True)
