@@ -104,3 +104,51 @@ def test_a_table_with_runs_that_have_no_record_is_not_rewritten(scale_runs, tmp_
 
     write_table(scale_runs, monkeypatch, output, "--drop-missing-runs")
     assert "(not run yet)" in row(open(output).read(), "10m")
+
+
+def test_the_proof_run_keeps_its_plan_start_up_resume_export_and_funnel(scale_runs, tmp_path, monkeypatch):
+    finish_run(scale_runs, "20m", 0.0040)
+    folder = os.path.join(scale_runs.RUNS, "scale-20m")
+    with open(os.path.join(folder, "train.log"), "a") as f:
+        f.write(
+            "2026-12-01 10:00:02,001 INFO [rank 0] rank 0 start-up 12.3 s: features opened 0.0 s\n"
+            "2026-12-01 10:05:00,001 INFO [rank 0] resumed from /x/checkpoints/step-000000150 at step 150 "
+            "(epoch 1)\n"
+        )
+    with open(f"{folder}.plan.txt", "w") as f:
+        f.write("## 2 x cpu\nBusiest rank: 7.00 GiB of 64 GiB host memory (all of the above)\n")
+    with open(os.path.join(folder, "bench-export.json"), "w") as f:
+        json.dump({"code": 0, "seconds": 95.0, "peak_rss_mib": 3100.0, "gib": 3.2}, f)
+    deploy = {
+        "users": 200,
+        "size": 32,
+        "funnel": {"prefix": 8, "candidates": 200},
+        "num_items": 20_000_000,
+        "load_seconds": 9.0,
+        "recall10_exact": 0.02,
+        "recall10_funnel": 0.015,
+        "funnel_overlap_with_exact_top10": 0.6,
+        "ms_per_user_exact": 80.0,
+        "ms_per_user_funnel": 30.0,
+        "peak_rss_mib": 2900.0,
+        "torch_threads": 1,
+    }
+    with open(os.path.join(folder, "bench-deploy.json"), "w") as f:
+        json.dump(deploy, f)
+    output = str(tmp_path / "scale.md")
+    with open(output, "w") as f:
+        f.write("# scale\n")
+    write_table(scale_runs, monkeypatch, output)
+
+    facts = json.load(open(os.path.join(scale_runs.RESULTS, "scale-20m.json")))["facts"]
+    assert facts["plan_busiest_rank_gib"] == 7.0 and "Busiest rank" in facts["plan"]
+    assert facts["startup_seconds"] == [12.3] and facts["resumed_at"] == [150]
+    assert facts["export"]["seconds"] == 95.0 and facts["deploy"] == deploy
+    shutil.rmtree(scale_runs.RUNS)  # the second table too comes from the record alone
+    write_table(scale_runs, monkeypatch, output)
+    proof = next(line for line in open(output).read().splitlines() if line.startswith("| 20m | 7.00 GiB"))
+    # plan 7.00 GiB = 7,168 MiB against the ranks' 7,893 and 7,959 MiB
+    assert "| 7.71-7.77 GiB | -9.9% to -9.2% | 12.3 s | 150 |" in proof
+    assert "8,32: 3.20 GiB, 95 s, 3,100 MiB" in proof
+    assert "Recall@10 0.015 through the funnel (prefix 8, 200 candidates), 0.020 exact" in proof
+    assert "60% of exact top 10 found; 30.0 against 80.0 ms per user" in proof
