@@ -91,6 +91,7 @@ __all__ = [
     "open_feature_tables",
     "merge_features",
     "write_feature_table",
+    "safetensors_header",
     "write_safetensors_blocks",
 ]
 
@@ -526,6 +527,30 @@ _SAFETENSORS_NAMES = {
 }
 
 
+def safetensors_header(
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The first bytes of a safetensors file of tensors ``layout`` (name -> (dtype, shape)) in sorted-name
+    order (the 8-byte header length, the JSON header padded to 8 bytes, as ``safetensors.torch.save``
+    writes it), and where each tensor's data goes: name -> (byte offset in the file, byte size)."""
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset, spans = 0, {}
+    for name in sorted(layout):
+        dtype, shape = layout[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        spans[name] = (offset, nbytes)
+        offset += nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+    prefix = len(header).to_bytes(8, "little") + header
+    return prefix, {name: (len(prefix) + start, nbytes) for name, (start, nbytes) in spans.items()}
+
+
 def write_safetensors_blocks(
     url: str,
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
@@ -539,29 +564,15 @@ def write_safetensors_blocks(
     share of it) can be written. Returns the file's sha256. The layout is what ``safetensors.torch.save``
     writes for tensors of one dtype (sorted names); mixed dtypes load the same."""
     names = sorted(layout)
-    header_entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    sizes = {}
-    for name in names:
-        dtype, shape = layout[name]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-        header_entries[name] = {
-            "dtype": _SAFETENSORS_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        sizes[name] = nbytes
-        offset += nbytes
-    header = json.dumps(header_entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+    prefix, placed = safetensors_header(layout, metadata)
+    sizes = {name: nbytes for name, (_, nbytes) in placed.items()}
     digest = hashlib.sha256()
     written = dict.fromkeys(names, 0)
     order = iter(names)
     current = None
     with atomic_write(url, options) as f:
-        for chunk in (len(header).to_bytes(8, "little"), header):
-            digest.update(chunk)
-            f.write(chunk)
+        digest.update(prefix)
+        f.write(prefix)
         for name, block in blocks:
             while current != name:  # the next tensor starts: the previous one must be complete
                 if current is not None and written[current] != sizes[current]:

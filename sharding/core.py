@@ -85,19 +85,19 @@ def plan(
     return planner.plan(module, sharders)
 
 
-def sharded_rows(value: Any, start: int, rows: int, name: str) -> torch.Tensor | None:
+def sharded_rows(value: Any, start: int, rows: int, name: str, dst: int = 0) -> torch.Tensor | None:
     """Rows ``start : start + rows`` (all columns) of the TorchRec-sharded table ``value`` (a
-    ShardedTensor, row-, column- or table-wise) on rank 0, None elsewhere: every rank sends the part of
-    its shards in those rows, so rank 0 holds one block of the table at a time, never the table.
-    ``name`` names the table in errors. Collective."""
+    ShardedTensor, row-, column- or table-wise) on rank ``dst``, None elsewhere: every rank sends the
+    part of its shards in those rows, so ``dst`` holds one block of the table at a time, never the
+    table. ``name`` names the table in errors. Collective."""
     pieces = []
     for shard in value.local_shards():
         (r0, c0), (n, _) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
         lo, hi = max(start, r0), min(start + rows, r0 + n)
         if lo < hi:
             pieces.append((lo - start, c0, shard.tensor[lo - r0 : hi - r0].detach().cpu().clone()))
-    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(pieces, gathered, dst=0)
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(pieces, gathered, dst=dst)
     if gathered is None:
         return None
     block = torch.empty(rows, value.size(1))
@@ -260,33 +260,37 @@ class ParallelModel:
         """The model's state-dict name of the dense backend's entry ``dense_key``; the same by default."""
         return dense_key
 
-    def weight_blocks(self, block_rows: int) -> tuple[dict[str, Any] | None, Iterator[tuple[str, Any]]]:
-        """The trained state for a streamed writer: on rank 0 its layout (name -> (dtype, shape)), None
-        elsewhere, and ``(name, rows)`` blocks in sorted-name order (rank 0's are the data; others'
-        only drive the collectives). The dense weights are gathered on rank 0 (small); the trained
-        tables come ``block_rows`` rows at a time (``sparse.table_rows``), so no table is ever whole on
-        any rank. Every rank must exhaust the iterator. Collective."""
+    def weight_pieces(
+        self, block_rows: int
+    ) -> tuple[dict[str, Any], Iterator[tuple[str, int, torch.Tensor]]]:
+        """The trained state for writers on every rank: its layout (name -> (dtype, shape)), the same on
+        every rank, and this rank's ``(name, first_row, rows)`` pieces: the dense weights on rank 0 (whole,
+        gathered: small), and of each trained table the blocks of ``block_rows`` rows whose index b has
+        ``b % world_size == rank`` (``sparse.table_rows`` to that rank), so the ranks share the writing and
+        no rank ever holds more than one block of a table. Every rank must exhaust the iterator.
+        Collective."""
+        rank, world = dist.get_rank(), dist.get_world_size()
         dense = self.dense.full_state_dict()
         tables = self.sparse.table_layout()
-        layout = None
-        if dist.get_rank() == 0:
+        if rank == 0:
             assert dense is not None
             dense = {self.model_key(k): v for k, v in dense.items()}
-            layout = {k: (v.dtype, tuple(v.shape)) for k, v in dense.items()}
-            layout.update({k: (torch.float32, shape) for k, shape in tables.items()})
+        shapes = [{k: (v.dtype, tuple(v.shape)) for k, v in dense.items()} if rank == 0 else None]
+        dist.broadcast_object_list(shapes, src=0)
+        layout = {**shapes[0], **{k: (torch.float32, tuple(shape)) for k, shape in tables.items()}}
 
-        def blocks() -> Iterator[tuple[str, Any]]:
-            # every rank walks the tables in the same (sorted) order: each block is one collective
-            keys = sorted(layout) if layout is not None else sorted(tables)
-            for key in keys:
-                if key not in tables:
-                    yield key, dense[key]  # rank 0 only
-                    continue
+        def pieces() -> Iterator[tuple[str, int, torch.Tensor]]:
+            if rank == 0:
+                yield from ((key, 0, value) for key, value in sorted(dense.items()))
+            for key in sorted(tables):  # the same order on every rank: each block is one collective
                 rows = tables[key][0]
-                for start in range(0, rows, block_rows):
-                    yield key, self.sparse.table_rows(key, start, min(block_rows, rows - start))
+                for index, start in enumerate(range(0, rows, block_rows)):
+                    owner = index % world
+                    block = self.sparse.table_rows(key, start, min(block_rows, rows - start), dst=owner)
+                    if block is not None:
+                        yield key, start, block
 
-        return layout, blocks()
+        return layout, pieces()
 
     def _trained_tables(self) -> dict[str, Any]:
         return {

@@ -173,10 +173,10 @@ class ShardedSparseArch(nn.Module):
         """The tables' full shapes (rows, cols), keyed like the model's ``state_dict()``."""
         return {key: tuple(value.size()) for key, value in self._tables().items()}
 
-    def table_rows(self, key: str, start: int, rows: int) -> torch.Tensor | None:
-        """Rows ``start : start + rows`` of table ``key`` on rank 0 (None elsewhere), never the whole
-        table (:func:`sharding.core.sharded_rows`). Collective."""
-        return sharded_rows(self._tables()[key], start, rows, key)
+    def table_rows(self, key: str, start: int, rows: int, dst: int = 0) -> torch.Tensor | None:
+        """Rows ``start : start + rows`` of table ``key`` on rank ``dst`` (None elsewhere), never the
+        whole table (:func:`sharding.core.sharded_rows`). Collective."""
+        return sharded_rows(self._tables()[key], start, rows, key, dst)
 
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
         """The full tables on rank 0 (None elsewhere), keyed like the model's ``state_dict()``. Collective."""

@@ -340,11 +340,11 @@ class ShardedItemTables(nn.Module):
         every rank without any table being whole anywhere."""
         return {key: tuple(value.size()) for key, value in self._learnable_state().items()}
 
-    def table_rows(self, key: str, start: int, rows: int) -> torch.Tensor | None:
-        """Rows ``start : start + rows`` of learnable table ``key`` (all columns) on rank 0, None
-        elsewhere: every rank sends the part of its shards in those rows, so rank 0 holds one block of
+    def table_rows(self, key: str, start: int, rows: int, dst: int = 0) -> torch.Tensor | None:
+        """Rows ``start : start + rows`` of learnable table ``key`` (all columns) on rank ``dst``, None
+        elsewhere: every rank sends the part of its shards in those rows, so ``dst`` holds one block of
         the table at a time, never the table. Collective."""
-        return sharded_rows(self._learnable_state()[key], start, rows, key)
+        return sharded_rows(self._learnable_state()[key], start, rows, key, dst)
 
     def gather_tables(self) -> dict[str, torch.Tensor] | None:
         """The full trainable tables on rank 0 (None elsewhere), keyed like the model's state dict."""
@@ -404,7 +404,7 @@ class ParallelFMRL(ParallelModel):
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The trainable state as full tensors on rank 0, named like ``FMRLRec.state_dict()``; None on
-        other ranks. Collective. (The run's final weights are written with :meth:`weight_blocks`.)"""
+        other ranks. Collective. (The run's final weights are written with :meth:`weight_pieces`.)"""
         dense = self.dense.full_state_dict()
         tables = self.sparse.gather_tables()
         if dist.get_rank() != 0:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.features import write_safetensors_blocks
+from data_pipeline.features import safetensors_header
 from data_pipeline.storage import StorageOptions, exists, join
 from sharding.core import ParallelModel
 from sharding.world import World, set_cpu_threads
@@ -733,13 +733,69 @@ def release_freed_memory() -> None:
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
-def save_weights(parallel: ParallelModel, path: str) -> None:
-    """Write the trained weights to ``path`` (safetensors, named like the model's state dict) from rank
-    0, streamed: the tables arrive :data:`WEIGHT_BLOCK_ROWS` rows at a time from the ranks that hold
-    them, so no rank ever holds a whole table. Collective."""
-    layout, blocks = parallel.weight_blocks(WEIGHT_BLOCK_ROWS)
-    if layout is None:
-        for _ in blocks:  # this rank's part of each block's collective
-            pass
-        return
-    write_safetensors_blocks(path, layout, blocks)
+@dataclasses.dataclass(frozen=True)
+class WrittenWeights:
+    """What one rank wrote of ``model.safetensors`` (:func:`save_weights`)."""
+
+    pieces: dict[str, int]
+    """Pieces written per tensor: whole dense tensors (rank 0) and blocks of table rows."""
+    bytes: int
+    largest_block_rows: dict[str, int]
+    """Per table, the most rows this rank held at once."""
+
+
+def save_weights(parallel: ParallelModel, path: str) -> WrittenWeights:
+    """Write the trained weights to the local file ``path`` (safetensors, named like the model's state
+    dict), every rank its own share: rank 0 writes the header and the dense weights, and block b of
+    :data:`WEIGHT_BLOCK_ROWS` rows of each table is written by rank ``b % world_size``, which receives
+    its rows from the ranks that hold them and writes them at their offset (``os.pwrite`` into a file
+    whose size is set first). No rank holds a table or writes the whole file. All or nothing: the
+    bytes go to a temporary name in the same folder, fsynced by every rank, renamed over ``path`` by
+    rank 0 once all have written. The run folder is on a filesystem every node shares (docs/cluster.md).
+    Collective. Returns what this rank wrote."""
+    rank = dist.get_rank()
+    layout, pieces = parallel.weight_pieces(WEIGHT_BLOCK_ROWS)
+    tables = parallel.sparse.table_layout()
+    prefix, spans = safetensors_header(layout)
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, str(broadcast_object(f".{name}.tmp-{os.urandom(6).hex()}")))
+    if rank == 0:
+        with open(temporary, "wb") as f:
+            f.write(prefix)
+            f.truncate(len(prefix) + sum(nbytes for _, nbytes in spans.values()))
+    dist.barrier()
+    counts: dict[str, int] = {}
+    largest: dict[str, int] = {}
+    written = 0
+    fd = os.open(temporary, os.O_WRONLY)
+    try:
+        for key, first_row, block in pieces:
+            dtype, shape = layout[key]
+            block = block.detach().cpu().contiguous()
+            if block.dtype != dtype or tuple(block.shape[1:]) != tuple(shape[1:]):
+                raise ValueError(
+                    f"{path}: a piece of {key} is {block.dtype} {tuple(block.shape)}, not {dtype} {shape}"
+                )
+            start, nbytes = spans[key]
+            row_bytes = nbytes // max(1, shape[0]) if shape else nbytes
+            data = memoryview(block.view(torch.uint8).numpy()) if block.numel() else memoryview(b"")
+            offset = start + first_row * row_bytes
+            while data:  # pwrite may write less than asked
+                done = os.pwrite(fd, data, offset)
+                data, offset, written = data[done:], offset + done, written + done
+            counts[key] = counts.get(key, 0) + 1
+            if key in tables:
+                largest[key] = max(largest.get(key, 0), block.shape[0])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dist.barrier()  # every rank's bytes are on disk
+    if rank == 0:
+        os.replace(temporary, path)
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename survives a crash
+        finally:
+            os.close(directory)
+    dist.barrier()
+    return WrittenWeights(counts, written, largest)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from data_pipeline.features import load_feature_tables, open_feature_tables, write_safetensors_blocks
+from data_pipeline.features import load_feature_tables, open_feature_tables
 from data_pipeline.loader import SequenceDataset, decode_user
 from data_pipeline.sequences import collate_next_item
 from data_pipeline.storage import join
@@ -139,31 +139,27 @@ BLOCK_ROWS = 64
 
 
 def write_weights(parallel: ParallelFMRL, path: str) -> dict:
-    """Stream the trained weights to ``path`` as trainer.train.save_weights does (blocks of 64 table
-    rows), and check the file against the gathered state (the old way). Rank 0 reports the largest
-    table block it held."""
-    layout, blocks = parallel.weight_blocks(BLOCK_ROWS)
+    """Write the trained weights to ``path`` with trainer.train.save_weights (blocks of 64 table rows,
+    block b by rank b % world size), and check the file against the gathered state (the old way). Each
+    rank reports the largest table block it held and the pieces it wrote."""
+    import trainer.train
+
+    trainer.train.WEIGHT_BLOCK_ROWS = BLOCK_ROWS
+    wrote = trainer.train.save_weights(parallel, path)
     tables = parallel.sparse.table_layout()
-    largest: dict[str, int] = {}
-
-    def tracked():
-        for name, block in blocks:
-            if name in tables and block is not None:
-                largest[name] = max(largest.get(name, 0), block.shape[0])
-            yield name, block
-
-    if layout is None:
-        for _ in tracked():
-            pass
-    else:
-        write_safetensors_blocks(path, layout, tracked())
     gathered = parallel.full_state_dict()
-    report: dict = {"largest_block_rows": largest, "table_rows": {k: v[0] for k, v in tables.items()}}
+    report: dict = {
+        "largest_block_rows": wrote.largest_block_rows,
+        "pieces": wrote.pieces,
+        "bytes": wrote.bytes,
+        "table_rows": {k: v[0] for k, v in tables.items()},
+    }
     if gathered is not None:
         written = load_file(path)
         assert written.keys() == gathered.keys(), (sorted(written), sorted(gathered))
         report["max_diff"] = max(float((written[k] - gathered[k]).abs().max()) for k in written)
         report["keys"] = sorted(written)
+        report["file_bytes"] = os.path.getsize(path)
     return report
 
 

@@ -132,19 +132,27 @@ def check_nothing_whole_on_meta(rank: dict) -> None:
 
 
 def check_streamed_weights(result: dict) -> None:
-    """model.safetensors written block by block equals the gathered weights, and rank 0 never held
-    more than one 64-row block of a table (the tables have 301 and 13 rows)."""
-    weights = result["ranks"][0]["birth"]["weights"]
+    """model.safetensors written block by block equals the gathered weights; the ranks share the writing
+    (block b of a table by rank b % world size: the ID table's 301 rows are 5 blocks of 64) and no rank
+    ever held more than one 64-row block of a table (the tables have 301 and 13 rows)."""
+    ranks = [rank["birth"]["weights"] for rank in result["ranks"]]
+    weights = ranks[0]
     assert weights["max_diff"] == 0.0
     assert {
         "item_tower.id_embedding.weight",
         "item_tower.attributes.weight",
         "trunk.blocks.0.lru.nu_log",
     } <= set(weights["keys"])
-    assert weights["table_rows"]["item_tower.id_embedding.weight"] == 301
-    assert weights["largest_block_rows"]["item_tower.id_embedding.weight"] == 64
-    for rank in result["ranks"][1:]:
-        assert rank["birth"]["weights"]["largest_block_rows"] == {}  # the other ranks only send
+    ids = "item_tower.id_embedding.weight"
+    assert weights["table_rows"][ids] == 301
+    assert [rank["pieces"].get(ids, 0) for rank in ranks] == [
+        len(range(r, 5, len(ranks))) for r in range(len(ranks))
+    ]
+    assert all(rank["largest_block_rows"][ids] == 64 for rank in ranks)
+    assert all(rows <= 64 for rank in ranks for rows in rank["largest_block_rows"].values())
+    # every byte of the file is the header or written by exactly one rank
+    header = weights["file_bytes"] - sum(rank["bytes"] for rank in ranks)
+    assert 8 < header < 10_000, header
 
 
 def test_one_rank_from_birth_equals_the_old_path(one_rank) -> None:
