@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.features import safetensors_header
-from data_pipeline.storage import StorageOptions, exists, join
+from data_pipeline.storage import StorageError, StorageOptions, exists, join
 from sharding.core import ParallelModel
 from sharding.world import World, set_cpu_threads
 from trainer.checkpoint import COMMIT, CheckpointError, CheckpointManager, TrainingState
@@ -759,43 +759,51 @@ def save_weights(parallel: ParallelModel, path: str) -> WrittenWeights:
     prefix, spans = safetensors_header(layout)
     folder, name = os.path.split(os.path.abspath(path))
     temporary = os.path.join(folder, str(broadcast_object(f".{name}.tmp-{os.urandom(6).hex()}")))
-    if rank == 0:
-        with open(temporary, "wb") as f:
-            f.write(prefix)
-            f.truncate(len(prefix) + sum(nbytes for _, nbytes in spans.values()))
-    dist.barrier()
     counts: dict[str, int] = {}
     largest: dict[str, int] = {}
     written = 0
-    fd = os.open(temporary, os.O_WRONLY)
     try:
-        for key, first_row, block in pieces:
-            dtype, shape = layout[key]
-            block = block.detach().cpu().contiguous()
-            if block.dtype != dtype or tuple(block.shape[1:]) != tuple(shape[1:]):
-                raise ValueError(
-                    f"{path}: a piece of {key} is {block.dtype} {tuple(block.shape)}, not {dtype} {shape}"
-                )
-            start, nbytes = spans[key]
-            row_bytes = nbytes // max(1, shape[0]) if shape else nbytes
-            data = memoryview(block.view(torch.uint8).numpy()) if block.numel() else memoryview(b"")
-            offset = start + first_row * row_bytes
-            while data:  # pwrite may write less than asked
-                done = os.pwrite(fd, data, offset)
-                data, offset, written = data[done:], offset + done, written + done
-            counts[key] = counts.get(key, 0) + 1
-            if key in tables:
-                largest[key] = max(largest.get(key, 0), block.shape[0])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dist.barrier()  # every rank's bytes are on disk
-    if rank == 0:
-        os.replace(temporary, path)
-        directory = os.open(folder, os.O_RDONLY)
+        if rank == 0:
+            with open(temporary, "wb") as f:
+                f.write(prefix)
+                f.truncate(len(prefix) + sum(nbytes for _, nbytes in spans.values()))
+        dist.barrier()
+        fd = os.open(temporary, os.O_WRONLY)
         try:
-            os.fsync(directory)  # the rename survives a crash
+            for key, first_row, block in pieces:
+                dtype, shape = layout[key]
+                block = block.detach().cpu().contiguous()
+                if block.dtype != dtype or tuple(block.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(
+                        f"{path}: a piece of {key} is {block.dtype} {tuple(block.shape)}, not {dtype} {shape}"
+                    )
+                start, nbytes = spans[key]
+                row_bytes = nbytes // max(1, shape[0]) if shape else nbytes
+                data = memoryview(block.view(torch.uint8).numpy()) if block.numel() else memoryview(b"")
+                offset = start + first_row * row_bytes
+                while data:  # pwrite may write less than asked
+                    done = os.pwrite(fd, data, offset)
+                    data, offset, written = data[done:], offset + done, written + done
+                counts[key] = counts.get(key, 0) + 1
+                if key in tables:
+                    largest[key] = max(largest.get(key, 0), block.shape[0])
+            os.fsync(fd)
         finally:
-            os.close(directory)
-    dist.barrier()
+            os.close(fd)
+        dist.barrier()  # every rank's bytes are on disk
+        if rank == 0:
+            os.replace(temporary, path)
+            directory = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename survives a crash
+            finally:
+                os.close(directory)
+        dist.barrier()
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        if isinstance(error, StorageError):
+            raise
+        # a full disk's failed write names no file: name the one that could not be written
+        raise StorageError(f"cannot write {path}: {error}") from error
     return WrittenWeights(counts, written, largest)
