@@ -228,12 +228,13 @@ def peak_rss_mib() -> float:
 
 
 def resident_mib() -> float:
-    """This process's resident memory now, in MiB (0 where /proc is not there)."""
+    """This process's resident memory now, in MiB (where /proc is not there: the peak so far, which is
+    no less)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        return 0.0
+        return peak_rss_mib()
 
 
 class StartupPhases:

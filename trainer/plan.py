@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from sharding.fmrl import FROZEN_TABLES, TableLookups, plan_item_tables
 from trainer.config import TrainConfig
 from trainer.evaluation.ranking import ITEM_CHUNK
 from trainer.hardware import DEVICES, Device
+from trainer.logs import resident_mib
 
 GIB = 2**30
 
@@ -282,13 +282,7 @@ def process_baseline() -> int:
 
     import data_pipeline.loader  # noqa: F401
 
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the peak so far, which is no less
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(resident_mib() * 2**20)
 
 
 def table_state_factor(optimizer: str, dim: int) -> float:
